@@ -1,0 +1,27 @@
+"""kiln: train, evaluate and serve transformer NLP models, offline, from the command line or Python.
+
+Heavy libraries (torch, transformers) are imported lazily, so importing kiln is instant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def train(task: str, data: Any, **kwargs: Any) -> Any:
+    """Train a model; see :func:`kiln.run.train`. Returns a :class:`kiln.run.Run`."""
+    from kiln.run import train as _train
+
+    return _train(task, data, **kwargs)
+
+
+def load(path: Any, **kwargs: Any) -> Any:
+    """Load a trained run or model directory; see :class:`kiln.predictor.Predictor`."""
+    from kiln.predictor import load as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["__version__", "load", "train"]

@@ -1,0 +1,37 @@
+"""``kiln evaluate RUN DATA``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``kiln evaluate``."""
+    parser = commands.add_parser("evaluate", help="score a trained model on labelled data",
+                                 description="Compute the task's metrics for RUN on the labelled DATA file.")
+    parser.add_argument("run_dir", metavar="RUN", help="run directory (runs/NAME) or model directory")
+    parser.add_argument("data", metavar="DATA", help="labelled data file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("-o", "--output", metavar="PREDICTIONS",
+                        help="also write predictions, in DATA's format with predictions appended")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print the metrics."""
+    import kiln
+    from kiln.cli.predict import write_predictions
+
+    predictor = kiln.load(args.run_dir, device=args.device)
+    dataset = predictor.read(args.data, labelled=True)
+    metrics, predictions = predictor.evaluate_with_predictions(dataset)
+    if args.output:
+        write_predictions(predictor, dataset, predictions, args.output, as_json=False)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:<10} {value:.4f}" if isinstance(value, float) else f"{key:<10} {value}")
+    return 0

@@ -1,0 +1,83 @@
+"""``kiln predict RUN [DATA]``: a file, piped stdin, or an interactive prompt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``kiln predict``."""
+    parser = commands.add_parser(
+        "predict", help="predict with a trained model",
+        description="Predict for DATA (or stdin lines; tab-separate the two texts of a pair). The output "
+                    "keeps the input's format with predictions appended; --json prints HF-pipeline JSON.",
+    )
+    parser.add_argument("run_dir", metavar="RUN", help="run directory (runs/NAME) or model directory")
+    parser.add_argument("data", metavar="DATA", nargs="?", help="input file (default: stdin)")
+    parser.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
+    parser.add_argument("--json", action="store_true", help='print [{"label": ..., "score": ...}, ...]')
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.set_defaults(run=run)
+
+
+def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], output: str | None,
+                      as_json: bool) -> None:
+    """Write predictions as JSON or in the input's format; a file is written atomically."""
+    from kiln.data.tables import write_table
+
+    def emit(stream: Any) -> None:
+        if as_json:
+            stream.write(json.dumps(predictor.task.format(predictions), ensure_ascii=False) + "\n")
+        else:
+            columns = predictor.task.output_columns(predictions, dataset.table.format)
+            write_table(dataset.table, columns, stream)
+
+    if not output:
+        emit(sys.stdout)
+        return
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        emit(stream)
+    os.replace(tmp, target)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict for a file, piped stdin, or lines typed at a prompt."""
+    import kiln
+
+    predictor = kiln.load(args.run_dir, device=args.device)
+    if args.data is None and sys.stdin.isatty():
+        return _interactive(predictor)
+    source = args.data or "<stdin>"
+    dataset = predictor.read(source, labelled=False, stream=sys.stdin if args.data is None else None)
+    predictions = predictor.predict_dataset(dataset)
+    write_predictions(predictor, dataset, predictions, args.output, args.json)
+    return 0
+
+
+def _interactive(predictor: Any) -> int:
+    pair = len(getattr(predictor.task, "text_roles", ())) > 1
+    hint = "two texts separated by a tab" if pair else "a text"
+    print(f"Type {hint} per line; Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        try:
+            result = predictor.predict([line])[0]
+        except Exception as err:  # noqa: BLE001 - one bad line must not end the session
+            print(err, file=sys.stderr)
+            continue
+        print(json.dumps(result, ensure_ascii=False))

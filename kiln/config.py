@@ -1,0 +1,304 @@
+"""Typed configuration. Every setting is declared once, here: its default and its doc.
+
+The YAML key (``section.field``), the ``-c section.field=value`` override, the CLI flag (for the
+fields that have one) and the ``--help`` text are all derived from these declarations.
+
+Values are merged in layers, and ``--print-config`` shows which layer each value came from:
+``default`` < ``profile`` (a shipped profile) < ``file`` (a user's YAML) < ``flag`` (CLI flags and ``-c``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiln.errors import KilnError
+
+
+def setting(default: Any, doc: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """Declare a config field: its default, its one-line doc and, optionally, its CLI flag."""
+    metadata = {"doc": doc, "flag": flag, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """The architecture built for a from-scratch run."""
+
+    type: str = setting("bert", "Hugging Face model_type, as in config.json.")
+    config: dict = setting({}, "Keyword arguments for transformers.AutoConfig.for_model (architecture).")
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer trained on the training split when no --init or --tokenizer is given."""
+
+    kind: str = setting("wordpiece", "Tokenizer model to train.", choices=("wordpiece", "bpe", "unigram"))
+    style: str = setting(
+        "bert", "Special tokens and template: bert ([CLS] a [SEP]) or roberta (<s> a </s>).",
+        choices=("bert", "roberta"),
+    )
+    vocab_size: int = setting(30522, "Vocabulary size (capped for small training sets unless pinned).")
+    pin_vocab: bool = setting(False, "Use vocab_size exactly, without capping it for small data.")
+    lowercase: bool = setting(True, "Lowercase text before tokenizing (uncased models).")
+    min_frequency: int = setting(2, "Minimum pair/word frequency for a merge or vocabulary entry.")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer. Bias and LayerNorm weights never get weight decay."""
+
+    name: str = setting("adamw", "Optimizer.", choices=("adamw", "adam", "adafactor", "radam"))
+    lr: float = setting(5e-5, "Peak learning rate.", flag="--lr")
+    betas: list = setting([0.9, 0.999], "Adam betas.")
+    eps: float = setting(1e-8, "Adam epsilon.")
+    weight_decay: float = setting(0.01, "Decoupled weight decay (AdamW) or L2 (others).")
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule, a multiplier of optim.lr per optimizer step."""
+
+    name: str = setting(
+        "linear", "Schedule after warmup.", choices=("linear", "cosine", "constant", "inverse_sqrt")
+    )
+    warmup_ratio: float = setting(0.06, "Warmup as a fraction of all steps (used when warmup_steps is 0).")
+    warmup_steps: int = setting(0, "Warmup steps; overrides warmup_ratio when > 0.")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: float = setting(3, "Epochs to train (fractions allowed).", flag="--epochs")
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", flag="--max-steps")
+    batch_tokens: int = setting(
+        8192, "Token budget per micro-batch, padding included (length-bucketed batches).",
+        flag="--batch-tokens",
+    )
+    batch_size: int = setting(
+        0, "Fixed examples per micro-batch instead of a token budget (0: use batch_tokens).",
+        flag="--batch-size",
+    )
+    max_batch_size: int = setting(256, "Upper bound on examples in one token-budget micro-batch.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", flag="--grad-accum")
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: off).")
+    dropout: float | None = setting(None, "Override the model's dropout probabilities (null: keep).")
+    max_length: int = setting(512, "Truncate inputs to this many tokens (capped by the model).")
+    precision: str = setting(
+        "auto", "Compute precision; auto picks bf16 on CUDA/AMX CPUs, else fp32.", flag="--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    device: str = setting("auto", "Device: auto, cpu, cuda or cuda:N.", flag="--device")
+    seed: int = setting(42, "Random seed for init, shuffling and dropout.", flag="--seed")
+    eval_every: int = setting(0, "Evaluate every N optimizer steps (0: once per epoch).", flag="--eval-every")
+    patience: int = setting(0, "Stop after N evaluations without improvement (0: never).", flag="--patience")
+    metric: str = setting("", "Metric that picks the best checkpoint (empty: the task's main metric).")
+    log_every: int = setting(50, "Write a metrics.jsonl line every N optimizer steps.")
+    keep_checkpoints: bool = setting(True, "Keep checkpoints/ after training (model/ is always written).")
+
+
+@dataclass
+class DataConfig:
+    """How training data is read."""
+
+    columns: str = setting(
+        "", "Map roles to columns by header name or 0-based position, e.g. 'text=3,label=1'.",
+        flag="--columns",
+    )
+    problem_type: str = setting(
+        "auto", "Classification or regression; auto: float labels mean regression.",
+        choices=("auto", "classification", "regression"),
+    )
+    validation_fraction: float = setting(0.1, "Held-out fraction when DATA has no validation split.")
+    split_seed: int = setting(13, "Seed of the deterministic train/validation split.")
+
+
+@dataclass
+class Config:
+    """A profile (architecture + recipe) merged with the user's overrides."""
+
+    name: str = setting("custom", "Profile name.")
+    family: str = setting("custom", "Model family, for the profiles table.")
+    description: str = setting("", "One-line description.")
+    tasks: list = setting(["sequence", "sentence-pair"], "Tasks this profile supports.")
+    params: int = setting(0, "Parameter count of the released base model this profile mirrors.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict, ready for YAML."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else globals()[f.type]
+    for f in dataclasses.fields(Config)
+    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data"}
+}
+
+
+def iter_settings() -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Yield ``(dotted_key, field)`` for every leaf setting."""
+    for f in dataclasses.fields(Config):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(SECTIONS[f.name]):
+                yield f"{f.name}.{sub.name}", sub
+        else:
+            yield f.name, f
+
+
+def _field_type(f: dataclasses.Field, owner: type) -> Any:
+    hints = typing.get_type_hints(owner)
+    return hints[f.name]
+
+
+def _owner(key: str) -> type:
+    return SECTIONS[key.split(".")[0]] if "." in key else Config
+
+
+def coerce(key: str, value: Any, where: str = "") -> Any:
+    """Check and convert ``value`` to the declared type of setting ``key``."""
+    fields = dict(iter_settings())
+    if key not in fields:
+        close = difflib.get_close_matches(key, fields, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KilnError(f"unknown setting '{key}'{hint}", where or None)
+    f = fields[key]
+    declared = _field_type(f, _owner(key))
+    allowed = typing.get_args(declared) if isinstance(declared, types.UnionType) else (declared,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise KilnError(f"setting '{key}' cannot be null", where or None)
+    for kind in allowed:
+        if kind is type(None):
+            continue
+        kind = typing.get_origin(kind) or kind
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif kind is list and isinstance(value, tuple):
+            value = list(value)
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise KilnError(f"setting '{key}' must be one of {', '.join(choices)}, got '{value}'",
+                                where or None)
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
+    raise KilnError(f"setting '{key}' expects {names}, got {value!r}", where or None)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}} -> {"optim.lr": 1}``; ``model.config`` stays one dict-valued leaf."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted in SECTIONS:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+class ConfigBuilder:
+    """Merges layers of settings and remembers where each value came from."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        for key, f in iter_settings():
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            self.values[key] = default
+            self.sources[key] = "default"
+
+    def apply(self, tree: dict, source: str, where: str = "") -> None:
+        """Overlay a nested mapping (profile, YAML file)."""
+        for key, value in flatten(tree).items():
+            self.set(key, value, source, where)
+
+    def set(self, key: str, value: Any, source: str, where: str = "") -> None:
+        """Set one dotted key. ``model.config.X`` updates one architecture entry."""
+        if key.startswith("model.config."):
+            sub = key.removeprefix("model.config.")
+            self.values["model.config"] = {**self.values["model.config"], sub: value}
+            self.sources[key] = source
+            return
+        value = coerce(key, value, where)
+        if key == "model.config":
+            value = {**self.values["model.config"], **value}
+            for sub in value:
+                self.sources.setdefault(f"model.config.{sub}", source)
+        self.values[key] = value
+        self.sources[key] = source
+
+    def build(self) -> Config:
+        """Materialise the typed :class:`Config`."""
+        sections: dict[str, dict] = {name: {} for name in SECTIONS}
+        top: dict[str, Any] = {}
+        for key, value in self.values.items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections[section][name] = value
+            else:
+                top[key] = value
+        return Config(**top, **{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+
+    def described(self) -> list[tuple[str, Any, str]]:
+        """Rows of ``(key, value, source)`` for ``--print-config``."""
+        rows = []
+        for key, value in self.values.items():
+            if key == "model.config":
+                for sub, sub_value in value.items():
+                    rows.append((f"{key}.{sub}", sub_value, self.sources.get(f"{key}.{sub}", "profile")))
+            else:
+                rows.append((key, value, self.sources[key]))
+        return rows
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``-c key=value``; the value is read as YAML so numbers, lists and nulls work."""
+    import yaml
+
+    if "=" not in text:
+        raise KilnError(f"-c expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a :class:`Config` from its saved ``to_dict()`` form (run directories)."""
+    builder = ConfigBuilder()
+    builder.apply(tree, "file")
+    return builder.build()
+
+
+def resolve_key(name: str) -> str:
+    """Dotted key for a setting named by its leaf (``lr`` -> ``optim.lr``) or already dotted."""
+    if "." in name:
+        return name
+    matches = [key for key, f in iter_settings()
+               if key.split(".")[-1] == name or (f.metadata.get("flag") or "").lstrip("-").replace("-", "_") == name]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        close = difflib.get_close_matches(name, [k.split(".")[-1] for k, _ in iter_settings()], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise KilnError(f"unknown setting '{name}'{hint}")
+    raise KilnError(f"setting '{name}' is ambiguous: {', '.join(matches)}")

@@ -1,0 +1,55 @@
+"""Data locations and splits. Format readers live in sibling modules (``tables`` for TSV/CSV/JSONL)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from kiln.errors import KilnError
+
+T = TypeVar("T")
+
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
+    "train": ("train",),
+    "validation": ("validation", "dev", "valid", "val"),
+    "test": ("test",),
+}
+
+
+def find_splits(data: str | Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    """Map split names to files. A file is the train split; a directory holds ``train.*`` etc."""
+    path = Path(data)
+    if path.is_file():
+        return {"train": path}
+    if not path.exists():
+        raise KilnError("no such file or directory", path)
+    found: dict[str, Path] = {}
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    for split, aliases in SPLIT_ALIASES.items():
+        for alias in aliases:
+            matches = [p for p in files if p.name.split(".")[0].lower() == alias
+                       and p.suffix.lower() in suffixes]
+            if matches:
+                matches.sort(key=lambda p: list(suffixes).index(p.suffix.lower()))
+                found[split] = matches[0]
+                break
+    if "train" not in found:
+        raise KilnError(f"no train file ({'|'.join('train' + s for s in suffixes)}) in this directory", path)
+    return found
+
+
+def holdout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Deterministic seeded split into ``(train, validation)``; validation gets ``fraction``."""
+    if not 0 < fraction < 1:
+        raise KilnError(f"data.validation_fraction must be between 0 and 1, got {fraction}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_validation = max(1, round(len(items) * fraction))
+    if len(items) - n_validation < 1:
+        raise KilnError(f"too few examples ({len(items)}) to hold out a validation split")
+    held = set(order[:n_validation])
+    train = [item for i, item in enumerate(items) if i not in held]
+    validation = [item for i, item in enumerate(items) if i in held]
+    return train, validation

@@ -1,0 +1,25 @@
+"""The one error type for user mistakes: it carries ``path:line`` and becomes exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class KilnError(Exception):
+    """A problem with the user's input or invocation, reported as one line without a traceback.
+
+    ``path`` and ``line`` (1-based) locate the problem when it is in a file.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.line = line
+
+    def __str__(self) -> str:
+        if self.path is None:
+            return self.message
+        if self.line is None:
+            return f"{self.path}: {self.message}"
+        return f"{self.path}:{self.line}: {self.message}"

@@ -1,0 +1,1 @@
+"""Metrics: thin wrappers over reference implementations (scikit-learn, scipy)."""

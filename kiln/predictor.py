@@ -1,0 +1,83 @@
+"""``kiln.load``: a trained model ready to predict and evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TextIO
+
+from kiln.config import config_from_dict
+from kiln.errors import KilnError
+from kiln.tasks import get_task
+from kiln.tasks.base import Dataset
+from kiln.training.checkpoint import KILN_FILE
+
+
+class Predictor:
+    """A kiln-saved model (run directory or model directory) with its task and tokenizer."""
+
+    def __init__(self, path: str | Path, device: str = "auto", precision: str = "auto",
+                 batch_tokens: int | None = None):
+        from kiln.run import model_dir_of
+        from kiln.tokenizers import load_tokenizer
+        from kiln.training.device import resolve_device, resolve_precision
+
+        self.path = model_dir_of(path)
+        meta_path = self.path / KILN_FILE
+        if not meta_path.is_file():
+            raise KilnError(f"no {KILN_FILE}: not a model kiln saved", self.path)
+        self.meta = json.loads(meta_path.read_text())
+        self.config = config_from_dict(self.meta["config"])
+        self.task = get_task(self.meta["task"], self.config, self.meta["task_state"])
+        self.tokenizer = load_tokenizer(self.path)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = self.task.load_model(self.path).to(self.device).eval()
+        self.max_length = int(self.meta["max_length"])
+        self.batch_tokens = batch_tokens or self.config.train.batch_tokens * 2
+
+    def _run(self, dataset: Dataset) -> tuple[list[Any], float, int]:
+        from kiln.training.inference import run_inference
+
+        features = self.task.encode(dataset, self.tokenizer, self.max_length)
+        outputs, loss_sum, units = run_inference(
+            self.model, self.task, features, device=self.device, precision=self.precision,
+            batch_tokens=self.batch_tokens, max_batch_size=self.config.train.max_batch_size * 2,
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
+        return self.task.decode(outputs, features, dataset), loss_sum, units
+
+    def read(self, path: str | Path, *, labelled: bool, stream: TextIO | None = None) -> Dataset:
+        """Read a data file with this model's task (and check its labels when ``labelled``)."""
+        dataset = self.task.read(path, labelled=labelled, stream=stream)
+        if labelled:
+            self.task.check(dataset)
+        return dataset
+
+    def predict(self, inputs: list[Any]) -> list[dict]:
+        """Predict raw inputs (strings, or pairs for sentence-pair); HF-pipeline-style results."""
+        examples = [self.task.parse_input(item, i + 1) for i, item in enumerate(inputs)]
+        predictions, _, _ = self._run(Dataset("<input>", examples))
+        return self.task.format(predictions)
+
+    def predict_dataset(self, dataset: Dataset) -> list[Any]:
+        """Task-level predictions for a dataset, in its order."""
+        return self._run(dataset)[0]
+
+    def evaluate(self, data: str | Path | Dataset) -> dict:
+        """The task's metrics plus ``loss`` and ``n`` on a labelled file."""
+        return self.evaluate_with_predictions(data)[0]
+
+    def evaluate_with_predictions(self, data: str | Path | Dataset) -> tuple[dict, list[Any]]:
+        """``(metrics, predictions)`` on a labelled file or dataset."""
+        dataset = data if isinstance(data, Dataset) else self.read(data, labelled=True)
+        predictions, loss_sum, units = self._run(dataset)
+        metrics = self.task.metrics(predictions, dataset)
+        metrics["loss"] = loss_sum / max(units, 1)
+        metrics["n"] = len(dataset)
+        return metrics, predictions
+
+
+def load(path: str | Path, **kwargs: Any) -> Predictor:
+    """Load a run directory (``runs/NAME``) or a model directory kiln saved."""
+    return Predictor(path, **kwargs)

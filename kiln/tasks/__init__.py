@@ -1,0 +1,27 @@
+"""Task registry. Each task is one module behind the :class:`~kiln.tasks.base.Task` interface."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from kiln.errors import KilnError
+
+# name -> "module:Class"; imported lazily so `kiln --help` stays fast.
+TASKS: dict[str, str] = {
+    "sequence": "kiln.tasks.sequence:SequenceTask",
+    "sentence-pair": "kiln.tasks.sequence:SentencePairTask",
+}
+
+
+def task_class(name: str) -> type:
+    """The Task class registered under ``name``."""
+    if name not in TASKS:
+        raise KilnError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_task(name: str, config: Any, state: dict | None = None) -> Any:
+    """Instantiate the task ``name`` for ``config`` (and a saved state, for trained runs)."""
+    return task_class(name)(config, state)

@@ -1,0 +1,126 @@
+"""The Task interface: everything the shared loop needs to know about one kind of problem.
+
+The loop never asks which task it runs; if a new task needs an ``if task == …`` in the loop, this
+interface is missing a method. A task turns files into examples, examples into features (token
+ids), features into padded batches, model outputs into losses and predictions, and predictions
+into metrics and output files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TextIO
+
+from kiln.config import Config
+from kiln.data.tables import Table
+
+
+@dataclass
+class Dataset:
+    """Examples read from one file, with the table they came from (for writing predictions back)."""
+
+    path: str
+    examples: list[Any]
+    table: Table | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+class Task:
+    """Base class. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    suffixes: ClassVar[tuple[str, ...]]
+    auto_model: ClassVar[str]  # transformers Auto class that loads the saved model/
+    main_metric: ClassVar[str] = "loss"
+
+    def __init__(self, config: Config, state: dict | None = None):
+        self.config = config
+        self.state: dict = dict(state or {})
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
+        """Read a data file; ``labelled=False`` accepts files without targets (predict)."""
+        raise NotImplementedError
+
+    def fit(self, train: Dataset) -> None:
+        """Learn what the training data defines (label set, problem type) into ``self.state``."""
+
+    def check(self, dataset: Dataset) -> None:
+        """Reject evaluation data that does not fit the trained state (e.g. unseen labels)."""
+
+    def texts(self, dataset: Dataset) -> Iterator[str]:
+        """Raw text for training a tokenizer."""
+        raise NotImplementedError
+
+    def parse_input(self, item: Any, line: int) -> Any:
+        """One unlabelled example from a stdin line or a Python value (str, tuple, dict)."""
+        raise NotImplementedError
+
+    # -- model -------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict:
+        """Extra HF config keys for the head (labels, problem type)."""
+        return {}
+
+    def build_model(self, hf_config: Any) -> Any:
+        """A fresh model with random weights for ``hf_config``."""
+        import transformers
+
+        return getattr(transformers, self.auto_model).from_config(hf_config)
+
+    def load_model(self, path: str | Path, **kwargs: Any) -> Any:
+        """Load a local HF checkpoint for this task."""
+        import transformers
+
+        return getattr(transformers, self.auto_model).from_pretrained(path, local_files_only=True, **kwargs)
+
+    # -- features and batches ----------------------------------------------------------------
+    def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+        """Token features, one or more per example; each has ``input_ids`` and ``example`` (index)."""
+        raise NotImplementedError
+
+    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+        """Pad a micro-batch to its longest member (never to a fixed maximum)."""
+        raise NotImplementedError
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The part of a batch the model's ``forward`` takes."""
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def loss(self, outputs: Any, batch: dict) -> Any:
+        """The loss *summed* over the batch's loss units; the loop divides by the accumulated count."""
+        raise NotImplementedError
+
+    def loss_units(self, batch: dict) -> int:
+        """How many loss terms a (CPU-side) batch contributes: examples, or unmasked tokens."""
+        raise NotImplementedError
+
+    def outputs(self, outputs: Any, batch: dict) -> list[Any]:
+        """Per-feature outputs (numpy) kept for decoding, in batch order."""
+        logits = outputs.logits.float().cpu().numpy()
+        return list(logits)
+
+    # -- predictions and metrics -------------------------------------------------------------
+    def decode(self, outputs: list[Any], features: list[dict], dataset: Dataset) -> list[Any]:
+        """Per-example predictions from per-feature outputs (both in dataset order)."""
+        raise NotImplementedError
+
+    def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
+        """The task's standard metrics against the dataset's labels."""
+        raise NotImplementedError
+
+    def greater_is_better(self, metric: str) -> bool:
+        """Direction of a metric, for best-checkpoint selection and early stopping."""
+        return metric not in {"loss", "mse", "perplexity"}
+
+    def format(self, predictions: list[Any]) -> list[Any]:
+        """HF-pipeline-style JSON for ``predict --json``."""
+        raise NotImplementedError
+
+    def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
+        """Columns (TSV/CSV) or fields (JSONL) that ``predict`` appends to the input."""
+        raise NotImplementedError

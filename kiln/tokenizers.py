@@ -1,0 +1,148 @@
+"""Train, cache and load tokenizers. Everything is saved in the HF format ``AutoTokenizer`` reads.
+
+From-scratch runs train the tokenizer the profile names on the training split with HF
+``tokenizers``: WordPiece (BERT family), byte-level BPE (GPT-2/RoBERTa/BART) or Unigram
+(T5/XLM-R/mBART/DeBERTa-v2). The result is cached under a hash of the texts and the spec, so a
+re-run with the same data does not train it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.config import TokenizerConfig
+from kiln.errors import KilnError
+
+# Special tokens per style, in vocabulary order (pad first so pad_token_id is 0 for BERT).
+STYLES: dict[str, dict[str, str]] = {
+    "bert": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+             "sep_token": "[SEP]", "mask_token": "[MASK]"},
+    "roberta": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+                "mask_token": "<mask>"},
+}
+
+
+def cache_root() -> Path:
+    """Where trained tokenizers are cached (``$KILN_CACHE`` or ``~/.cache/kiln``)."""
+    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "tokenizers"
+
+
+def effective_vocab_size(spec: TokenizerConfig, texts: Sequence[str]) -> int:
+    """The profile's vocabulary, capped for small data.
+
+    A vocabulary larger than about half the distinct words mostly learns whole rare words that the
+    embedding never sees often enough to train; the cap keeps small-data runs fast and accurate.
+    """
+    if spec.pin_vocab:
+        return spec.vocab_size
+    distinct = set()
+    for text in texts:
+        distinct.update((text.lower() if spec.lowercase else text).split())
+    cap = max(1024, -(-len(distinct) // 2 // 64) * 64)
+    return min(spec.vocab_size, cap)
+
+
+def _spec_hash(spec: TokenizerConfig, vocab_size: int, max_length: int, texts: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    settings = {"kind": spec.kind, "style": spec.style, "lowercase": spec.lowercase,
+                "min_frequency": spec.min_frequency, "vocab_size": vocab_size, "max_length": max_length,
+                "version": 1}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:20]
+
+
+def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = list(STYLES[spec.style].values())
+    unk = STYLES[spec.style]["unk_token"]
+    if spec.kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=unk))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase, strip_accents=spec.lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=spec.min_frequency,
+                                            special_tokens=specials)
+    elif spec.kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        if spec.lowercase:
+            tok.normalizer = normalizers.Lowercase()
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=spec.min_frequency,
+                                      special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif spec.kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if spec.lowercase else [])
+        tok.normalizer = normalizers.Sequence(steps)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=specials, unk_token=unk)
+    else:
+        raise KilnError(f"unknown tokenizer kind '{spec.kind}'")
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if spec.style == "bert":
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+    else:
+        bos_id, eos_id = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", bos_id), ("</s>", eos_id)],
+        )
+    return tok
+
+
+def wrap(raw: Any, style: str, max_length: int) -> Any:
+    """Wrap a ``tokenizers.Tokenizer`` as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    inputs = ["input_ids", "token_type_ids", "attention_mask"] if style == "bert" else [
+        "input_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=max_length,
+                                   model_input_names=inputs, **STYLES[style])
+
+
+def train_tokenizer(spec: TokenizerConfig, texts: Sequence[str], max_length: int) -> tuple[Any, Path]:
+    """Train (or fetch from cache) a tokenizer on ``texts``; returns ``(tokenizer, cache_dir)``."""
+    vocab_size = effective_vocab_size(spec, texts)
+    key = _spec_hash(spec, vocab_size, max_length, texts)
+    target = cache_root() / key
+    if (target / "tokenizer.json").is_file():
+        return load_tokenizer(target), target
+    tokenizer = wrap(_build_raw(spec, vocab_size, texts), spec.style, max_length)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process cached it first; theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer, target
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """Load a tokenizer directory (kiln run, model dir or HF checkpoint) without network access."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise KilnError("tokenizer directory not found", path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise KilnError(f"cannot load a tokenizer here: {str(exc).splitlines()[0]}", path) from None

@@ -1,0 +1,1 @@
+"""The shared training loop and its parts: batching, optimisation, precision, checkpoints."""

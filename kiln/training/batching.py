@@ -1,0 +1,86 @@
+"""Token-budget batching with length bucketing: batches of similar lengths, padded only to their own
+longest member, so no compute is spent on padding to a fixed maximum length."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class TokenBudgetSampler:
+    """Group example indices into micro-batches whose padded size fits ``batch_tokens``.
+
+    Training order is shuffled per epoch (seeded by ``seed + epoch``, so resuming at a batch index is
+    exact): indices are shuffled, cut into pools of roughly ``pool_batches`` batches, each pool is
+    sorted by length and cut into batches, and the batches are shuffled again. Without shuffling,
+    examples are sorted by length (inference). With ``world_size > 1`` each rank takes every
+    ``world_size``-th batch and all ranks get the same number of batches.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_tokens: int = 8192,
+        max_batch_size: int = 256,
+        batch_size: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pool_batches: int = 64,
+    ):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_tokens = batch_tokens
+        self.max_batch_size = max_batch_size
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.pool_batches = pool_batches
+
+    def _cut(self, order: np.ndarray) -> list[list[int]]:
+        """Cut an ordered run of indices into batches under the budget."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for index in order.tolist():
+            length = int(self.lengths[index])
+            grown = max(longest, length)
+            if self.batch_size:
+                full = len(current) >= self.batch_size
+            else:
+                full = len(current) >= self.max_batch_size or grown * (len(current) + 1) > self.batch_tokens
+            if current and full:
+                batches.append(current)
+                current, grown = [], length
+            current.append(index)
+            longest = grown
+        if current:
+            batches.append(current)
+        return batches
+
+    def batches(self, epoch: int = 0) -> list[list[int]]:
+        """All micro-batches of ``epoch`` for this rank."""
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = np.argsort(self.lengths, kind="stable")
+            batches = self._cut(order)
+        else:
+            rng = np.random.default_rng(self.seed + epoch)
+            order = rng.permutation(n)
+            mean_length = max(1.0, float(self.lengths.mean())) if n else 1.0
+            per_batch = self.batch_size or max(1, min(self.max_batch_size, int(self.batch_tokens / mean_length)))
+            pool = max(per_batch, per_batch * self.pool_batches)
+            batches = []
+            for start in range(0, n, pool):
+                chunk = order[start:start + pool]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                batches.extend(self._cut(chunk))
+            permutation = rng.permutation(len(batches))
+            batches = [batches[i] for i in permutation]
+        if self.world_size > 1:
+            usable = len(batches) // self.world_size * self.world_size
+            batches = batches[:usable][self.rank::self.world_size]
+        return batches

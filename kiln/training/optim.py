@@ -1,0 +1,62 @@
+"""Optimizers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kiln.config import OptimConfig, ScheduleConfig
+from kiln.errors import KilnError
+
+
+def parameter_groups(model: Any, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay; biases and norm weights (all 1-D parameters) do not."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: Any, config: OptimConfig, device_type: str = "cpu") -> Any:
+    """The optimizer named in ``config``; fused AdamW on CUDA, foreach elsewhere."""
+    import torch
+
+    groups = parameter_groups(model, config.weight_decay)
+    betas = tuple(config.betas)
+    if config.name == "adamw":
+        fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps, **fast)
+    if config.name == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=betas, eps=config.eps, foreach=True)
+    if config.name == "radam":
+        return torch.optim.RAdam(groups, lr=config.lr, betas=betas, eps=config.eps, foreach=True)
+    if config.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=config.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    raise KilnError(f"unknown optimizer '{config.name}'")
+
+
+def warmup_steps(config: ScheduleConfig, total_steps: int) -> int:
+    """Warmup length in optimizer steps."""
+    if config.warmup_steps > 0:
+        return config.warmup_steps
+    return int(round(config.warmup_ratio * total_steps))
+
+
+def lr_multiplier(name: str, step: int, total_steps: int, warmup: int) -> float:
+    """Multiplier of the peak LR for the optimizer step ``step`` (0-based) of ``total_steps``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if name == "constant":
+        return 1.0
+    if name == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / max(step + 1, 1))
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if name == "linear":
+        return 1.0 - progress
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise KilnError(f"unknown schedule '{name}'")

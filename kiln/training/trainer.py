@@ -1,0 +1,422 @@
+"""The one training loop, shared by every task.
+
+It reads top to bottom: set up, (resume,) then for each optimizer step take ``grad_accum``
+micro-batches, run :meth:`Trainer.training_step`, log, evaluate, checkpoint. Tasks plug in through
+the :class:`~kiln.tasks.base.Task` interface; behaviour plugs in by overriding ``compute_loss``,
+``training_step``, ``evaluate`` or ``predict``, or through :class:`Callback` objects.
+
+Rank-aware: under ``torchrun`` (``WORLD_SIZE > 1``) every rank takes its own share of batches,
+the model is wrapped in DDP, and only rank 0 prints or writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.config import Config
+from kiln.training import checkpoint as ckpt
+from kiln.training.batching import TokenBudgetSampler
+from kiln.training.device import autocast, resolve_device, resolve_precision
+from kiln.training.inference import run_inference, to_device
+from kiln.training.optim import build_optimizer, lr_multiplier, warmup_steps
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved as JSON in every checkpoint so resuming is exact."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    best_metric: float | None = None
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    tokens_seen: int = 0
+    examples_seen: int = 0
+    train_seconds: float = 0.0
+
+
+class Callback:
+    """Hooks into the loop. Set ``trainer.should_stop = True`` to end training gracefully."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """Called once, after set-up (and after restoring a resumed run)."""
+
+    def on_step_end(self, trainer: Trainer, logs: dict | None) -> None:
+        """Called after every optimizer step; ``logs`` is set on logging steps only."""
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict) -> None:
+        """Called after each evaluation with its metrics."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """Called once when training finishes."""
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Trainer:
+    """Trains ``model`` on ``train_features`` for ``task`` as ``config.train`` says."""
+
+    def __init__(
+        self,
+        model: Any,
+        task: Any,
+        config: Config,
+        tokenizer: Any,
+        train_features: list[dict],
+        eval_features: list[dict] | None = None,
+        eval_dataset: Any = None,
+        run_dir: str | Path | None = None,
+        callbacks: list[Callback] | tuple[Callback, ...] = (),
+        kiln_meta: dict | None = None,
+        description: dict | None = None,
+    ):
+        self.model = model
+        self.task = task
+        self.config = config
+        self.tokenizer = tokenizer
+        self.train_features = train_features
+        self.eval_features = eval_features or []
+        self.eval_dataset = eval_dataset
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.callbacks = list(callbacks)
+        self.kiln_meta = kiln_meta or {}
+        self.description = description or {}
+        self.state = TrainerState()
+        self.should_stop = False
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main = self.rank == 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.last_metrics: dict = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Device, precision, distributed wrapping, optimizer, sampler and step count."""
+        import torch
+
+        train = self.config.train
+        self.device = resolve_device(train.device)
+        self.precision = resolve_precision(train.precision, self.device)
+        if train.dropout is not None:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = train.dropout
+        self.model.to(self.device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.optimizer = build_optimizer(self.model, self.config.optim, self.device.type)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.sampler = TokenBudgetSampler(
+            [len(f["input_ids"]) for f in self.train_features], batch_tokens=train.batch_tokens,
+            max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
+            seed=train.seed, rank=self.rank, world_size=self.world_size,
+        )
+        self.total_steps = self._total_steps()
+        self.warmup = warmup_steps(self.config.schedule, self.total_steps)
+        self.metric = self.config.train.metric or self.task.main_metric
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps in ``epoch`` (its last step may take fewer micro-batches)."""
+        return math.ceil(len(self.sampler.batches(epoch)) / self.config.train.grad_accum)
+
+    def _total_steps(self) -> int:
+        train = self.config.train
+        if train.max_steps > 0:
+            return train.max_steps
+        whole = int(train.epochs)
+        total = sum(self.steps_in_epoch(e) for e in range(whole))
+        if train.epochs > whole:
+            total += int((train.epochs - whole) * self.steps_in_epoch(whole))
+        return max(1, total)
+
+    # -- override points ---------------------------------------------------------------------
+    def compute_loss(self, model: Any, batch: dict) -> Any:
+        """Forward one micro-batch; returns the loss summed over its loss units."""
+        with autocast(self.device, self.precision):
+            outputs = model(**self.task.model_inputs(batch))
+        return self.task.loss(outputs, batch)
+
+    def training_step(self, micro_batches: list[dict]) -> Any:
+        """One optimizer step over ``grad_accum`` micro-batches.
+
+        The loss is normalised by the loss units (examples or tokens) of the *whole* accumulated
+        batch, so accumulating k micro-batches gives the same gradient as one k-times-larger batch.
+        Returns the detached mean loss per unit.
+        """
+        import contextlib
+
+        import torch
+
+        self.model.train()
+        units = sum(self.task.loss_units(b) for b in micro_batches)
+        if self.world_size > 1:  # DDP averages gradients over ranks; normalise by the global count
+            import torch.distributed as dist
+
+            count = torch.tensor(float(units), device=self.device)
+            dist.all_reduce(count)
+            units = count.item() / self.world_size
+        units = max(units, 1)
+        total = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
+            with sync:
+                loss = self.compute_loss(self.model, batch) / units
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        self._set_lr()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def evaluate(self, features: list[dict] | None = None, dataset: Any = None) -> dict:
+        """Loss and task metrics on ``features`` (default: the validation set)."""
+        features = self.eval_features if features is None else features
+        dataset = self.eval_dataset if dataset is None else dataset
+        outputs, loss_sum, units = self.predict(features)
+        predictions = self.task.decode(outputs, features, dataset)
+        metrics = self.task.metrics(predictions, dataset)
+        metrics["loss"] = loss_sum / max(units, 1)
+        metrics["n"] = len(dataset)
+        return metrics
+
+    def predict(self, features: list[dict]) -> tuple[list[Any], float, int]:
+        """Per-feature outputs in input order, plus the loss sum and units when labelled."""
+        model = getattr(self.model, "module", self.model)
+        return run_inference(model, self.task, features, device=self.device, precision=self.precision,
+                             batch_tokens=self.config.train.batch_tokens * 2,
+                             max_batch_size=self.config.train.max_batch_size * 2, pad_id=self.pad_id)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        """Run training to the end (or early stop); returns the last evaluation's metrics."""
+        import torch
+
+        self.setup()
+        if resume:
+            self._restore()
+        self._print_summary()
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
+        progress = self._progress()
+        train = self.config.train
+        window_loss = torch.zeros((), device=self.device)
+        window_steps = 0
+        window_start = time.perf_counter()
+        window_tokens = window_examples = 0
+        started = time.perf_counter() - self.state.train_seconds
+        eta_printed = self.state.step > 0
+        try:
+            while self.state.step < self.total_steps and not self.should_stop:
+                batches = self.sampler.batches(self.state.epoch)
+                while self.state.batch_in_epoch < len(batches) and self.state.step < self.total_steps:
+                    chunk = batches[self.state.batch_in_epoch:self.state.batch_in_epoch + train.grad_accum]
+                    micro = [self.task.collate([self.train_features[i] for i in ids], self.pad_id)
+                             for ids in chunk]
+                    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                    examples = sum(len(ids) for ids in chunk)
+                    window_loss += self.training_step(micro)
+                    window_steps += 1
+                    window_tokens += tokens
+                    window_examples += examples
+                    self.state.step += 1
+                    self.state.batch_in_epoch += len(chunk)
+                    self.state.tokens_seen += tokens
+                    self.state.examples_seen += examples
+                    self.state.train_seconds = time.perf_counter() - started
+                    logs = None
+                    if self.state.step % train.log_every == 0 or self.state.step == self.total_steps:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        logs = {"step": self.state.step, "epoch": round(self._epoch_progress(len(batches)), 4),
+                                "loss": window_loss.item() / window_steps,
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                "tokens_per_s": window_tokens / elapsed,
+                                "examples_per_s": window_examples / elapsed,
+                                "elapsed": round(self.state.train_seconds, 2)}
+                        self._log(logs)
+                        window_loss.zero_()
+                        window_steps = window_tokens = window_examples = 0
+                        window_start = time.perf_counter()
+                    if progress is not None:
+                        progress.update(1)
+                        if self.state.step % 10 == 0 and window_steps:  # a host sync, so not every step
+                            elapsed = max(time.perf_counter() - window_start, 1e-9)
+                            progress.set_postfix(loss=f"{window_loss.item() / window_steps:.4f}",
+                                                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                                 tok_s=f"{window_tokens / elapsed:.0f}")
+                    if not eta_printed and self.state.step == min(10, self.total_steps):
+                        eta_printed = True
+                        per_step = self.state.train_seconds / self.state.step
+                        self._say(f"  ETA       {_duration(per_step * (self.total_steps - self.state.step))}"
+                                  f" for {self.total_steps} steps (timed over the first {self.state.step})")
+                    for callback in self.callbacks:
+                        callback.on_step_end(self, logs)
+                    if train.eval_every and self.state.step % train.eval_every == 0:
+                        self._evaluate_and_checkpoint()
+                    if self.should_stop:
+                        break
+                if self.state.batch_in_epoch >= len(batches):
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    if not train.eval_every and not self.should_stop:
+                        self._evaluate_and_checkpoint()
+            if self.state.last_eval_step != self.state.step:
+                self._evaluate_and_checkpoint()
+        except KeyboardInterrupt:
+            if progress is not None:
+                progress.close()
+            self._save("last")
+            self._say(f"interrupted at step {self.state.step}; continue with --resume")
+            raise
+        if progress is not None:
+            progress.close()
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        return self.last_metrics
+
+    def _epoch_progress(self, batches_in_epoch: int) -> float:
+        return self.state.epoch + self.state.batch_in_epoch / max(batches_in_epoch, 1)
+
+    def _set_lr(self) -> None:
+        multiplier = lr_multiplier(self.config.schedule.name, self.state.step, self.total_steps, self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.optim.lr * multiplier
+
+    # -- evaluation, checkpoints, logging ----------------------------------------------------
+    def _evaluate_and_checkpoint(self) -> None:
+        self.state.last_eval_step = self.state.step
+        if not self.eval_features:
+            self._save("last")
+            return
+        metrics = self.evaluate()
+        self.last_metrics = metrics
+        value = metrics.get(self.metric)
+        if value is None:
+            raise ValueError(f"metric '{self.metric}' is not one of {sorted(metrics)}")
+        better = self.task.greater_is_better(self.metric)
+        best = self.state.best_metric
+        improved = best is None or (value > best if better else value < best)
+        if improved:
+            self.state.best_metric = value
+            self.state.best_step = self.state.step
+            self.state.evals_without_improvement = 0
+        else:
+            self.state.evals_without_improvement += 1
+        self._log({"step": self.state.step, "split": "validation",
+                   **{f"eval_{k}": v for k, v in metrics.items()}})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+        self._say(f"  eval step {self.state.step}: {shown}{'  (best)' if improved else ''}")
+        if improved:
+            self._save("best")
+        self._save("last")
+        patience = self.config.train.patience
+        if patience and self.state.evals_without_improvement >= patience:
+            self._say(f"  early stop: no {self.metric} improvement in {patience} evaluations")
+            self.should_stop = True
+        for callback in self.callbacks:
+            callback.on_evaluate(self, metrics)
+
+    def _save(self, which: str) -> None:
+        if self.run_dir is None or not self.is_main:
+            return
+        import torch
+
+        path = self.run_dir / "checkpoints" / which
+        meta = {**self.kiln_meta, "step": self.state.step}
+        if which == "best":
+            meta["metrics"] = self.last_metrics
+            ckpt.save_checkpoint(path, self.model, self.tokenizer, meta, trainer_state=asdict(self.state))
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        ckpt.save_checkpoint(path, self.model, self.tokenizer, meta, optimizer=self.optimizer,
+                             trainer_state=asdict(self.state), rng=rng)
+
+    def _restore(self) -> None:
+        import torch
+
+        path = self.run_dir / "checkpoints" / "last" if self.run_dir else None
+        if path is None or not (path / ckpt.STATE_FILE).exists():
+            self._say("  no checkpoint to resume from; starting from step 0")
+            return
+        ckpt.load_weights(self.model, path)
+        state, tensors, rng = ckpt.load_checkpoint_state(path)
+        ckpt.restore_optimizer(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()},
+                               state.pop("optimizer"))
+        self.state = TrainerState(**state)
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self._say(f"  resumed   step {self.state.step} (epoch {self.state.epoch}, "
+                  f"batch {self.state.batch_in_epoch})")
+
+    def _log(self, record: dict) -> None:
+        if self.run_dir is None or not self.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def _say(self, text: str) -> None:
+        if self.is_main and os.environ.get("KILN_QUIET") != "1":
+            print(text, file=sys.stderr, flush=True)
+
+    def _progress(self) -> Any:
+        if not self.is_main or os.environ.get("KILN_QUIET") == "1" or not sys.stderr.isatty():
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                    file=sys.stderr)
+
+    def _print_summary(self) -> None:
+        train = self.config.train
+        params = sum(p.numel() for p in self.model.parameters())
+        train_tokens = sum(len(f["input_ids"]) for f in self.train_features)
+        eval_tokens = sum(len(f["input_ids"]) for f in self.eval_features)
+        batch = (f"{train.batch_size} examples" if train.batch_size else f"{train.batch_tokens} tokens")
+        accumulated = train.grad_accum * self.world_size
+        d = self.description
+        lines = [
+            f"kiln train {d.get('task', self.task.name)} · {d.get('name', '')}",
+            f"  profile   {d.get('profile', self.config.name)} ({d.get('init', 'from scratch')})",
+            f"  model     {params / 1e6:.2f}M parameters on {self.device} in {self.precision}",
+            f"  train     {len(self.train_features)} examples, {train_tokens} tokens",
+            f"  valid     {len(self.eval_features)} examples, {eval_tokens} tokens",
+            f"  batch     {batch} x {accumulated} (accumulation x ranks) per step, "
+            f"{self.total_steps} steps, lr {self.config.optim.lr:g} ({self.config.schedule.name})",
+        ]
+        if self.run_dir:
+            lines.append(f"  run       {self.run_dir}")
+        self._say("\n".join(lines))
