@@ -8,6 +8,13 @@ from typing import Any
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"}
 
 
+def quiet_transformers() -> None:
+    """Turn off transformers' per-call progress bars ("Loading weights") inside kiln's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def hf_config(model_type: str, architecture: dict, **extra: Any) -> Any:
     """``transformers.AutoConfig`` for ``model_type`` with the profile's architecture and ``extra``."""
     from transformers import AutoConfig

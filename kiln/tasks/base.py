@@ -70,12 +70,18 @@ class Task:
         """A fresh model with random weights for ``hf_config``."""
         import transformers
 
+        from kiln.models import quiet_transformers
+
+        quiet_transformers()
         return getattr(transformers, self.auto_model).from_config(hf_config)
 
     def load_model(self, path: str | Path, **kwargs: Any) -> Any:
         """Load a local HF checkpoint for this task."""
         import transformers
 
+        from kiln.models import quiet_transformers
+
+        quiet_transformers()
         return getattr(transformers, self.auto_model).from_pretrained(path, local_files_only=True, **kwargs)
 
     # -- features and batches ----------------------------------------------------------------

@@ -37,9 +37,6 @@ def atomic_dir(target: Path) -> tuple[Path, Any]:
 
 def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict) -> None:
     """Write an HF model directory (config, safetensors weights, tokenizer) plus ``kiln.json``."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one bar per checkpoint is noise in kiln's own progress
     unwrapped = getattr(model, "module", model)
     unwrapped.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

@@ -36,6 +36,7 @@ class TrainerState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     best_metric: float | None = None
+    best_loss: float = float("inf")
     best_step: int = -1
     evals_without_improvement: int = 0
     last_eval_step: int = -1
@@ -325,9 +326,12 @@ class Trainer:
             raise ValueError(f"metric '{self.metric}' is not one of {sorted(metrics)}")
         better = self.task.greater_is_better(self.metric)
         best = self.state.best_metric
-        improved = best is None or (value > best if better else value < best)
+        # Ties on the metric (common for accuracy on small sets) go to the lower validation loss.
+        improved = (best is None or (value > best if better else value < best)
+                    or (value == best and metrics["loss"] < self.state.best_loss))
         if improved:
             self.state.best_metric = value
+            self.state.best_loss = metrics["loss"]
             self.state.best_step = self.state.step
             self.state.evals_without_improvement = 0
         else:

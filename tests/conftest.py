@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny profiles and tiny data, an isolated tokenizer cache, and the data marker."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_PROFILE = """\
+base: bert-tiny
+name: test-tiny
+model:
+  config: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,
+           max_position_embeddings: 64}
+tokenizer: {vocab_size: 300}
+optim: {lr: 3.0e-3}
+schedule: {warmup_ratio: 0.0}
+train: {batch_tokens: 256, max_batch_size: 16, epochs: 2, log_every: 5}
+"""
+
+POSITIVE = ["great", "lovely", "superb", "wonderful", "brilliant", "charming"]
+NEGATIVE = ["awful", "boring", "dull", "tedious", "clumsy", "bland"]
+SUBJECTS = ["the film", "this movie", "the plot", "the cast", "the ending", "every scene"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
+    monkeypatch.setenv("KILN_QUIET", "1")
+
+
+@pytest.fixture
+def tiny_profile(tmp_path: Path) -> Path:
+    """A 2-layer, 32-wide BERT profile that trains in seconds."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_PROFILE)
+    return path
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` learnable (sentence, label) rows."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        word = rng.choice(POSITIVE if positive else NEGATIVE)
+        rows.append((f"{rng.choice(SUBJECTS)} is {word} .", "pos" if positive else "neg"))
+    return rows
+
+
+@pytest.fixture
+def sentiment_dir(tmp_path: Path) -> Path:
+    """train.tsv / dev.tsv with a header, 160 + 40 rows."""
+    folder = tmp_path / "sentiment"
+    folder.mkdir()
+    for name, rows in (("train.tsv", sentiment_rows(160, 1)), ("dev.tsv", sentiment_rows(40, 2))):
+        lines = ["sentence\tlabel", *(f"{t}\t{label}" for t, label in rows)]
+        (folder / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def pair_dir(tmp_path: Path) -> Path:
+    """A sentence-pair regression set (similarity scores as floats), JSONL."""
+    import json
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = random.Random(3)
+    for name, n in (("train.jsonl", 160), ("validation.jsonl", 40)):
+        with open(folder / name, "w") as f:
+            for _ in range(n):
+                a, b = rng.choice(SUBJECTS), rng.choice(SUBJECTS)
+                w1, w2 = rng.choice(POSITIVE + NEGATIVE), rng.choice(POSITIVE + NEGATIVE)
+                score = 2.5 * ((w1 in POSITIVE) == (w2 in POSITIVE)) + 2.5 * (a == b)
+                f.write(json.dumps({"sentence1": f"{a} is {w1} .", "sentence2": f"{b} is {w2} .",
+                                    "label": round(score + rng.random() * 0.1, 3)}) + "\n")
+    return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if SHARED_DATA.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"{SHARED_DATA} is absent")
+    for item in items:
+        if "data" in item.keywords:
+            item.add_marker(skip)

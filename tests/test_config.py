@@ -1,0 +1,68 @@
+import dataclasses
+
+import pytest
+
+from kiln.config import Config, ConfigBuilder, coerce, iter_settings, parse_override, resolve_key
+from kiln.errors import KilnError
+from kiln.profiles import builder_for, load
+
+
+def test_every_setting_has_a_doc():
+    for key, f in iter_settings():
+        assert f.metadata.get("doc"), key
+
+
+def test_layers_record_their_source(tiny_profile):
+    builder = builder_for(str(tiny_profile), {"train.epochs": 5}, ["optim.weight_decay=0"])
+    sources = {key: source for key, _, source in builder.described()}
+    assert sources["train.epochs"] == "flag"
+    assert sources["optim.weight_decay"] == "flag"
+    assert sources["optim.lr"] == "file"          # set by the user's YAML
+    assert sources["tokenizer.kind"] == "profile"  # inherited from the shipped bert-tiny
+    assert sources["train.seed"] == "default"
+    config = builder.build()
+    assert config.train.epochs == 5.0 and config.optim.weight_decay == 0.0
+    assert config.model.config["hidden_size"] == 32          # user file overrides one key ...
+    assert config.model.config["type_vocab_size"] == 2       # ... and keeps the rest of bert-tiny
+
+
+def test_model_config_override_with_c():
+    builder = builder_for("bert-mini", {}, ["model.config.num_hidden_layers=2"])
+    config = builder.build()
+    assert config.model.config["num_hidden_layers"] == 2
+    assert config.model.config["hidden_size"] == 256
+
+
+def test_coerce_types_and_choices():
+    assert coerce("train.epochs", 2) == 2.0
+    assert coerce("train.max_steps", 10.0) == 10
+    assert coerce("train.dropout", None) is None
+    with pytest.raises(KilnError, match="expects int"):
+        coerce("train.max_steps", "ten")
+    with pytest.raises(KilnError, match="one of"):
+        coerce("train.precision", "fp8")
+    with pytest.raises(KilnError, match="did you mean train.epochs"):
+        coerce("train.epoch", 1)
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("optim.betas=[0.9, 0.98]") == ("optim.betas", [0.9, 0.98])
+    assert parse_override("train.dropout=null") == ("train.dropout", None)
+    with pytest.raises(KilnError):
+        parse_override("no-equals-sign")
+
+
+def test_resolve_key_by_leaf_or_flag_name():
+    assert resolve_key("lr") == "optim.lr"
+    assert resolve_key("batch_tokens") == "train.batch_tokens"
+    assert resolve_key("model.config.hidden_size") == "model.config.hidden_size"
+    with pytest.raises(KilnError, match="unknown setting"):
+        resolve_key("learning_rate_typo")
+
+
+def test_roundtrip_through_dict():
+    config = load("bert-mini")
+    builder = ConfigBuilder()
+    builder.apply(config.to_dict(), "file")
+    assert builder.build() == config
+    assert dataclasses.asdict(Config()) == Config().to_dict()
