@@ -51,3 +51,50 @@ def base_model_parameters(model_type: str, architecture: dict) -> int:
     with torch.device("meta"):
         model = AutoModel.from_config(hf_config(model_type, architecture))
     return count_parameters(model)
+
+
+# Encoders whose layers share BERT's module layout (attention.self.{query,key,value}, attention.output,
+# feed_forward_chunk), so the first-token shortcut below is exact for them.
+FIRST_TOKEN_TYPES = {"bert", "roberta", "xlm-roberta"}
+
+
+def first_token_last_layer(model: Any) -> bool:
+    """Compute the last encoder layer for the first token only, when only that token is read.
+
+    Sequence classification reads the final hidden state at position 0 ([CLS]/<s>) alone. In the last
+    layer, every other position's query, attention output and feed-forward are wasted work: about a
+    fifth of a 4-layer model's FLOPs. The patched layer keeps keys/values for all tokens, so the
+    result is the same as the full layer's at position 0. Returns whether the model was patched
+    (weights and the saved model are untouched; transformers loads the export as usual).
+    """
+    import types
+
+    config = model.config
+    if config.model_type not in FIRST_TOKEN_TYPES or getattr(config, "is_decoder", False):
+        return False
+    base = getattr(model, model.base_model_prefix, None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not layers:
+        return False
+    layers[-1].forward = types.MethodType(_first_token_layer_forward, layers[-1])
+    return True
+
+
+def _first_token_layer_forward(layer: Any, hidden_states: Any, attention_mask: Any = None, *args: Any,
+                               **kwargs: Any) -> Any:
+    import torch.nn.functional as F
+
+    attention = layer.attention.self
+    batch, length, _ = hidden_states.shape
+    head = attention.attention_head_size
+    first = hidden_states[:, :1]  # (B, 1, H)
+    query = attention.query(first).view(batch, 1, -1, head).transpose(1, 2)  # (B, nh, 1, hs)
+    key = attention.key(hidden_states).view(batch, length, -1, head).transpose(1, 2)  # (B, nh, T, hs)
+    value = attention.value(hidden_states).view(batch, length, -1, head).transpose(1, 2)
+    mask = attention_mask[:, :, :1] if attention_mask is not None and attention_mask.dim() == 4 else attention_mask
+    context = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=attention.dropout.p if layer.training else 0.0,
+        scale=attention.scaling,
+    )  # (B, nh, 1, hs)
+    context = context.transpose(1, 2).reshape(batch, 1, -1)
+    return layer.feed_forward_chunk(layer.attention.output(context, first))  # (B, 1, H)

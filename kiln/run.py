@@ -100,6 +100,7 @@ def train(
 
     from kiln.models import hf_config, max_positions
     from kiln.tokenizers import load_tokenizer, train_tokenizer
+    from kiln.training.device import resolve_device, resolve_precision
     from kiln.training.trainer import Trainer
 
     run_dir = Path(output_dir) / name
@@ -113,10 +114,9 @@ def train(
         task, data, init = saved_meta["task"], saved_meta["data"], saved_meta.get("init")
     else:
         config = resolve_config(task, profile, str(init) if init else None, flags, overrides).build()
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not overwrite:
-                raise KilnError("run directory already exists; use --resume to continue it or "
-                                "--overwrite to start over", run_dir)
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise KilnError("run directory already exists; use --resume to continue it or "
+                            "--overwrite to start over", run_dir)
     task_obj = get_task(task, config, saved_meta.get("task_state"))
     if task not in config.tasks:
         raise KilnError(f"profile '{config.name}' does not support task '{task}' "
@@ -125,6 +125,9 @@ def train(
     if not resume:
         task_obj.fit(train_ds)
     task_obj.check(validation_ds)
+
+    # Device and precision errors are user errors too: raise them before anything is written.
+    resolve_precision(config.train.precision, resolve_device(config.train.device))
 
     torch.manual_seed(config.train.seed)
     init_dir = None

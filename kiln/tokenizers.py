@@ -71,8 +71,9 @@ def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> 
         tok.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase, strip_accents=spec.lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=spec.min_frequency,
-                                            special_tokens=specials)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, show_progress=False, min_frequency=spec.min_frequency,
+            special_tokens=specials)
     elif spec.kind == "bpe":
         tok = Tokenizer(models.BPE())
         if spec.lowercase:
@@ -88,7 +89,8 @@ def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> 
         tok.normalizer = normalizers.Sequence(steps)
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=specials, unk_token=unk)
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, show_progress=False, special_tokens=specials, unk_token=unk)
     else:
         raise KilnError(f"unknown tokenizer kind '{spec.kind}'")
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))

@@ -41,7 +41,7 @@ def test_coerce_types_and_choices():
         coerce("train.max_steps", "ten")
     with pytest.raises(KilnError, match="one of"):
         coerce("train.precision", "fp8")
-    with pytest.raises(KilnError, match="did you mean train.epochs"):
+    with pytest.raises(KilnError, match=r"did you mean train\.epochs"):
         coerce("train.epoch", 1)
 
 

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -11,7 +12,7 @@ def test_linear_schedule_with_warmup():
     values = [lr_multiplier("linear", s, total_steps=10, warmup=2) for s in range(10)]
     assert values[:2] == [0.5, 1.0]
     assert values[2] == 1.0 and values[-1] == pytest.approx(1 / 8)
-    assert all(a >= b for a, b in zip(values[1:], values[2:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values[1:]))
 
 
 def test_cosine_constant_inverse_sqrt():

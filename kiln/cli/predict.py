@@ -77,7 +77,7 @@ def _interactive(predictor: Any) -> int:
             continue
         try:
             result = predictor.predict([line])[0]
-        except Exception as err:  # noqa: BLE001 - one bad line must not end the session
+        except Exception as err:
             print(err, file=sys.stderr)
             continue
         print(json.dumps(result, ensure_ascii=False))

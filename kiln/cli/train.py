@@ -6,7 +6,7 @@ import argparse
 import sys
 import typing
 
-from kiln.config import OptimConfig, TrainConfig, DataConfig, iter_settings
+from kiln.config import DataConfig, OptimConfig, TrainConfig, iter_settings
 from kiln.errors import KilnError
 
 TASKS_HELP = "sequence | sentence-pair"

@@ -157,6 +157,20 @@ class SequenceTask(Task):
                 "id2label": dict(enumerate(self.labels)),
                 "label2id": {label: i for i, label in enumerate(self.labels)}}
 
+    def build_model(self, hf_config: Any) -> Any:
+        from kiln.models import first_token_last_layer
+
+        model = super().build_model(hf_config)
+        first_token_last_layer(model)
+        return model
+
+    def load_model(self, path: str | Path, **kwargs: Any) -> Any:
+        from kiln.models import first_token_last_layer
+
+        model = super().load_model(path, **kwargs)
+        first_token_last_layer(model)
+        return model
+
     # -- features and batches ----------------------------------------------------------------
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
         columns = list(zip(*(ex["texts"] for ex in dataset.examples), strict=True)) if dataset.examples else []

@@ -42,7 +42,7 @@ def warmup_steps(config: ScheduleConfig, total_steps: int) -> int:
     """Warmup length in optimizer steps."""
     if config.warmup_steps > 0:
         return config.warmup_steps
-    return int(round(config.warmup_ratio * total_steps))
+    return round(config.warmup_ratio * total_steps)
 
 
 def lr_multiplier(name: str, step: int, total_steps: int, warmup: int) -> float:

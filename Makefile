@@ -1,0 +1,40 @@
+# Two commands do all the set-up: `make quickstart` and `make test`.
+# torch comes first: the CPU build pinned below unless the venv already has a torch
+# (a CUDA user installs the build they want into .venv first, and it is kept).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+KILN := $(VENV)/bin/kiln
+RUNS ?= runs
+
+.PHONY: quickstart test test-all lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(KILN) train sequence examples/sentiment -n quickstart --profile bert-tiny \
+		--epochs 8 --batch-tokens 512 --output-dir $(RUNS) --overwrite
+	$(KILN) evaluate $(RUNS)/quickstart examples/sentiment/test.tsv
+	printf 'what a wonderful , moving film .\nthe plot was dull and the acting clumsy .\n' \
+		| $(KILN) predict $(RUNS)/quickstart --json
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check kiln tests benchmarks
+	$(PY) -m pytest
+
+# Everything, including slow tests (data tests still skip without ../shared/data).
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -m "not gpu and not browser"
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/finetune_vs_hf.py
+
+clean:
+	rm -rf $(RUNS) .pytest_cache .ruff_cache
