@@ -116,6 +116,10 @@ class DataConfig:
         "auto", "Classification or regression; auto: float labels mean regression.",
         choices=("auto", "classification", "regression"),
     )
+    label_names: list = setting([], "Label names for integer tags in JSONL token data (id -> name).")
+    tag_scheme: str = setting(
+        "auto", "Tagging scheme of token labels; auto detects it.", choices=("auto", "iob1", "iob2", "bioes")
+    )
     validation_fraction: float = setting(0.1, "Held-out fraction when DATA has no validation split.")
     split_seed: int = setting(13, "Seed of the deterministic train/validation split.")
 

@@ -56,9 +56,9 @@ class Predictor:
 
     def predict(self, inputs: list[Any]) -> list[dict]:
         """Predict raw inputs (strings, or pairs for sentence-pair); HF-pipeline-style results."""
-        examples = [self.task.parse_input(item, i + 1) for i, item in enumerate(inputs)]
-        predictions, _, _ = self._run(Dataset("<input>", examples))
-        return self.task.format(predictions)
+        dataset = Dataset("<input>", [self.task.parse_input(item, i + 1) for i, item in enumerate(inputs)])
+        predictions, _, _ = self._run(dataset)
+        return self.task.format(predictions, dataset)
 
     def predict_dataset(self, dataset: Dataset) -> list[Any]:
         """Task-level predictions for a dataset, in its order."""

@@ -29,14 +29,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], output: str | None,
                       as_json: bool) -> None:
     """Write predictions as JSON or in the input's format; a file is written atomically."""
-    from kiln.data.tables import write_table
-
     def emit(stream: Any) -> None:
         if as_json:
-            stream.write(json.dumps(predictor.task.format(predictions), ensure_ascii=False) + "\n")
+            stream.write(json.dumps(predictor.task.format(predictions, dataset), ensure_ascii=False) + "\n")
         else:
-            columns = predictor.task.output_columns(predictions, dataset.table.format)
-            write_table(dataset.table, columns, stream)
+            predictor.task.write(dataset, predictions, stream)
 
     if not output:
         emit(sys.stdout)

@@ -11,6 +11,7 @@ from kiln.errors import KilnError
 TASKS: dict[str, str] = {
     "sequence": "kiln.tasks.sequence:SequenceTask",
     "sentence-pair": "kiln.tasks.sequence:SentencePairTask",
+    "token": "kiln.tasks.token:TokenTask",
 }
 
 

@@ -123,10 +123,16 @@ class Task:
         """Direction of a metric, for best-checkpoint selection and early stopping."""
         return metric not in {"loss", "mse", "perplexity"}
 
-    def format(self, predictions: list[Any]) -> list[Any]:
+    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
         """HF-pipeline-style JSON for ``predict --json``."""
         raise NotImplementedError
 
+    def write(self, dataset: Dataset, predictions: list[Any], stream: TextIO) -> None:
+        """Write predictions in the input's own format (a column or fields appended)."""
+        from kiln.data.tables import write_table
+
+        write_table(dataset.table, self.output_columns(predictions, dataset.table.format), stream)
+
     def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
-        """Columns (TSV/CSV) or fields (JSONL) that ``predict`` appends to the input."""
+        """Columns (TSV/CSV) or fields (JSONL) that :meth:`write` appends to a table."""
         raise NotImplementedError

@@ -241,7 +241,7 @@ class SequenceTask(Task):
         gold_ids = [self.labels.index(ex["label"]) for ex in dataset.examples]
         return classification_metrics(gold_ids, [p["id"] for p in predictions], len(self.labels))
 
-    def format(self, predictions: list[Any]) -> list[Any]:
+    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
         return [{"label": p["label"], "score": p["score"]} for p in predictions]
 
     def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
