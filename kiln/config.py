@@ -120,6 +120,12 @@ class DataConfig:
     tag_scheme: str = setting(
         "auto", "Tagging scheme of token labels; auto detects it.", choices=("auto", "iob1", "iob2", "bioes")
     )
+    window: int = setting(384, "QA: tokens per window over a long context (question included).")
+    stride: int = setting(128, "QA: tokens of overlap between consecutive context windows.")
+    max_query_length: int = setting(64, "QA: questions are cut to this many tokens first.")
+    max_answer_length: int = setting(30, "QA: longest answer span, in tokens.")
+    n_best: int = setting(20, "QA: start and end candidates per window when decoding.")
+    null_threshold: float = setting(0.0, "QA (SQuAD 2.0): answer nothing when null beats the best span by this.")
     validation_fraction: float = setting(0.1, "Held-out fraction when DATA has no validation split.")
     split_seed: int = setting(13, "Seed of the deterministic train/validation split.")
 

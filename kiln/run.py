@@ -77,8 +77,10 @@ def _read_splits(task: Any, data: str | Path, config: Config) -> tuple[Dataset, 
     if "validation" in splits:
         validation = task.read(splits["validation"])
     else:
-        kept, held = holdout(train.examples, config.data.validation_fraction, config.data.split_seed)
-        train, validation = Dataset(train.path, kept), Dataset(train.path, held)
+        kept, held = holdout(train.examples, config.data.validation_fraction, config.data.split_seed,
+                             group=task.group)
+        train = Dataset(train.path, kept, extras=train.extras)
+        validation = Dataset(train.path, held, extras=train.extras)
     return train, validation
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kiln.errors import KilnError
 
@@ -40,16 +40,23 @@ def find_splits(data: str | Path, suffixes: Sequence[str]) -> dict[str, Path]:
     return found
 
 
-def holdout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Deterministic seeded split into ``(train, validation)``; validation gets ``fraction``."""
+def holdout(items: Sequence[T], fraction: float, seed: int,
+            group: Callable[[T], Any] | None = None) -> tuple[list[T], list[T]]:
+    """Deterministic seeded split into ``(train, validation)``; validation gets ``fraction``.
+
+    With ``group``, whole groups (e.g. SQuAD articles) go to one side, so no context is shared.
+    """
     if not 0 < fraction < 1:
         raise KilnError(f"data.validation_fraction must be between 0 and 1, got {fraction}")
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_validation = max(1, round(len(items) * fraction))
-    if len(items) - n_validation < 1:
+    keys = [group(item) if group else None for item in items]
+    units = list(dict.fromkeys(k for k in keys if k is not None)) if group else list(range(len(items)))
+    if group is None or len(units) < 2:
+        units, keys = list(range(len(items))), list(range(len(items)))
+    random.Random(seed).shuffle(units)
+    n_validation = max(1, round(len(units) * fraction))
+    if len(units) - n_validation < 1:
         raise KilnError(f"too few examples ({len(items)}) to hold out a validation split")
-    held = set(order[:n_validation])
-    train = [item for i, item in enumerate(items) if i not in held]
-    validation = [item for i, item in enumerate(items) if i in held]
+    held = set(units[:n_validation])
+    train = [item for item, key in zip(items, keys, strict=True) if key not in held]
+    validation = [item for item, key in zip(items, keys, strict=True) if key in held]
     return train, validation

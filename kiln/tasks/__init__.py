@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "sequence": "kiln.tasks.sequence:SequenceTask",
     "sentence-pair": "kiln.tasks.sequence:SentencePairTask",
     "token": "kiln.tasks.token:TokenTask",
+    "qa": "kiln.tasks.qa:QuestionAnsweringTask",
 }
 
 

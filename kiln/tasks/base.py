@@ -37,6 +37,7 @@ class Task:
     suffixes: ClassVar[tuple[str, ...]]
     auto_model: ClassVar[str]  # transformers Auto class that loads the saved model/
     main_metric: ClassVar[str] = "loss"
+    target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
 
     def __init__(self, config: Config, state: dict | None = None):
         self.config = config
@@ -46,6 +47,10 @@ class Task:
     def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
         """Read a data file; ``labelled=False`` accepts files without targets (predict)."""
         raise NotImplementedError
+
+    def group(self, example: Any) -> Any:
+        """Hold-out unit for splitting one file 90/10 (``None``: each example on its own)."""
+        return None
 
     def fit(self, train: Dataset) -> None:
         """Learn what the training data defines (label set, problem type) into ``self.state``."""

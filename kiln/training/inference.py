@@ -33,7 +33,7 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
     with torch.inference_mode():
         for indices in sampler.batches():
             batch = task.collate([features[i] for i in indices], pad_id)
-            labelled = "labels" in batch
+            labelled = task.target_keys[0] in batch
             if labelled:
                 units += task.loss_units(batch)
             batch = to_device(batch, device)
