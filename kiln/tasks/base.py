@@ -78,7 +78,7 @@ class Task:
         from kiln.models import quiet_transformers
 
         quiet_transformers()
-        return getattr(transformers, self.auto_model).from_config(hf_config)
+        return self._accepting(getattr(transformers, self.auto_model).from_config(hf_config))
 
     def load_model(self, path: str | Path, **kwargs: Any) -> Any:
         """Load a local HF checkpoint for this task."""
@@ -87,7 +87,15 @@ class Task:
         from kiln.models import quiet_transformers
 
         quiet_transformers()
-        return getattr(transformers, self.auto_model).from_pretrained(path, local_files_only=True, **kwargs)
+        model = getattr(transformers, self.auto_model).from_pretrained(path, local_files_only=True, **kwargs)
+        return self._accepting(model)
+
+    def _accepting(self, model: Any) -> Any:
+        """Remember which inputs ``model.forward`` takes (DistilBERT has no token_type_ids)."""
+        import inspect
+
+        self.forward_args = set(inspect.signature(model.forward).parameters)
+        return model
 
     # -- features and batches ----------------------------------------------------------------
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
@@ -100,7 +108,9 @@ class Task:
 
     def model_inputs(self, batch: dict) -> dict:
         """The part of a batch the model's ``forward`` takes."""
-        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        accepted = getattr(self, "forward_args", None)
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+                and (accepted is None or k in accepted)}
 
     def loss(self, outputs: Any, batch: dict) -> Any:
         """The loss *summed* over the batch's loss units; the loop divides by the accumulated count."""
