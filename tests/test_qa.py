@@ -205,3 +205,16 @@ def test_single_squad_file_is_split_by_article(tmp_path, tiny_profile):
     path.write_text(json.dumps({"data": articles}))
     run = kiln.train("qa", path, name="split", profile=str(tiny_profile), max_steps=1, output_dir=tmp_path / "runs")
     assert run.metrics["n"] == 6  # one whole article of six questions
+
+
+def test_null_threshold_tuning_picks_the_best_cut():
+    from kiln.metrics.squad import best_null_threshold
+
+    spans = ["Paris", "Rome", "Oslo", "Bern"]
+    gold = [["Paris"], [], ["Oslo"], []]
+    margins = [-3.0, 2.0, -1.0, 0.5]  # answerable ones have low margins: a cut in (-1, 0.5) is perfect
+    tuned = best_null_threshold(spans, margins, gold)
+    assert tuned["best_exact"] == 100.0 and tuned["best_f1"] == 100.0
+    assert -1.0 <= tuned["best_exact_threshold"] < 0.5
+    chosen = ["" if m > tuned["best_f1_threshold"] else a for a, m in zip(spans, margins, strict=True)]
+    assert squad_metrics(chosen, gold)["f1"] == 100.0

@@ -67,3 +67,31 @@ def squad_metrics(predictions: Sequence[str], gold_answers: Sequence[Sequence[st
             result[f"{name}_f1"] = 100.0 * sum(f1[i] for i in chosen) / len(chosen)
             result[f"{name}_total"] = len(chosen)
     return result
+
+
+def best_null_threshold(span_answers: Sequence[str], null_margins: Sequence[float],
+                        gold_answers: Sequence[Sequence[str]]) -> dict:
+    """Tune the SQuAD 2.0 null threshold on labelled data, as the official v2.0 script does.
+
+    An example answers ``""`` when its null margin (null score minus best span score) exceeds the
+    threshold. Returns ``best_exact``/``best_f1`` and the thresholds that reach them, to be set
+    with ``-c data.null_threshold=…``.
+    """
+    n = max(len(span_answers), 1)
+    result = {}
+    for name in ("exact_match", "f1"):
+        # Per example: the score when answering with the span, and when answering nothing.
+        spans = [squad_metrics([a], [g])[name] for a, g in zip(span_answers, gold_answers, strict=True)]
+        empties = [squad_metrics([""], [g])[name] for g in gold_answers]
+        order = sorted(range(len(spans)), key=lambda i: null_margins[i])
+        # Threshold below every margin: all empty. Raising it past margin i lets example i answer.
+        score = sum(empties)
+        best_score, best_threshold = score, min(null_margins, default=0.0) - 1.0
+        for i in order:
+            score += spans[i] - empties[i]
+            if score > best_score:
+                best_score, best_threshold = score, null_margins[i]
+        short = "exact" if name == "exact_match" else "f1"
+        result[f"best_{short}"] = best_score / n
+        result[f"best_{short}_threshold"] = float(best_threshold)
+    return result

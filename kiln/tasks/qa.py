@@ -19,6 +19,7 @@ import numpy as np
 
 from kiln.data.tables import decoded_lines
 from kiln.errors import KilnError
+from kiln.metrics.squad import best_null_threshold
 from kiln.tasks.base import Dataset, Task
 
 
@@ -289,21 +290,24 @@ class QuestionAnsweringTask(Task):
                                          score=float(np.exp(start_log[s] + end_log[e])))
         predictions = []
         for candidate in best:
-            null_wins = self.state.get("version") == "2.0" and \
-                candidate["null"] - candidate["logit"] > data.null_threshold
+            # How much the null answer beats the best span; what the v2 threshold is compared with.
+            margin = candidate["null"] - candidate["logit"]
+            null_wins = self.state.get("version") == "2.0" and margin > data.null_threshold
+            span = {k: candidate[k] for k in ("answer", "score", "start", "end")}
             if null_wins or candidate["logit"] == -np.inf:
-                predictions.append({"answer": "", "score": 0.0, "start": 0, "end": 0,
-                                    "null_margin": candidate["null"] - candidate["logit"]})
-            else:
-                predictions.append({k: candidate[k] for k in ("answer", "score", "start", "end")}
-                                   | {"null_margin": candidate["null"] - candidate["logit"]})
+                span = {"answer": "", "score": 0.0, "start": 0, "end": 0}
+            predictions.append({**span, "null_margin": margin, "span_answer": candidate["answer"]})
         return predictions
 
     def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
         from kiln.metrics.squad import squad_metrics
 
         gold = [[text for text, _ in ex["answers"]] for ex in dataset.examples]
-        return squad_metrics([p["answer"] for p in predictions], gold)
+        metrics = squad_metrics([p["answer"] for p in predictions], gold)
+        if self.state.get("version") == "2.0":
+            metrics.update(best_null_threshold([p["span_answer"] for p in predictions],
+                                               [p["null_margin"] for p in predictions], gold))
+        return metrics
 
     def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
         return [{k: p[k] for k in ("answer", "score", "start", "end")} for p in predictions]
