@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -60,6 +60,20 @@ def decoded_lines(path: str | Path, stream: TextIO | None = None) -> list[tuple[
     return lines
 
 
+def jsonl_objects(path: str | Path, lines: list[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
+    """``(line_number, object)`` for each non-blank JSONL line; bad JSON is a ``path:line`` error."""
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise KilnError(f"invalid JSON: {exc.msg}", path, number) from None
+        if not isinstance(obj, dict):
+            raise KilnError("each JSONL line must be an object", path, number)
+        yield number, obj
+
+
 def file_format(path: str | Path) -> str:
     """``tsv``, ``csv`` or ``jsonl`` from the suffix (``.txt`` counts as TSV)."""
     suffix = Path(path).suffix.lower()
@@ -84,13 +98,7 @@ def read_table(
         raise KilnError("file is empty", path, 1 if lines else None)
     table = Table(str(path), fmt, None)
     if fmt == "jsonl":
-        for number, text in content:
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise KilnError(f"invalid JSON: {exc.msg}", path, number) from None
-            if not isinstance(obj, dict):
-                raise KilnError("each JSONL line must be an object", path, number)
+        for number, obj in jsonl_objects(path, content):
             table.rows.append(obj)
             table.lines.append(number)
         return table

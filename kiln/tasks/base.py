@@ -30,6 +30,27 @@ class Dataset:
         return len(self.examples)
 
 
+def pad_inputs(features: Sequence[dict], pad_id: int, per_token: dict[str, int] | None = None) -> dict:
+    """Pad a micro-batch to its longest feature: ``input_ids``, ``attention_mask``,
+    ``token_type_ids`` when present, and the ``per_token`` fields (name -> fill value)."""
+    import numpy as np
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in features)
+    fills = {"input_ids": pad_id, "token_type_ids": 0, **(per_token or {})}
+    arrays = {key: np.full((len(features), longest), fill, dtype=np.int64)
+              for key, fill in fills.items() if key in features[0]}
+    attention = np.zeros((len(features), longest), dtype=np.int64)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        attention[row, :n] = 1
+        for key, array in arrays.items():
+            array[row, :n] = feature[key]
+    batch = {key: torch.from_numpy(array) for key, array in arrays.items()}
+    batch["attention_mask"] = torch.from_numpy(attention)
+    return batch
+
+
 class Task:
     """Base class. Subclasses set the class attributes and implement the abstract methods."""
 

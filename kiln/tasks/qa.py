@@ -17,10 +17,10 @@ from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
-from kiln.data.tables import decoded_lines
+from kiln.data.tables import decoded_lines, jsonl_objects
 from kiln.errors import KilnError
 from kiln.metrics.squad import best_null_threshold
-from kiln.tasks.base import Dataset, Task
+from kiln.tasks.base import Dataset, Task, pad_inputs
 
 
 def _line_of(text: str, needle: str) -> int:
@@ -104,15 +104,7 @@ class QuestionAnsweringTask(Task):
 
     def _read_jsonl(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
         examples = []
-        for number, text in lines:
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise KilnError(f"invalid JSON: {exc.msg}", path, number) from None
-            if not isinstance(obj, dict):
-                raise KilnError("each JSONL line must be an object", path, number)
+        for number, obj in jsonl_objects(path, lines):
             answers: list = []
             if isinstance(obj.get("answers"), dict):
                 texts, starts = obj["answers"].get("text", []), obj["answers"].get("answer_start", [])
@@ -229,19 +221,7 @@ class QuestionAnsweringTask(Task):
     def collate(self, features: Sequence[dict], pad_id: int) -> dict:
         import torch
 
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = np.full((len(features), longest), pad_id, dtype=np.int64)
-        attention = np.zeros_like(input_ids)
-        types = np.zeros_like(input_ids) if "token_type_ids" in features[0] else None
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[row, :n] = feature["input_ids"]
-            attention[row, :n] = 1
-            if types is not None:
-                types[row, :n] = feature["token_type_ids"]
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention)}
-        if types is not None:
-            batch["token_type_ids"] = torch.from_numpy(types)
+        batch = pad_inputs(features, pad_id)
         if "start_positions" in features[0]:
             batch["start_positions"] = torch.tensor([f["start_positions"] for f in features])
             batch["end_positions"] = torch.tensor([f["end_positions"] for f in features])

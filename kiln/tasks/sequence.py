@@ -11,7 +11,7 @@ import numpy as np
 
 from kiln.data.tables import parse_columns, read_table, select_columns
 from kiln.errors import KilnError
-from kiln.tasks.base import Dataset, Task
+from kiln.tasks.base import Dataset, Task, pad_inputs
 
 LABEL_ALIASES = ("label", "labels", "score", "target", "class", "gold_label", "quality")
 
@@ -190,19 +190,7 @@ class SequenceTask(Task):
     def collate(self, features: Sequence[dict], pad_id: int) -> dict:
         import torch
 
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = np.full((len(features), longest), pad_id, dtype=np.int64)
-        attention = np.zeros((len(features), longest), dtype=np.int64)
-        types = np.zeros_like(input_ids) if "token_type_ids" in features[0] else None
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[row, :n] = feature["input_ids"]
-            attention[row, :n] = 1
-            if types is not None:
-                types[row, :n] = feature["token_type_ids"]
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention)}
-        if types is not None:
-            batch["token_type_ids"] = torch.from_numpy(types)
+        batch = pad_inputs(features, pad_id)
         if "label" in features[0]:
             dtype = torch.float32 if self.regression else torch.long
             batch["labels"] = torch.tensor([f["label"] for f in features], dtype=dtype)

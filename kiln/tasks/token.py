@@ -14,9 +14,9 @@ from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
-from kiln.data.tables import decoded_lines, parse_columns
+from kiln.data.tables import decoded_lines, jsonl_objects, parse_columns
 from kiln.errors import KilnError
-from kiln.tasks.base import Dataset, Task
+from kiln.tasks.base import Dataset, Task, pad_inputs
 
 CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
 TAG_KEYS = ("labels", "tags", "ner_tags")
@@ -141,14 +141,8 @@ class TokenTask(Task):
     def _read_jsonl(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
         names = self.state.get("label_names") or self.config.data.label_names
         examples = []
-        for number, text in lines:
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise KilnError(f"invalid JSON: {exc.msg}", path, number) from None
-            words = obj.get("tokens") if isinstance(obj, dict) else None
+        for number, obj in jsonl_objects(path, lines):
+            words = obj.get("tokens")
             if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
                 raise KilnError("expected a 'tokens' list of strings", path, number)
             key = next((k for k in TAG_KEYS if k in obj), None)
@@ -245,22 +239,7 @@ class TokenTask(Task):
         return features
 
     def collate(self, features: Sequence[dict], pad_id: int) -> dict:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = np.full((len(features), longest), pad_id, dtype=np.int64)
-        attention = np.zeros_like(input_ids)
-        labels = np.full_like(input_ids, -100)
-        for row, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[row, :n] = feature["input_ids"]
-            attention[row, :n] = 1
-            if "labels" in feature:
-                labels[row, :n] = feature["labels"]
-        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention)}
-        if "labels" in features[0]:
-            batch["labels"] = torch.from_numpy(labels)
-        return batch
+        return pad_inputs(features, pad_id, per_token={"labels": -100})
 
     def loss(self, outputs: Any, batch: dict) -> Any:
         import torch.nn.functional as F
