@@ -65,3 +65,34 @@ def test_profiles_command_lists_parameter_counts():
     shown = subprocess.run([sys.executable, "-m", "kiln", "profiles", "show", "bert-mini"],
                            capture_output=True, text=True, check=True)
     assert "num_hidden_layers: 4" in shown.stdout
+
+
+# -- the generation catalogue (issue: generation, profiles, estimate) -----------------------------
+GENERATION_RELEASED = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                       "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize(("name", "count"), GENERATION_RELEASED.items())
+def test_gpt2_family_matches_release(name, count):
+    config = profiles.load(name)
+    assert base_model_parameters(config.model.type, config.model.config) == count
+
+
+@pytest.mark.parametrize(("name", "millions"), [("t5-efficient-base-dl2", 128.52), ("t5-efficient-base", 222.93)])
+def test_t5_efficient_names_match_published_counts(name, millions):
+    config = profiles.load(name)
+    assert config.params == base_model_parameters(config.model.type, config.model.config)
+    # The model cards' figures are checkpoint file sizes / 4 bytes, which include ~50-100 KB of
+    # serialisation overhead; the exact count (128,508,672 for base-dl2) sits just below them.
+    assert millions - 0.05 < config.params / 1e6 <= millions
+
+
+def test_t5_efficient_grammar_combines_variations():
+    config = profiles.load("t5-efficient-small-el16-dl4").model.config
+    assert (config["num_layers"], config["num_decoder_layers"], config["d_model"]) == (16, 4, 512)
+    config = profiles.load("t5-efficient-large-nh8-nl32").model.config
+    assert (config["num_layers"], config["num_decoder_layers"], config["num_heads"]) == (32, 32, 8)
+    with pytest.raises(KilnError, match="did you mean t5-efficient-base"):
+        profiles.load("t5-efficient-bas-dl2")
+    with pytest.raises(KilnError, match="unknown profile"):
+        profiles.load("t5-efficient-base-xx3")

@@ -7,6 +7,7 @@ A profile may name a ``base`` profile; mappings merge key by key and everything 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,32 @@ def deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
+T5_EFFICIENT = re.compile(r"t5-efficient-(tiny|mini|small|base|large|xl|xxl)((?:-(?:el|dl|nl|dm|ff|kv|nh)\d+)*)")
+# Name-grammar key -> T5Config keys it sets (``nl`` sets encoder and decoder depth together).
+T5_KEYS = {"el": ("num_layers",), "dl": ("num_decoder_layers",), "nl": ("num_layers", "num_decoder_layers"),
+           "dm": ("d_model",), "ff": ("d_ff",), "kv": ("d_kv",), "nh": ("num_heads",)}
+
+
+def t5_efficient(name: str) -> dict | None:
+    """The profile tree for a ``t5-efficient-SIZE[-elN|-dlN|-nlN|-dmN|-ffN|-kvN|-nhN]...`` name.
+
+    The base size is the ``t5-SIZE`` profile (google/t5-efficient-SIZE's configuration); each
+    variation overrides one dimension, as in the released google/t5-efficient-* checkpoints.
+    """
+    match = T5_EFFICIENT.fullmatch(name)
+    if match is None:
+        return None
+    size, variations = match.group(1), match.group(2)
+    config: dict[str, int] = {}
+    for key, value in re.findall(r"-(el|dl|nl|dm|ff|kv|nh)(\d+)", variations):
+        if int(value) < 1:
+            raise KilnError(f"profile '{name}': {key}{value} must be at least 1")
+        config.update(dict.fromkeys(T5_KEYS[key], int(value)))
+    return {"base": f"t5-{size}", "name": name,
+            "description": f"T5-efficient {size}{variations} (google/{name} architecture).",
+            "model": {"config": config}}
+
+
 def locate(name: str) -> Path:
     """Path of a shipped profile or of a user's YAML; an unknown name lists the close matches."""
     candidate = Path(name)
@@ -57,7 +84,10 @@ def locate(name: str) -> Path:
         return candidate
     path = PROFILE_DIR / f"{name}.yaml"
     if not path.is_file():
-        close = difflib.get_close_matches(name, available(), n=4, cutoff=0.5)
+        known = available()
+        if name.startswith("t5-efficient"):
+            known += [f"t5-efficient-{size}" for size in ("tiny", "mini", "small", "base", "large", "xl", "xxl")]
+        close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `kiln profiles` lists them"
         raise KilnError(f"unknown profile '{name}'{hint}")
     return path
@@ -65,6 +95,17 @@ def locate(name: str) -> Path:
 
 def layers(name: str, _seen: tuple[str, ...] = ()) -> list[tuple[dict, str, Path]]:
     """The chain of ``(tree, source, path)`` from the root base to ``name`` itself."""
+    synthesized = t5_efficient(name)
+    if synthesized is not None and not (PROFILE_DIR / f"{name}.yaml").exists():
+        chain = layers(synthesized.pop("base"), (*_seen, name))
+        base_model: dict = {}
+        for tree, _, _ in chain:
+            base_model = deep_merge(base_model, tree.get("model") or {})
+        config = {**base_model.get("config", {}), **synthesized["model"]["config"]}
+        from kiln.models import base_model_parameters
+
+        synthesized["params"] = base_model_parameters(base_model.get("type", "t5"), config)
+        return [*chain, (synthesized, "profile", PROFILE_DIR / f"{name}.yaml")]
     path = locate(name)
     if str(path) in _seen:
         raise KilnError("profile inherits from itself", path)
