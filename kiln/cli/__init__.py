@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": "kiln.cli.evaluate",
     "predict": "kiln.cli.predict",
     "profiles": "kiln.cli.profiles",
+    "estimate": "kiln.cli.estimate",
 }
 
 

@@ -1,0 +1,150 @@
+"""``kiln estimate``: parameters, memory and compute of a profile, without allocating it.
+
+The model is built on the meta device, so parameter counts are exact (tied weights once) for any
+profile, T5-efficient names included. Memory follows the usual mixed-precision accounting: fp32
+weights, gradients and optimizer state, low-precision weight copies under autocast, and an
+activation estimate from depth, width, sequence length and batch. MB are 10^6 bytes, as model
+cards use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kiln.config import Config
+from kiln.errors import KilnError
+
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "radam": 2, "sgd": 0}  # fp32 copies of the weights
+
+
+@dataclass
+class Shape:
+    """The dimensions the activation and FLOP formulas need."""
+
+    layers: int  # encoder + decoder layers
+    decoder_layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    attention_width: int  # heads x key/value size
+
+
+def shape_of(config: Any) -> Shape:
+    """Read the dimensions from any HF config (BERT, DistilBERT, GPT-2, BART, T5 …)."""
+    def first(*names: str, default: Any = None) -> Any:
+        for name in names:
+            value = getattr(config, name, None)
+            if value:
+                return value
+        return default
+
+    hidden = first("hidden_size", "d_model", "n_embd", "dim")
+    encoder = first("num_layers", "encoder_layers", "n_layer", "n_layers", "num_hidden_layers")
+    decoder = first("num_decoder_layers", "decoder_layers", default=0) if getattr(config, "is_encoder_decoder", False) \
+        else 0
+    heads = first("num_heads", "encoder_attention_heads", "n_head", "n_heads", "num_attention_heads")
+    ffn = first("intermediate_size", "d_ff", "encoder_ffn_dim", "n_inner", "hidden_dim", default=4 * hidden)
+    head_size = first("d_kv", default=hidden // heads)
+    return Shape(encoder + decoder, decoder, hidden, ffn, heads, heads * head_size)
+
+
+def parameter_counts(model: Any) -> dict[str, int]:
+    """Total, embedding (token, position, type tables) and non-embedding parameters, each tensor once."""
+    import torch
+
+    seen: set[int] = set()
+    total = embedding = 0
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            # T5's relative attention bias is an Embedding module but part of attention, not the input.
+            if isinstance(module, torch.nn.Embedding) and "relative_attention_bias" not in name:
+                embedding += param.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def optimizer_bytes(model: Any, optimizer: str) -> int:
+    """Optimizer state: AdamW/Adam/RAdam keep two fp32 moments; Adafactor factors matrices."""
+    if optimizer == "adafactor":
+        total = 0
+        for param in {id(p): p for p in model.parameters()}.values():
+            total += 4 * (param.shape[0] + param.shape[1:].numel() if param.ndim >= 2 else param.numel())
+        return total
+    if optimizer not in OPTIMIZER_STATES:
+        raise KilnError(f"--optimizer must be one of adamw, adam, adafactor, radam, sgd; got '{optimizer}'")
+    return 4 * OPTIMIZER_STATES[optimizer] * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def activation_bytes(shape: Shape, seq_len: int, batch_size: int, precision: str) -> int:
+    """Activations kept for the backward pass (after Korthikanti et al., 2022), with fused attention.
+
+    Per layer and token: the inputs of the two LayerNorms, of the Q/K/V, output and two
+    feed-forward projections, Q, K, V and the attention output, and the activation-function input:
+    about ``11 h + 2 ffn`` values. Fused (SDPA) attention keeps no seq x seq matrix. Decoder layers
+    add cross-attention (about ``5 h`` more). Autocast stores them in 16 bits, fp32 in 32.
+    """
+    per_token = shape.layers * (11 * shape.hidden + 2 * shape.ffn) + shape.decoder_layers * 5 * shape.hidden
+    width = 2 if precision in ("bf16", "fp16") else 4
+    return per_token * seq_len * batch_size * width
+
+
+def estimate(
+    profile: str,
+    task: str | None = None,
+    seq_len: int | None = None,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
+    precision: str = "fp32",
+    optimizer: str | None = None,
+    peak_tflops: float | None = None,
+    mfu: float = 0.4,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """Everything ``kiln estimate`` reports, as a dict."""
+    import torch
+    from transformers import AutoModel
+
+    from kiln.models import hf_config, max_positions
+    from kiln.profiles import builder_for
+
+    config: Config = builder_for(profile, {}, overrides).build()
+    if task is not None and task not in config.tasks:
+        raise KilnError(f"profile '{config.name}' does not support task '{task}' ({', '.join(config.tasks)})")
+    architecture = hf_config(config.model.type, config.model.config)
+    with torch.device("meta"):
+        model = AutoModel.from_config(architecture)
+    counts = parameter_counts(model)
+    shape = shape_of(architecture)
+    seq_len = seq_len or min(128, max_positions(architecture))
+    if batch_size is None:
+        budget = batch_tokens or config.train.batch_tokens
+        batch_size = max(1, min(config.train.max_batch_size, budget // seq_len))
+    optimizer = optimizer or config.optim.name
+    total = counts["total"]
+    memory = {
+        "weights": 4 * total,
+        "gradients": 4 * total,
+        "optimizer": optimizer_bytes(model, optimizer),
+        "activations": activation_bytes(shape, seq_len, batch_size, precision),
+        "mixed_precision_copies": 2 * total if precision in ("bf16", "fp16") else 0,
+    }
+    memory["total"] = sum(memory.values())
+    # 6 FLOPs per parameter per token (forward 2, backward 4) plus attention scores and mixing.
+    flops_per_token = 6 * counts["non_embedding"] + 6 * shape.layers * seq_len * shape.attention_width
+    result = {
+        "profile": config.name,
+        "parameters": counts,
+        "weights_mb": {"fp32": round(4 * total / 1e6, 2), "fp16": round(2 * total / 1e6, 2)},
+        "training": {"precision": precision, "optimizer": optimizer, "seq_len": seq_len, "batch_size": batch_size,
+                     "memory_mb": {k: round(v / 1e6, 2) for k, v in memory.items()}},
+        "flops_per_token": flops_per_token,
+    }
+    if peak_tflops:
+        seconds = 1e6 * flops_per_token / (peak_tflops * 1e12 * mfu)
+        result["seconds_per_million_tokens"] = round(seconds, 2)
+        result["peak_tflops"], result["mfu"] = peak_tflops, mfu
+    return result
