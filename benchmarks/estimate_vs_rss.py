@@ -16,10 +16,16 @@ import subprocess
 import sys
 
 
+def current_rss() -> int:
+    """Resident set size in bytes now (Linux ``/proc``; ``ru_maxrss`` only gives the peak)."""
+    with open("/proc/self/status") as status:
+        kilobytes = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return kilobytes * 1024
+
+
 def worker(profile: str, batch_size: int, seq_len: int) -> dict:
     import resource
 
-    import psutil
     import torch
     from transformers import AutoModelForMaskedLM  # noqa: F401  (import cost before the baseline)
 
@@ -46,7 +52,7 @@ def worker(profile: str, batch_size: int, seq_len: int) -> dict:
                                                          "vocab_size": 100}, **task.model_kwargs()))
     train_steps(toy, 1, 2, 100)
     del toy
-    baseline = psutil.Process().memory_info().rss
+    baseline = current_rss()
     torch.manual_seed(0)
     model = task.build_model(hf_config(config.model.type, config.model.config, **task.model_kwargs()))
     if config.train.dropout is not None:  # as kiln's Trainer does: the profile's dropout wins
