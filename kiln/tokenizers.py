@@ -26,7 +26,19 @@ STYLES: dict[str, dict[str, str]] = {
              "sep_token": "[SEP]", "mask_token": "[MASK]"},
     "roberta": {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
                 "mask_token": "<mask>"},
+    # T5: <pad>=0 (also the decoder start), </s>=1, <unk>=2, no <s>; sentinels for span corruption.
+    "t5": {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+    # GPT-2: one <|endoftext|> token serves as bos, eos, unk and (for batching) pad.
+    "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+             "pad_token": "<|endoftext|>"},
 }
+T5_SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
+
+
+def special_tokens(style: str) -> list[str]:
+    """The style's special tokens in vocabulary order (each once; T5's 100 sentinels last)."""
+    tokens = list(dict.fromkeys(STYLES[style].values()))
+    return tokens + T5_SENTINELS if style == "t5" else tokens
 
 
 def cache_root() -> Path:
@@ -64,7 +76,7 @@ def _spec_hash(spec: TokenizerConfig, vocab_size: int, max_length: int, texts: S
 def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    specials = list(STYLES[spec.style].values())
+    specials = special_tokens(spec.style)
     unk = STYLES[spec.style]["unk_token"]
     if spec.kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token=unk))
@@ -100,6 +112,12 @@ def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> 
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
+    elif spec.style == "t5":
+        eos_id = tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)])
+    elif spec.style == "gpt2":
+        tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     else:
         bos_id, eos_id = tok.token_to_id("<s>"), tok.token_to_id("</s>")
         tok.post_processor = processors.TemplateProcessing(
@@ -115,8 +133,9 @@ def wrap(raw: Any, style: str, max_length: int) -> Any:
 
     inputs = ["input_ids", "token_type_ids", "attention_mask"] if style == "bert" else [
         "input_ids", "attention_mask"]
+    extra = {"additional_special_tokens": T5_SENTINELS} if style == "t5" else {}
     return PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=max_length,
-                                   model_input_names=inputs, **STYLES[style])
+                                   model_input_names=inputs, **STYLES[style], **extra)
 
 
 def train_tokenizer(spec: TokenizerConfig, texts: Sequence[str], max_length: int) -> tuple[Any, Path]:

@@ -13,6 +13,7 @@ TEXTS = [f"the {w} film was {v} , said reviewer {i}" for i, (w, v) in enumerate(
     ("bpe", "roberta", "<s>", "</s>"),
     ("unigram", "roberta", "<s>", "</s>"),
     ("bpe", "bert", "[CLS]", "[SEP]"),  # DeBERTa v1: byte-level BPE with BERT-style specials
+    ("unigram", "t5", "▁", "</s>"),       # T5: no start token (the text begins), </s> after each text
 ])
 def test_train_save_and_load_with_transformers(tmp_path, kind, style, first, last):
     spec = TokenizerConfig(kind=kind, style=style, vocab_size=300, lowercase=kind == "wordpiece")
@@ -24,6 +25,18 @@ def test_train_save_and_load_with_transformers(tmp_path, kind, style, first, las
     assert reloaded("the new film", "was great")["input_ids"] == ids
     assert reloaded.pad_token_id == tokenizer.pad_token_id is not None
     assert tokenizer.model_max_length == 64
+
+
+def test_t5_and_gpt2_styles():
+    t5, _ = train_tokenizer(TokenizerConfig(kind="unigram", style="t5", vocab_size=300, lowercase=False), TEXTS, 64)
+    assert (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (0, 1, 2)
+    assert t5.convert_tokens_to_ids("<extra_id_0>") == 3 and "<extra_id_99>" in t5.get_vocab()
+    assert t5.bos_token is None
+    gpt2, _ = train_tokenizer(TokenizerConfig(kind="bpe", style="gpt2", vocab_size=400, lowercase=False), TEXTS, 64)
+    ids = gpt2("the new film")["input_ids"]
+    assert gpt2.eos_token_id == gpt2.pad_token_id == gpt2.bos_token_id == 0
+    assert 0 not in ids  # GPT-2 adds no special tokens around a text
+    assert gpt2.decode(ids) == "the new film"
 
 
 def test_cache_hit_and_miss():
