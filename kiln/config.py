@@ -127,8 +127,26 @@ class DataConfig:
     max_answer_length: int = setting(30, "QA: longest answer span, in tokens.")
     n_best: int = setting(20, "QA: start and end candidates per window when decoding.")
     null_threshold: float = setting(0.0, "QA (SQuAD 2.0): answer nothing when null beats the best span by this.")
+    pair: str = setting("", "Generation: language pair of parallel files, e.g. 'en-de' for train.en + train.de.",
+                        flag="--pair")
     validation_fraction: float = setting(0.1, "Held-out fraction when DATA has no validation split.")
     split_seed: int = setting(13, "Seed of the deterministic train/validation split.")
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding for the generation task (transformers ``generate()``); ``--generate key=value`` overrides."""
+
+    max_new_tokens: int = setting(64, "Longest output, in tokens.")
+    num_beams: int = setting(1, "Beam width (1: greedy or sampling).")
+    length_penalty: float = setting(1.0, "Beam search length penalty.")
+    no_repeat_ngram_size: int = setting(0, "Never repeat an n-gram of this size (0: off).")
+    do_sample: bool = setting(False, "Sample instead of greedy/beam search.")
+    temperature: float = setting(1.0, "Sampling temperature.")
+    top_k: int = setting(50, "Sample from the k most likely tokens.")
+    top_p: float = setting(1.0, "Sample from the smallest set with this much probability.")
+    seed: int = setting(0, "Seed for reproducible sampling.")
+    eval_samples: int = setting(500, "Validation examples decoded at each evaluation during training.")
 
 
 @dataclass
@@ -146,6 +164,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict, ready for YAML."""
@@ -155,7 +174,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else globals()[f.type]
     for f in dataclasses.fields(Config)
-    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data"}
+    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate"}
 }
 
 
@@ -306,8 +325,11 @@ def resolve_key(name: str) -> str:
         return name
     matches = [key for key, f in iter_settings()
                if key.split(".")[-1] == name or (f.metadata.get("flag") or "").lstrip("-").replace("-", "_") == name]
-    if len(matches) == 1:
-        return matches[0]
+    fields = dict(iter_settings())
+    flag = f"--{name}".replace("_", "-")
+    flagged = [key for key in matches if fields[key].metadata.get("flag") == flag]
+    if len(matches) == 1 or len(flagged) == 1:  # a CLI flag's name wins (seed -> train.seed, not generate.seed)
+        return matches[0] if len(matches) == 1 else flagged[0]
     if not matches:
         close = difflib.get_close_matches(name, [k.split(".")[-1] for k, _ in iter_settings()], n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -30,6 +30,7 @@ class Predictor:
         self.config = config_from_dict(self.meta["config"])
         self.task = get_task(self.meta["task"], self.config, self.meta["task_state"])
         self.tokenizer = load_tokenizer(self.path)
+        self.task.tokenizer = self.tokenizer
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = self.task.load_model(self.path).to(self.device).eval()
@@ -74,6 +75,7 @@ class Predictor:
         predictions, loss_sum, units = self._run(dataset)
         metrics = self.task.metrics(predictions, dataset)
         metrics["loss"] = loss_sum / max(units, 1)
+        metrics.update(self.task.loss_metrics(metrics["loss"]))
         metrics["n"] = len(dataset)
         return metrics, predictions
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key
-from kiln.data import find_splits, holdout
+from kiln.data import holdout
 from kiln.errors import KilnError
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
@@ -65,14 +65,16 @@ def resolve_config(task: str, profile: str | None, init: str | None, flags: dict
                    overrides: list[str] | tuple[str, ...] = ()) -> ConfigBuilder:
     """Merge profile (default ``bert-mini``; with --init, the shared encoder recipe) and overrides."""
     from kiln.profiles import builder_for
+    from kiln.tasks import task_class
 
-    profile = profile or ("_encoder" if init else "bert-mini")
+    default = task_class(task).default_profile
+    profile = profile or (("_generation" if task == "generation" else "_encoder") if init else default)
     dotted = {resolve_key(k): v for k, v in flags.items() if v is not None}
     return builder_for(profile, dotted, overrides)
 
 
 def _read_splits(task: Any, data: str | Path, config: Config) -> tuple[Dataset, Dataset]:
-    splits = find_splits(data, task.suffixes)
+    splits = task.find_splits(data)
     train = task.read(splits["train"])
     if "validation" in splits:
         validation = task.read(splits["validation"])
@@ -157,6 +159,10 @@ def train(
         arch = {**config.model.config, "vocab_size": len(tok), **special}
         model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
     max_length = min(config.train.max_length, max_positions(model.config))
+    task_obj.tokenizer = tok
+    cap = task_obj.eval_cap()
+    if cap and len(validation_ds) > cap:  # e.g. generation: decode a fixed sample at each evaluation
+        validation_ds = Dataset(validation_ds.path, validation_ds.examples[:cap], extras=validation_ds.extras)
 
     train_features = task_obj.encode(train_ds, tok, max_length)
     validation_features = task_obj.encode(validation_ds, tok, max_length)

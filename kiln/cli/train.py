@@ -9,7 +9,7 @@ import typing
 from kiln.config import DataConfig, OptimConfig, TrainConfig, iter_settings
 from kiln.errors import KilnError
 
-TASKS_HELP = "sequence | sentence-pair | token | qa"
+TASKS_HELP = "sequence | sentence-pair | token | qa | generation"
 
 
 def _flag_type(key: str) -> typing.Any:

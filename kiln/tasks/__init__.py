@@ -13,6 +13,7 @@ TASKS: dict[str, str] = {
     "sentence-pair": "kiln.tasks.sequence:SentencePairTask",
     "token": "kiln.tasks.token:TokenTask",
     "qa": "kiln.tasks.qa:QuestionAnsweringTask",
+    "generation": "kiln.tasks.generation:GenerationTask",
 }
 
 

@@ -58,6 +58,8 @@ class Task:
     suffixes: ClassVar[tuple[str, ...]]
     auto_model: ClassVar[str]  # transformers Auto class that loads the saved model/
     main_metric: ClassVar[str] = "loss"
+    default_profile: ClassVar[str] = "bert-mini"  # used when neither --profile nor --init is given
+    tokenizer: Any = None  # set by the pipeline; tasks that decode text need it
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
 
     def __init__(self, config: Config, state: dict | None = None):
@@ -65,6 +67,16 @@ class Task:
         self.state: dict = dict(state or {})
 
     # -- reading -----------------------------------------------------------------------------
+    def find_splits(self, data: str | Path) -> dict[str, Path]:
+        """Map split names to files: a file is the train split; a directory holds ``train.*`` etc."""
+        from kiln.data import find_splits
+
+        return find_splits(data, self.suffixes)
+
+    def eval_cap(self) -> int:
+        """Evaluate on at most this many validation examples during training (0: all)."""
+        return 0
+
     def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
         """Read a data file; ``labelled=False`` accepts files without targets (predict)."""
         raise NotImplementedError
@@ -141,7 +153,7 @@ class Task:
         """How many loss terms a (CPU-side) batch contributes: examples, or unmasked tokens."""
         raise NotImplementedError
 
-    def outputs(self, outputs: Any, batch: dict) -> list[Any]:
+    def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
         """Per-feature outputs (numpy) kept for decoding, in batch order."""
         logits = outputs.logits.float().cpu().numpy()
         return list(logits)
@@ -154,6 +166,10 @@ class Task:
     def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
         """The task's standard metrics against the dataset's labels."""
         raise NotImplementedError
+
+    def loss_metrics(self, loss: float) -> dict[str, float]:
+        """Metrics derived from the mean validation loss (perplexity for language tasks)."""
+        return {}
 
     def greater_is_better(self, metric: str) -> bool:
         """Direction of a metric, for best-checkpoint selection and early stopping."""

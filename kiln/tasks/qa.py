@@ -237,7 +237,7 @@ class QuestionAnsweringTask(Task):
     def loss_units(self, batch: dict) -> int:
         return int(batch["start_positions"].numel())
 
-    def outputs(self, outputs: Any, batch: dict) -> list[Any]:
+    def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
         lengths = batch["attention_mask"].sum(-1).tolist()
         starts = outputs.start_logits.float().cpu().numpy()
         ends = outputs.end_logits.float().cpu().numpy()

@@ -251,7 +251,7 @@ class TokenTask(Task):
     def loss_units(self, batch: dict) -> int:
         return int((batch["labels"] != -100).sum())
 
-    def outputs(self, outputs: Any, batch: dict) -> list[Any]:
+    def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
         lengths = batch["attention_mask"].sum(-1).tolist()
         logits = outputs.logits.float().cpu().numpy()
         return [row[:n] for row, n in zip(logits, lengths, strict=True)]

@@ -41,7 +41,7 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
                 result = model(**task.model_inputs(batch))
             if labelled:
                 loss_sum += task.loss(result, batch)
-            for i, value in zip(indices, task.outputs(result, batch), strict=True):
+            for i, value in zip(indices, task.outputs(result, batch, model), strict=True):
                 outputs[i] = value
     model.train(was_training)
     return outputs, float(loss_sum), units

@@ -209,6 +209,7 @@ class Trainer:
         predictions = self.task.decode(outputs, features, dataset)
         metrics = self.task.metrics(predictions, dataset)
         metrics["loss"] = loss_sum / max(units, 1)
+        metrics.update(self.task.loss_metrics(metrics["loss"]))
         metrics["n"] = len(dataset)
         return metrics
 

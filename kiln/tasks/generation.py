@@ -1,0 +1,264 @@
+"""Text generation: seq2seq (BART, mBART, T5) and decoder-only (GPT-2).
+
+Seq2seq models read the source with the encoder and learn the target with the decoder. Decoder-only
+models train on ``source <eos> target <eos>`` with the loss on the target tokens only; a file with
+a source column only means plain language-model fine-tuning. Outputs come from transformers'
+``generate()`` with the run's decoding settings (``generate.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TextIO
+
+import numpy as np
+
+from kiln.data import SPLIT_ALIASES
+from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
+from kiln.errors import KilnError
+from kiln.tasks.base import Dataset, Task, pad_inputs
+
+ROLES = {"source": ("source", "source_sequence", "src", "input", "text"),
+         "target": ("target", "target_sequence", "tgt", "output", "summary")}
+
+
+class GenerationTask(Task):
+    """Generate a target text from a source text."""
+
+    name: ClassVar[str] = "generation"
+    suffixes: ClassVar[tuple[str, ...]] = (".tsv", ".jsonl", ".csv")
+    main_metric: ClassVar[str] = "loss"
+    default_profile: ClassVar[str] = "t5-tiny"
+
+    @property
+    def auto_model(self) -> str:  # type: ignore[override]
+        return "AutoModelForCausalLM" if self.state.get("decoder_only") else "AutoModelForSeq2SeqLM"
+
+    # -- reading -----------------------------------------------------------------------------
+    def find_splits(self, data: str | Path) -> dict[str, Path]:
+        """With ``--pair SRC-TGT`` a directory holds ``SPLIT.SRC`` + ``SPLIT.TGT`` (Multi30k layout)."""
+        pair = self.config.data.pair
+        path = Path(data)
+        if not pair or not path.is_dir():
+            return super().find_splits(data)
+        source, _, target = pair.partition("-")
+        if not source or not target:
+            raise KilnError(f"--pair expects SRC-TGT (e.g. en-de), got '{pair}'")
+        found: dict[str, Path] = {}
+        for split, aliases in SPLIT_ALIASES.items():
+            candidates = sorted(p for p in path.glob(f"*.{source}")
+                                if p.stem.lower() in aliases or (split == "test" and p.stem.startswith("test")))
+            for candidate in candidates:
+                if candidate.with_suffix(f".{target}").is_file():
+                    found.setdefault(split, candidate)
+        if "train" not in found:
+            raise KilnError(f"no train.{source} + train.{target} pair in this directory", path)
+        return found
+
+    def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
+        pair = self.config.data.pair
+        path_obj = Path(str(path))
+        if stream is not None:
+            lines = decoded_lines(path, stream)
+            examples = [{"source": text, "target": None, "line": n} for n, text in lines if text.strip()]
+            if not examples:
+                raise KilnError("no input lines", path)
+            return Dataset(str(path), examples, extras={"format": "lines"})
+        if pair and path_obj.suffix == f".{pair.partition('-')[0]}":
+            return self._read_parallel(path_obj, labelled)
+        known = {alias for aliases in ROLES.values() for alias in aliases}
+        table = read_table(path, lambda cells: bool({c.lower() for c in cells} & known))
+        required = ["source", "target"] if labelled else ["source"]
+        records = select_columns(table, ROLES, required, parse_columns(self.config.data.columns),
+                                 positional={1: ["source"], 2: ["source", "target"]})
+        examples = []
+        for record in records:
+            source, target = record.get("source"), record.get("target")
+            if not isinstance(source, str) or (target is not None and not isinstance(target, str)):
+                raise KilnError("source and target must be strings", table.path, record["_line"])
+            examples.append({"source": source, "target": target, "line": record["_line"]})
+        return Dataset(str(path), examples, table)
+
+    def _read_parallel(self, source_path: Path, labelled: bool) -> Dataset:
+        target_path = source_path.with_suffix(f".{self.config.data.pair.partition('-')[2]}")
+        sources = decoded_lines(source_path)
+        if not sources:
+            raise KilnError("file is empty", source_path, 1)
+        targets = decoded_lines(target_path) if target_path.is_file() else None
+        if targets is None and labelled:
+            raise KilnError("no target file beside it", target_path)
+        if targets is not None and len(targets) != len(sources):
+            raise KilnError(f"{len(sources)} source lines but {len(targets)} target lines in {target_path}",
+                            source_path, min(len(sources), len(targets)) + 1)
+        examples = [{"source": text, "target": targets[i][1] if targets else None, "line": number}
+                    for i, (number, text) in enumerate(sources)]
+        return Dataset(str(source_path), examples, extras={"format": "lines"})
+
+    def parse_input(self, item: Any, line: int) -> Any:
+        return {"source": str(item), "target": None, "line": line}
+
+    def texts(self, dataset: Dataset) -> Iterator[str]:
+        for example in dataset.examples:
+            yield example["source"]
+            if example["target"]:
+                yield example["target"]
+
+    def eval_cap(self) -> int:
+        """Decoding is slow: evaluate on at most this many validation examples during training."""
+        return self.config.generate.eval_samples
+
+    # -- model -------------------------------------------------------------------------------
+    def build_model(self, hf_config: Any) -> Any:
+        self.state["decoder_only"] = not getattr(hf_config, "is_encoder_decoder", False)
+        return self._remember(super().build_model(hf_config))
+
+    def load_model(self, path: str | Path, **kwargs: Any) -> Any:
+        from transformers import AutoConfig
+
+        self.state["decoder_only"] = not AutoConfig.from_pretrained(path, local_files_only=True).is_encoder_decoder
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_labels", "id2label", "label2id")}
+        return self._remember(super().load_model(path, **kwargs))
+
+    def _remember(self, model: Any) -> Any:
+        config = model.config
+        self.state["decoder_start"] = getattr(config, "decoder_start_token_id", None)
+        self.state["pad"] = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        return model
+
+    # -- features and batches ----------------------------------------------------------------
+    def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+        sources = tokenizer([ex["source"] for ex in dataset.examples], truncation=True, max_length=max_length,
+                            return_attention_mask=False)["input_ids"]
+        targets = [ex["target"] for ex in dataset.examples]
+        has_targets = all(t is not None for t in targets)
+        encoded_targets = tokenizer(targets, truncation=True, max_length=max_length,
+                                    return_attention_mask=False)["input_ids"] if has_targets else None
+        eos = tokenizer.eos_token_id
+        features = []
+        for i, source in enumerate(sources):
+            if self.state.get("decoder_only"):
+                prompt = [*source, eos]
+                if encoded_targets is not None:
+                    ids = [*prompt, *encoded_targets[i], eos][:max_length]
+                    labels = [-100] * min(len(prompt), len(ids)) + ids[len(prompt):]
+                else:  # no target: plain language modelling on the text
+                    ids, labels = prompt[:max_length], prompt[:max_length]
+                feature = {"input_ids": ids, "prompt_ids": prompt[-max_length:], "example": i}
+                if dataset.examples[i]["target"] is not None or not has_targets:
+                    feature["labels"] = labels
+            else:
+                feature = {"input_ids": source, "example": i}
+                if encoded_targets is not None:
+                    feature["labels"] = encoded_targets[i]
+            features.append(feature)
+        return features
+
+    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+        import torch
+
+        pad = self.state.get("pad", pad_id)
+        pad = pad_id if pad is None else pad
+        batch = pad_inputs(features, pad, per_token={"labels": -100} if self.state.get("decoder_only") else None)
+        if self.state.get("decoder_only"):
+            longest = max(len(f["prompt_ids"]) for f in features)  # left-padded prompts for generate()
+            prompts = np.full((len(features), longest), pad, dtype=np.int64)
+            prompt_mask = np.zeros_like(prompts)
+            for row, feature in enumerate(features):
+                n = len(feature["prompt_ids"])
+                prompts[row, longest - n:] = feature["prompt_ids"]
+                prompt_mask[row, longest - n:] = 1
+            batch["prompt_ids"], batch["prompt_mask"] = torch.from_numpy(prompts), torch.from_numpy(prompt_mask)
+        elif "labels" in features[0]:
+            longest = max(len(f["labels"]) for f in features)
+            labels = np.full((len(features), longest), -100, dtype=np.int64)
+            for row, feature in enumerate(features):
+                labels[row, :len(feature["labels"])] = feature["labels"]
+            start = self.state.get("decoder_start")
+            start = pad if start is None else start
+            decoder_inputs = np.where(labels == -100, pad, labels)
+            # Teacher forcing: the decoder reads the target shifted right behind the start token.
+            decoder_inputs = np.concatenate([np.full((len(features), 1), start), decoder_inputs[:, :-1]], axis=1)
+            batch["labels"] = torch.from_numpy(labels)
+            batch["decoder_input_ids"] = torch.from_numpy(decoder_inputs)
+        else:  # unlabelled: outputs come from generate(); the forward pass only needs a start token
+            start = self.state.get("decoder_start")
+            batch["decoder_input_ids"] = torch.full((len(features), 1), pad if start is None else start)
+        if "labels" in batch and self.state.get("decoder_only") and "labels" not in features[0]:
+            del batch["labels"]
+        return batch
+
+    def model_inputs(self, batch: dict) -> dict:
+        keys = ("input_ids", "attention_mask", "decoder_input_ids")
+        return {k: v for k, v in batch.items() if k in keys}
+
+    def loss(self, outputs: Any, batch: dict) -> Any:
+        import torch.nn.functional as F
+
+        logits, labels = outputs.logits.float(), batch["labels"]  # (B, T, V), (B, T)
+        if self.state.get("decoder_only"):  # position t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+
+    def loss_units(self, batch: dict) -> int:
+        labels = batch["labels"][:, 1:] if self.state.get("decoder_only") else batch["labels"]
+        return int((labels != -100).sum())
+
+    def generation_kwargs(self) -> dict:
+        g = self.config.generate
+        kwargs = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample}
+        if g.num_beams > 1:
+            kwargs["length_penalty"] = g.length_penalty
+        if g.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = g.no_repeat_ngram_size
+        if g.do_sample:
+            kwargs.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+        return kwargs
+
+    def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
+        import torch
+
+        if self.config.generate.do_sample:
+            torch.manual_seed(self.config.generate.seed)
+        pad = self.state.get("pad")
+        if self.state.get("decoder_only"):
+            prompts = batch["prompt_ids"]
+            generated = model.generate(input_ids=prompts, attention_mask=batch["prompt_mask"], pad_token_id=pad,
+                                       **self.generation_kwargs())[:, prompts.shape[1]:]
+        else:
+            generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       pad_token_id=pad, **self.generation_kwargs())
+        return [row.tolist() for row in generated.cpu()]
+
+    # -- predictions and metrics -------------------------------------------------------------
+    def decode(self, outputs: list[Any], features: list[dict], dataset: Dataset) -> list[Any]:
+        tokenizer = self.tokenizer
+        texts = [""] * len(dataset.examples)
+        for ids, feature in zip(outputs, features, strict=True):
+            texts[feature["example"]] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return texts
+
+    def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
+        from kiln.metrics.generation import generation_metrics
+
+        return generation_metrics(predictions, [ex["target"] for ex in dataset.examples])
+
+    def loss_metrics(self, loss: float) -> dict[str, float]:
+        return {"perplexity": math.exp(min(loss, 700))}
+
+    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
+        return [{"generated_text": text} for text in predictions]
+
+    def write(self, dataset: Dataset, predictions: list[Any], stream: TextIO) -> None:
+        if dataset.table is None:
+            stream.write("".join(text + "\n" for text in predictions))
+        elif dataset.table.format == "jsonl":
+            for row, text in zip(dataset.table.rows, predictions, strict=True):
+                stream.write(json.dumps({**row, "generated_text": text}, ensure_ascii=False) + "\n")  # type: ignore[dict-item]
+        else:
+            super().write(dataset, predictions, stream)
+
+    def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
+        return {"generated_text": list(predictions)}
