@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-from kiln.config import config_from_dict
+from kiln.config import coerce, config_from_dict, parse_override
 from kiln.errors import KilnError
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
@@ -17,7 +17,7 @@ class Predictor:
     """A kiln-saved model (run directory or model directory) with its task and tokenizer."""
 
     def __init__(self, path: str | Path, device: str = "auto", precision: str = "auto",
-                 batch_tokens: int | None = None):
+                 batch_tokens: int | None = None, generate: list[str] | tuple[str, ...] = ()):
         from kiln.run import model_dir_of
         from kiln.tokenizers import load_tokenizer
         from kiln.training.device import resolve_device, resolve_precision
@@ -28,6 +28,9 @@ class Predictor:
             raise KilnError(f"no {KILN_FILE}: not a model kiln saved", self.path)
         self.meta = json.loads(meta_path.read_text())
         self.config = config_from_dict(self.meta["config"])
+        for text in generate:  # decoding overrides (--generate key=value), e.g. num_beams=4
+            key, value = parse_override(text)
+            setattr(self.config.generate, key, coerce(f"generate.{key}", value))
         self.task = get_task(self.meta["task"], self.config, self.meta["task_state"])
         self.tokenizer = load_tokenizer(self.path)
         self.task.tokenizer = self.tokenizer

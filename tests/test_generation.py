@@ -121,3 +121,11 @@ def test_train_evaluate_predict_and_transformers_parity(kind, text, auto, copy_d
             out = out[:, ids.shape[1]:]
         theirs.append(tokenizer.decode(out[0], skip_special_tokens=True).strip())
     assert ours == theirs
+
+    # --generate overrides decoding at predict time; a wrong key is a clean error.
+    assert main(["predict", str(run.path), str(copy_dir / "dev.tsv"), "--json", "--generate", "max_new_tokens=1"]) == 0
+    short = [r["generated_text"] for r in json.loads(capsys.readouterr().out)]
+    assert main(["predict", str(run.path), str(copy_dir / "dev.tsv"), "--json"]) == 0
+    full = [r["generated_text"] for r in json.loads(capsys.readouterr().out)]
+    assert all(len(a) <= len(b) for a, b in zip(short, full, strict=True)) and short != full
+    assert main(["predict", str(run.path), str(copy_dir / "dev.tsv"), "--generate", "beams=2"]) == 2

@@ -16,6 +16,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", metavar="PREDICTIONS",
                         help="also write predictions, in DATA's format with predictions appended")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
+                        help="generation: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
 
 
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     import kiln
     from kiln.cli.predict import write_predictions
 
-    predictor = kiln.load(args.run_dir, device=args.device)
+    predictor = kiln.load(args.run_dir, device=args.device, generate=args.generate)
     dataset = predictor.read(args.data, labelled=True)
     metrics, predictions = predictor.evaluate_with_predictions(dataset)
     if args.output:

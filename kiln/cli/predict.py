@@ -23,6 +23,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     parser.add_argument("--json", action="store_true", help='print [{"label": ..., "score": ...}, ...]')
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
+                        help="generation: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Predict for a file, piped stdin, or lines typed at a prompt."""
     import kiln
 
-    predictor = kiln.load(args.run_dir, device=args.device)
+    predictor = kiln.load(args.run_dir, device=args.device, generate=args.generate)
     if args.data is None and sys.stdin.isatty():
         return _interactive(predictor)
     source = args.data or "<stdin>"
