@@ -159,8 +159,8 @@ class GenerationTask(Task):
     def collate(self, features: Sequence[dict], pad_id: int) -> dict:
         import torch
 
-        pad = self.state.get("pad", pad_id)
-        pad = pad_id if pad is None else pad
+        pad = pad_id if self.state.get("pad") is None else self.state["pad"]
+        start = pad if self.state.get("decoder_start") is None else self.state["decoder_start"]
         batch = pad_inputs(features, pad, per_token={"labels": -100} if self.state.get("decoder_only") else None)
         if self.state.get("decoder_only"):
             longest = max(len(f["prompt_ids"]) for f in features)  # left-padded prompts for generate()
@@ -176,18 +176,13 @@ class GenerationTask(Task):
             labels = np.full((len(features), longest), -100, dtype=np.int64)
             for row, feature in enumerate(features):
                 labels[row, :len(feature["labels"])] = feature["labels"]
-            start = self.state.get("decoder_start")
-            start = pad if start is None else start
             decoder_inputs = np.where(labels == -100, pad, labels)
             # Teacher forcing: the decoder reads the target shifted right behind the start token.
             decoder_inputs = np.concatenate([np.full((len(features), 1), start), decoder_inputs[:, :-1]], axis=1)
             batch["labels"] = torch.from_numpy(labels)
             batch["decoder_input_ids"] = torch.from_numpy(decoder_inputs)
         else:  # unlabelled: outputs come from generate(); the forward pass only needs a start token
-            start = self.state.get("decoder_start")
-            batch["decoder_input_ids"] = torch.full((len(features), 1), pad if start is None else start)
-        if "labels" in batch and self.state.get("decoder_only") and "labels" not in features[0]:
-            del batch["labels"]
+            batch["decoder_input_ids"] = torch.full((len(features), 1), start)
         return batch
 
     def model_inputs(self, batch: dict) -> dict:
