@@ -41,9 +41,9 @@ class TokenizerConfig:
 
     kind: str = setting("wordpiece", "Tokenizer model to train.", choices=("wordpiece", "bpe", "unigram"))
     style: str = setting(
-        "bert", "Special tokens and template: bert ([CLS] a [SEP]), roberta (<s> a </s>), t5 (a </s>) or "
-        "gpt2 (<|endoftext|> only).",
-        choices=("bert", "roberta", "t5", "gpt2"),
+        "bert", "Special tokens and template: bert ([CLS] a [SEP]), roberta (<s> a </s>), t5 (a </s>), "
+        "mbart (a </s>, language codes) or gpt2 (<|endoftext|> only).",
+        choices=("bert", "roberta", "t5", "mbart", "gpt2"),
     )
     vocab_size: int = setting(30522, "Vocabulary size (capped for small training sets unless pinned).")
     pin_vocab: bool = setting(False, "Use vocab_size exactly, without capping it for small data.")

@@ -32,13 +32,18 @@ STYLES: dict[str, dict[str, str]] = {
     "gpt2": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
              "pad_token": "<|endoftext|>"},
 }
+STYLES["mbart"] = STYLES["roberta"]  # plus the language codes below
 T5_SENTINELS = [f"<extra_id_{i}>" for i in range(100)]
+# mBART-cc25 language codes, in the released vocabulary's order.
+MBART_CODES = ["ar_AR", "cs_CZ", "de_DE", "en_XX", "es_XX", "et_EE", "fi_FI", "fr_XX", "gu_IN", "hi_IN",
+               "it_IT", "ja_XX", "kk_KZ", "ko_KR", "lt_LT", "lv_LV", "my_MM", "ne_NP", "nl_XX", "ro_RO",
+               "ru_RU", "si_LK", "tr_TR", "vi_VN", "zh_CN"]
+EXTRA_SPECIALS = {"t5": T5_SENTINELS, "mbart": MBART_CODES}
 
 
 def special_tokens(style: str) -> list[str]:
-    """The style's special tokens in vocabulary order (each once; T5's 100 sentinels last)."""
-    tokens = list(dict.fromkeys(STYLES[style].values()))
-    return tokens + T5_SENTINELS if style == "t5" else tokens
+    """The style's special tokens in vocabulary order (each once; T5 sentinels or mBART codes last)."""
+    return list(dict.fromkeys(STYLES[style].values())) + EXTRA_SPECIALS.get(style, [])
 
 
 def cache_root() -> Path:
@@ -112,7 +117,7 @@ def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> 
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
-    elif spec.style == "t5":
+    elif spec.style in ("t5", "mbart"):  # mBART: the generation task adds the language codes
         eos_id = tok.token_to_id("</s>")
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)])
@@ -133,7 +138,7 @@ def wrap(raw: Any, style: str, max_length: int) -> Any:
 
     inputs = ["input_ids", "token_type_ids", "attention_mask"] if style == "bert" else [
         "input_ids", "attention_mask"]
-    extra = {"additional_special_tokens": T5_SENTINELS} if style == "t5" else {}
+    extra = {"additional_special_tokens": EXTRA_SPECIALS[style]} if style in EXTRA_SPECIALS else {}
     return PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=max_length,
                                    model_input_names=inputs, **STYLES[style], **extra)
 

@@ -12,6 +12,7 @@ from kiln.cli import main
 from kiln.config import Config, DataConfig
 from kiln.errors import KilnError
 from kiln.tasks import get_task
+from kiln.tasks.base import Dataset
 
 WORDS = ["red", "blue", "green", "cat", "dog", "bird", "runs", "jumps", "big", "small"]
 T5_TINY = """\
@@ -61,6 +62,9 @@ def test_readers(tmp_path):
     path.write_text('{"source_sequence": "hello", "target_sequence": "hallo", "source_language": "en"}\n')
     assert task().read(path).examples[0]["target"] == "hallo"
     (tmp_path / "train.en").write_text("a cat\na dog\n")
+    (tmp_path / "train.de").write_text("eine Katze\neinen Hund\n")
+    example = task(pair="en-de").read(tmp_path / "train.en").examples[1]
+    assert (example["source_language"], example["target_language"]) == ("en", "de")  # for mBART's codes
     (tmp_path / "train.de").write_text("eine Katze\n")
     t = task(pair="en-de")
     with pytest.raises(KilnError, match="2 source lines but 1 target lines") as err:
@@ -129,3 +133,79 @@ def test_train_evaluate_predict_and_transformers_parity(kind, text, auto, copy_d
     full = [r["generated_text"] for r in json.loads(capsys.readouterr().out)]
     assert all(len(a) <= len(b) for a, b in zip(short, full, strict=True)) and short != full
     assert main(["predict", str(run.path), str(copy_dir / "dev.tsv"), "--generate", "beams=2"]) == 2
+
+
+MBART_TINY = """\
+base: mbart
+model: {config: {d_model: 32, encoder_layers: 2, decoder_layers: 2, encoder_attention_heads: 2,
+                 decoder_attention_heads: 2, encoder_ffn_dim: 64, decoder_ffn_dim: 64,
+                 max_position_embeddings: 64, dropout: 0.0}}
+tokenizer: {kind: bpe, vocab_size: 400}  # unigram on ten words learns only characters
+optim: {lr: 1.0e-4}  # near the random init: decoding is not collapsed onto </s>
+schedule: {warmup_ratio: 0.0}
+train: {batch_tokens: 256}
+generate: {max_new_tokens: 12}
+"""
+
+
+def test_language_codes():
+    from kiln.tasks.generation import language_code
+    from kiln.tokenizers import MBART_CODES
+
+    assert language_code("en", MBART_CODES) == "en_XX"
+    assert language_code("DE", MBART_CODES) == "de_DE"
+    assert language_code("ro_RO", MBART_CODES) == "ro_RO"
+    assert language_code("xx", MBART_CODES) is None
+
+
+def test_mbart_languages_forced_bos_and_transformers_parity(tmp_path, capsys):
+    """mBART: <src_code> text </s> in, <tgt_code> text </s> out, the target code forced at decoding."""
+    import transformers
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(600):
+        words = [rng.choice(WORDS) for _ in range(3)]
+        lang = "de" if i % 2 else "fr"
+        target = words if lang == "de" else words[::-1]
+        rows.append({"source": " ".join(words), "target": " ".join(target), "source_language": "en",
+                     "target_language": lang})
+    folder = tmp_path / "mt"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:560]))
+    (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[560:]))
+    run = kiln.train("generation", folder, name="mbart", profile=profile(tmp_path, MBART_TINY, "m"),
+                     output_dir=tmp_path / "runs", max_steps=1)
+    model = kiln.load(run.path)
+    tokenizer = model.tokenizer
+    codes = {c: tokenizer.convert_tokens_to_ids(c) for c in ("en_XX", "de_DE", "fr_XX")}
+    feature = model.task.encode(model.task.read(folder / "dev.jsonl"), tokenizer, 64)[0]
+    assert feature["input_ids"][0] == codes["en_XX"] and feature["input_ids"][-1] == tokenizer.eos_token_id
+    assert feature["labels"][0] == codes["fr_XX"] and feature["forced"] == [codes["fr_XX"]]
+    batch = model.task.collate([feature], tokenizer.pad_token_id)
+    assert batch["labels"][0, 0] == -100  # the forced code is never a loss term
+    assert batch["decoder_input_ids"][0, :2].tolist() == [tokenizer.eos_token_id, codes["fr_XX"]]
+
+    # kiln's generate() ids after the forced prefix equal transformers' with forced_bos_token_id.
+    inputs = [{"source": "red cat runs", "target_language": lang} for lang in ("de", "fr")]
+    dataset = Dataset("<input>", [model.task.parse_input(item, i + 1) for i, item in enumerate(inputs)])
+    features = model.task.encode(dataset, tokenizer, 64)
+    ours = model.task.outputs(None, model.task.collate(features, tokenizer.pad_token_id), model.model)
+    assert ours[0] != ours[1]  # the forced code steers decoding
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(run.model_dir).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(run.model_dir)
+    ids = torch.tensor([[codes["en_XX"], *hf_tokenizer("red cat runs", add_special_tokens=False)["input_ids"],
+                         hf_tokenizer.eos_token_id]])
+    assert ids[0].tolist() == features[0]["input_ids"]
+    for lang, expected in (("de_DE", ours[0]), ("fr_XX", ours[1])):
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, forced_bos_token_id=codes[lang], max_new_tokens=12)
+        assert out[0, :2].tolist() == [tokenizer.eos_token_id, codes[lang]]
+        assert out[0, 2:].tolist()[:len(expected)] == expected
+
+    # Inputs without a language take the training data's most common one; unknown ones are errors.
+    assert model.task.state["source_language"] == "en"
+    bad = folder / "bad.jsonl"
+    bad.write_text('{"source": "a", "target_language": "de"}\n{"source": "b", "target_language": "tlh"}\n')
+    assert main(["predict", str(run.path), str(bad)]) == 2
+    assert f"{bad}:2: unknown target_language 'tlh'" in capsys.readouterr().err

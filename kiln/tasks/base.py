@@ -61,6 +61,7 @@ class Task:
     default_profile: ClassVar[str] = "bert-mini"  # used when neither --profile nor --init is given
     tokenizer: Any = None  # set by the pipeline; tasks that decode text need it
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
+    outputs_need_forward: ClassVar[bool] = True  # False: unlabelled inference skips model.forward
 
     def __init__(self, config: Config, state: dict | None = None):
         self.config = config

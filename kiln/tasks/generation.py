@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
@@ -22,12 +23,22 @@ from kiln.errors import KilnError
 from kiln.tasks.base import Dataset, Task, pad_inputs
 
 ROLES = {"source": ("source", "source_sequence", "src", "input", "text"),
-         "target": ("target", "target_sequence", "tgt", "output", "summary")}
+         "target": ("target", "target_sequence", "tgt", "output", "summary"),
+         "source_language": ("source_language", "src_lang"),
+         "target_language": ("target_language", "tgt_lang")}
+
+
+def language_code(language: str, codes: Sequence[str]) -> str | None:
+    """The mBART code for a language: ``en`` -> ``en_XX``, ``de`` -> ``de_DE``; codes pass through."""
+    if language in codes:
+        return language
+    return next((c for c in codes if c.split("_")[0] == language.lower()), None)
 
 
 class GenerationTask(Task):
     """Generate a target text from a source text."""
 
+    outputs_need_forward: ClassVar[bool] = False  # outputs come from generate(), not the forward pass
     name: ClassVar[str] = "generation"
     suffixes: ClassVar[tuple[str, ...]] = (".tsv", ".jsonl", ".csv")
     main_metric: ClassVar[str] = "loss"
@@ -79,7 +90,11 @@ class GenerationTask(Task):
             source, target = record.get("source"), record.get("target")
             if not isinstance(source, str) or (target is not None and not isinstance(target, str)):
                 raise KilnError("source and target must be strings", table.path, record["_line"])
-            examples.append({"source": source, "target": target, "line": record["_line"]})
+            example = {"source": source, "target": target, "line": record["_line"]}
+            for key in ("source_language", "target_language"):
+                if record.get(key):
+                    example[key] = str(record[key])
+            examples.append(example)
         return Dataset(str(path), examples, table)
 
     def _read_parallel(self, source_path: Path, labelled: bool) -> Dataset:
@@ -93,12 +108,24 @@ class GenerationTask(Task):
         if targets is not None and len(targets) != len(sources):
             raise KilnError(f"{len(sources)} source lines but {len(targets)} target lines in {target_path}",
                             source_path, min(len(sources), len(targets)) + 1)
-        examples = [{"source": text, "target": targets[i][1] if targets else None, "line": number}
+        source_language, _, target_language = self.config.data.pair.partition("-")
+        examples = [{"source": text, "target": targets[i][1] if targets else None, "line": number,
+                     "source_language": source_language, "target_language": target_language}
                     for i, (number, text) in enumerate(sources)]
         return Dataset(str(source_path), examples, extras={"format": "lines"})
 
     def parse_input(self, item: Any, line: int) -> Any:
+        if isinstance(item, dict):
+            return {"source": str(item.get("source", item.get("source_sequence", ""))), "target": None,
+                    "line": line, **{k: str(item[k]) for k in ("source_language", "target_language") if k in item}}
         return {"source": str(item), "target": None, "line": line}
+
+    def fit(self, train: Dataset) -> None:
+        """Remember the most common source/target language: the default for inputs without one."""
+        for key in ("source_language", "target_language"):
+            counts = Counter(ex[key] for ex in train.examples if ex.get(key))
+            if counts:
+                self.state[key] = counts.most_common(1)[0][0]
 
     def texts(self, dataset: Dataset) -> Iterator[str]:
         for example in dataset.examples:
@@ -124,18 +151,52 @@ class GenerationTask(Task):
 
     def _remember(self, model: Any) -> Any:
         config = model.config
+        if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
+            # Training and generate() must start the decoder alike; generate() would fall back to
+            # bos. </s> is BART's and mBART-50's choice, and saving it keeps transformers in step.
+            config.decoder_start_token_id = config.eos_token_id
+            model.generation_config.decoder_start_token_id = config.eos_token_id
         self.state["decoder_start"] = getattr(config, "decoder_start_token_id", None)
         self.state["pad"] = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         return model
 
     # -- features and batches ----------------------------------------------------------------
+    def _languages(self, tokenizer: Any) -> dict[str, int]:
+        """Language-code token ids when a seq2seq tokenizer has them (mBART), else empty."""
+        from kiln.tokenizers import MBART_CODES
+
+        if self.state.get("decoder_only"):
+            return {}
+        vocab = tokenizer.get_vocab()
+        return {code: vocab[code] for code in MBART_CODES if code in vocab}
+
+    def _language_ids(self, example: dict, key: str, codes: dict[str, int], dataset: Dataset) -> list[int]:
+        """``[code id]`` for the example's language (or the run's default); a target one is required."""
+        language = example.get(key) or self.state.get(key)
+        if not language:
+            if key == "source_language":
+                return []
+            raise KilnError(f"this model needs a {key} (an mBART code such as en_XX, or en)",
+                            dataset.path, example["line"])
+        code = language_code(language, list(codes))
+        if code is None:
+            raise KilnError(f"unknown {key} '{language}'; this model knows {', '.join(codes)}",
+                            dataset.path, example["line"])
+        return [codes[code]]
+
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
-        sources = tokenizer([ex["source"] for ex in dataset.examples], truncation=True, max_length=max_length,
-                            return_attention_mask=False)["input_ids"]
+        # Language codes are used when the tokenizer has them and the data or the run names languages.
+        named = self.state.get("target_language") or any(ex.get("target_language") for ex in dataset.examples)
+        codes = self._languages(tokenizer) if named else {}
+        # mBART: source = <src_code> text </s>, target = <tgt_code> text </s> (mBART-50 layout).
+        budget = max_length - 2 if codes else max_length
+        options = {"truncation": True, "max_length": budget, "return_attention_mask": False}
+        if codes:
+            options["add_special_tokens"] = False
+        sources = tokenizer([ex["source"] for ex in dataset.examples], **options)["input_ids"]
         targets = [ex["target"] for ex in dataset.examples]
         has_targets = all(t is not None for t in targets)
-        encoded_targets = tokenizer(targets, truncation=True, max_length=max_length,
-                                    return_attention_mask=False)["input_ids"] if has_targets else None
+        encoded_targets = tokenizer(targets, **options)["input_ids"] if has_targets else None
         eos = tokenizer.eos_token_id
         features = []
         for i, source in enumerate(sources):
@@ -149,6 +210,13 @@ class GenerationTask(Task):
                 feature = {"input_ids": ids, "prompt_ids": prompt[-max_length:], "example": i}
                 if dataset.examples[i]["target"] is not None or not has_targets:
                     feature["labels"] = labels
+            elif codes:
+                example = dataset.examples[i]
+                forced = self._language_ids(example, "target_language", codes, dataset)
+                source_code = self._language_ids(example, "source_language", codes, dataset)
+                feature = {"input_ids": [*source_code, *source, eos], "forced": forced, "example": i}
+                if encoded_targets is not None:
+                    feature["labels"] = [*forced, *encoded_targets[i], eos]
             else:
                 feature = {"input_ids": source, "example": i}
                 if encoded_targets is not None:
@@ -160,7 +228,6 @@ class GenerationTask(Task):
         import torch
 
         pad = pad_id if self.state.get("pad") is None else self.state["pad"]
-        start = pad if self.state.get("decoder_start") is None else self.state["decoder_start"]
         batch = pad_inputs(features, pad, per_token={"labels": -100} if self.state.get("decoder_only") else None)
         if self.state.get("decoder_only"):
             longest = max(len(f["prompt_ids"]) for f in features)  # left-padded prompts for generate()
@@ -171,18 +238,24 @@ class GenerationTask(Task):
                 prompts[row, longest - n:] = feature["prompt_ids"]
                 prompt_mask[row, longest - n:] = 1
             batch["prompt_ids"], batch["prompt_mask"] = torch.from_numpy(prompts), torch.from_numpy(prompt_mask)
-        elif "labels" in features[0]:
+            return batch
+        start = pad if self.state.get("decoder_start") is None else self.state["decoder_start"]
+        # The decoder's forced prefix: the start token, then (mBART) the target language code.
+        prefix = np.array([[start, *f.get("forced", [])] for f in features], dtype=np.int64)
+        batch["decoder_prefix"] = torch.from_numpy(prefix)
+        if "labels" in features[0]:
             longest = max(len(f["labels"]) for f in features)
+            targets = np.full((len(features), longest), pad, dtype=np.int64)
             labels = np.full((len(features), longest), -100, dtype=np.int64)
             for row, feature in enumerate(features):
-                labels[row, :len(feature["labels"])] = feature["labels"]
-            decoder_inputs = np.where(labels == -100, pad, labels)
+                n = len(feature["labels"])
+                targets[row, :n] = feature["labels"]
+                labels[row, len(feature.get("forced", [])):n] = feature["labels"][len(feature.get("forced", [])):]
             # Teacher forcing: the decoder reads the target shifted right behind the start token.
-            decoder_inputs = np.concatenate([np.full((len(features), 1), start), decoder_inputs[:, :-1]], axis=1)
+            # A forced token (language code) is read but never a loss term: generate() forces it too.
+            decoder_inputs = np.concatenate([prefix[:, :1], targets[:, :-1]], axis=1)
             batch["labels"] = torch.from_numpy(labels)
             batch["decoder_input_ids"] = torch.from_numpy(decoder_inputs)
-        else:  # unlabelled: outputs come from generate(); the forward pass only needs a start token
-            batch["decoder_input_ids"] = torch.full((len(features), 1), start)
         return batch
 
     def model_inputs(self, batch: dict) -> dict:
@@ -223,8 +296,11 @@ class GenerationTask(Task):
             generated = model.generate(input_ids=prompts, attention_mask=batch["prompt_mask"], pad_token_id=pad,
                                        **self.generation_kwargs())[:, prompts.shape[1]:]
         else:
+            prefix = batch["decoder_prefix"]  # (B, 1 + forced): max_new_tokens counts a forced code, as
+            kwargs = self.generation_kwargs()  # forced_bos_token_id does in transformers
+            kwargs["max_new_tokens"] = max(1, kwargs["max_new_tokens"] - prefix.shape[1] + 1)
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       pad_token_id=pad, **self.generation_kwargs())
+                                       decoder_input_ids=prefix, pad_token_id=pad, **kwargs)[:, prefix.shape[1]:]
         return [row.tolist() for row in generated.cpu()]
 
     # -- predictions and metrics -------------------------------------------------------------

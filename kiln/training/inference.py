@@ -37,8 +37,10 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
             if labelled:
                 units += task.loss_units(batch)
             batch = to_device(batch, device)
-            with autocast(device, precision):
-                result = model(**task.model_inputs(batch))
+            result = None
+            if labelled or task.outputs_need_forward:
+                with autocast(device, precision):
+                    result = model(**task.model_inputs(batch))
             if labelled:
                 loss_sum += task.loss(result, batch)
             for i, value in zip(indices, task.outputs(result, batch, model), strict=True):
