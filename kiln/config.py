@@ -67,7 +67,9 @@ class ScheduleConfig:
     """The learning-rate schedule, a multiplier of optim.lr per optimizer step."""
 
     name: str = setting(
-        "linear", "Schedule after warmup.", choices=("linear", "cosine", "constant", "inverse_sqrt")
+        "linear", "Schedule after warmup; budget-triangle is cramming's min(0.25 + x, 4 - 4x) of the "
+        "elapsed fraction x (no warmup).",
+        choices=("linear", "cosine", "constant", "inverse_sqrt", "budget-triangle"),
     )
     warmup_ratio: float = setting(0.06, "Warmup as a fraction of all steps (used when warmup_steps is 0).")
     warmup_steps: int = setting(0, "Warmup steps; overrides warmup_ratio when > 0.")
@@ -79,6 +81,14 @@ class TrainConfig:
 
     epochs: float = setting(3, "Epochs to train (fractions allowed).", flag="--epochs")
     max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", flag="--max-steps")
+    budget: str = setting(
+        "", "Wall-clock training budget, e.g. 45m, 2h, 1d: train until it is spent (epochs are then "
+        "ignored); the LR schedule and batch ramp follow the elapsed fraction of it.", flag="--budget",
+    )
+    batch_ramp: float = setting(
+        0.0, "Grow gradient accumulation linearly from 1 to grad_accum until this fraction of training "
+        "(0: off; cramming: 0.6).",
+    )
     batch_tokens: int = setting(
         8192, "Token budget per micro-batch, padding included (length-bucketed batches).",
         flag="--batch-tokens",
@@ -134,6 +144,22 @@ class DataConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Pretraining objectives (mlm, clm, span) and the corpus pipeline."""
+
+    seq_len: int = setting(128, "Tokens per packed training sequence.", flag="--seq-len")
+    mask_prob: float = setting(0.15, "MLM: fraction of tokens selected for prediction.")
+    mask_token_prob: float = setting(0.8, "MLM: of the selected tokens, the fraction replaced by [MASK].")
+    random_token_prob: float = setting(0.1, "MLM: of the selected tokens, the fraction replaced by a random token.")
+    whole_word: bool = setting(False, "MLM: select whole words (all their sub-tokens) instead of single tokens.")
+    noise_density: float = setting(0.15, "Span corruption: fraction of tokens corrupted.")
+    mean_span: float = setting(3.0, "Span corruption: mean length of a corrupted span.")
+    paragraphs: bool = setting(False, "Text corpora: documents are blank-line-separated paragraphs, not lines.")
+    max_tokens_per_char: float = setting(
+        0.0, "Drop documents with more tokens per character than this (cramming's filter; 0: keep all).")
+
+
+@dataclass
 class GenerateConfig:
     """Decoding for the generation task (transformers ``generate()``); ``--generate key=value`` overrides."""
 
@@ -165,6 +191,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict, ready for YAML."""
@@ -174,7 +201,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else globals()[f.type]
     for f in dataclasses.fields(Config)
-    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate"}
+    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate", "pretrain"}
 }
 
 

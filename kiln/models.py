@@ -19,7 +19,12 @@ def hf_config(model_type: str, architecture: dict, **extra: Any) -> Any:
     """``transformers.AutoConfig`` for ``model_type`` with the profile's architecture and ``extra``."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(model_type, **{**architecture, **extra})
+    architecture = {**architecture, **extra}
+    if model_type == "modernbert" and "layer_types" not in architecture:
+        # kiln trains short sequences: every layer attends globally (ModernBERT defaults to 2 of 3
+        # layers with a 128-token sliding window).
+        architecture["layer_types"] = ["full_attention"] * architecture.get("num_hidden_layers", 22)
+    return AutoConfig.for_model(model_type, **architecture)
 
 
 def max_positions(config: Any) -> int:

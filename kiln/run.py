@@ -17,7 +17,6 @@ from typing import Any
 
 from kiln import __version__
 from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key
-from kiln.data import holdout
 from kiln.errors import KilnError
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
@@ -79,10 +78,7 @@ def _read_splits(task: Any, data: str | Path, config: Config) -> tuple[Dataset, 
     if "validation" in splits:
         validation = task.read(splits["validation"])
     else:
-        kept, held = holdout(train.examples, config.data.validation_fraction, config.data.split_seed,
-                             group=task.group)
-        train = Dataset(train.path, kept, extras=train.extras)
-        validation = Dataset(train.path, held, extras=train.extras)
+        train, validation = task.holdout(train)
     return train, validation
 
 
@@ -156,6 +152,8 @@ def train(
             tok, _ = train_tokenizer(config.tokenizer, list(task_obj.texts(train_ds)), arch_positions)
         special = {k: getattr(tok, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
                    if getattr(tok, k, None) is not None}
+        special.update({k: getattr(tok, k) for k in ("cls_token_id", "sep_token_id")  # ModernBERT has them
+                        if k in config.model.config and getattr(tok, k, None) is not None})
         arch = {**config.model.config, "vocab_size": len(tok), **special}
         model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
     max_length = min(config.train.max_length, max_positions(model.config))

@@ -6,15 +6,15 @@ import argparse
 import sys
 import typing
 
-from kiln.config import DataConfig, OptimConfig, TrainConfig, iter_settings
+from kiln.config import SECTIONS, iter_settings
 from kiln.errors import KilnError
 
-TASKS_HELP = "sequence | sentence-pair | token | qa | generation"
+TASKS_HELP = "sequence | sentence-pair | token | qa | generation | mlm | clm | span"
 
 
 def _flag_type(key: str) -> typing.Any:
     section, name = key.split(".")
-    owner = {"train": TrainConfig, "optim": OptimConfig, "data": DataConfig}[section]
+    owner = SECTIONS[section]
     declared = typing.get_type_hints(owner)[name]
     kinds = [k for k in typing.get_args(declared) if k is not type(None)] or [declared]
     return kinds[0]

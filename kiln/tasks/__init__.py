@@ -14,6 +14,9 @@ TASKS: dict[str, str] = {
     "token": "kiln.tasks.token:TokenTask",
     "qa": "kiln.tasks.qa:QuestionAnsweringTask",
     "generation": "kiln.tasks.generation:GenerationTask",
+    "mlm": "kiln.tasks.pretrain:MaskedLMTask",
+    "clm": "kiln.tasks.pretrain:CausalLMTask",
+    "span": "kiln.tasks.pretrain:SpanCorruptionTask",
 }
 
 

@@ -82,6 +82,14 @@ class Task:
         """Read a data file; ``labelled=False`` accepts files without targets (predict)."""
         raise NotImplementedError
 
+    def holdout(self, train: Dataset) -> tuple[Dataset, Dataset]:
+        """Split a training set without a validation file into ``(train, validation)``."""
+        from kiln.data import holdout
+
+        data = self.config.data
+        kept, held = holdout(train.examples, data.validation_fraction, data.split_seed, group=self.group)
+        return Dataset(train.path, kept, extras=train.extras), Dataset(train.path, held, extras=train.extras)
+
     def group(self, example: Any) -> Any:
         """Hold-out unit for splitting one file 90/10 (``None``: each example on its own)."""
         return None
@@ -129,6 +137,13 @@ class Task:
         import inspect
 
         self.forward_args = set(inspect.signature(model.forward).parameters)
+        return model
+
+    def training_module(self, model: Any) -> Any:
+        """The module the loop calls with :meth:`model_inputs` (default: the model itself).
+
+        A task can wrap the model here (e.g. a sparse MLM head); the wrapper shares its parameters,
+        so the HF model is still what is saved and exported."""
         return model
 
     # -- features and batches ----------------------------------------------------------------

@@ -28,6 +28,7 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
     outputs: list[Any] = [None] * len(features)
     loss_sum = torch.zeros((), device=device)
     units = 0
+    module = task.training_module(model)  # e.g. the sparse MLM head
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -40,7 +41,7 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
             result = None
             if labelled or task.outputs_need_forward:
                 with autocast(device, precision):
-                    result = model(**task.model_inputs(batch))
+                    result = module(**task.model_inputs(batch))
             if labelled:
                 loss_sum += task.loss(result, batch)
             for i, value in zip(indices, task.outputs(result, batch, model), strict=True):

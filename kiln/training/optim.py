@@ -45,8 +45,39 @@ def warmup_steps(config: ScheduleConfig, total_steps: int) -> int:
     return round(config.warmup_ratio * total_steps)
 
 
+def budget_triangle(fraction: float) -> float:
+    """Cramming's schedule of the elapsed fraction x: ``min(0.25 + x, 4 - 4x)``, peak 1 at x = 0.75."""
+    return max(0.0, min(0.25 + fraction, 4.0 - 4.0 * fraction))
+
+
+def lr_at_fraction(name: str, fraction: float, warmup_fraction: float) -> float:
+    """Multiplier of the peak LR when ``fraction`` of training (e.g. of a time budget) is done."""
+    if name == "budget-triangle":
+        return budget_triangle(fraction)
+    scale = 10_000  # the step schedules, on a fine grid of virtual steps
+    return lr_multiplier(name, min(int(fraction * scale), scale - 1), scale, round(warmup_fraction * scale))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``45m``, ``2h``, ``1d``, ``90s``, ``1h30m`` or a bare number of seconds (empty: 0)."""
+    import re
+
+    text = str(text).strip().lower()
+    if not text:
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text):
+        raise KilnError(f"cannot read the duration '{text}' (use e.g. 45m, 2h, 1d, 1h30m)")
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def lr_multiplier(name: str, step: int, total_steps: int, warmup: int) -> float:
     """Multiplier of the peak LR for the optimizer step ``step`` (0-based) of ``total_steps``."""
+    if name == "budget-triangle":
+        return budget_triangle(step / max(total_steps, 1))
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if name == "constant":

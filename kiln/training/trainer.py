@@ -25,7 +25,7 @@ from kiln.training import checkpoint as ckpt
 from kiln.training.batching import TokenBudgetSampler
 from kiln.training.device import autocast, resolve_device, resolve_precision
 from kiln.training.inference import run_inference, to_device
-from kiln.training.optim import build_optimizer, lr_multiplier, warmup_steps
+from kiln.training.optim import build_optimizer, lr_at_fraction, lr_multiplier, parse_duration, warmup_steps
 
 
 @dataclass
@@ -59,6 +59,11 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         """Called once when training finishes."""
+
+
+def _token_count(features: Any) -> int:
+    n_tokens = getattr(features, "n_tokens", None)  # packed corpora: no need to touch every block
+    return n_tokens if n_tokens is not None else sum(len(f["input_ids"]) for f in features)
 
 
 def _duration(seconds: float) -> str:
@@ -120,20 +125,25 @@ class Trainer:
                 if isinstance(module, torch.nn.Dropout):
                     module.p = train.dropout
         self.model.to(self.device)
+        # What the loop calls: the model, or a task's wrapper around it (sharing its parameters).
+        self.module = self.task.training_module(self.model)
         if self.world_size > 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.module = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
         self.optimizer = build_optimizer(self.model, self.config.optim, self.device.type)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        lengths = getattr(self.train_features, "lengths", None)  # packed corpora know theirs
         self.sampler = TokenBudgetSampler(
-            [len(f["input_ids"]) for f in self.train_features], batch_tokens=train.batch_tokens,
+            lengths if lengths is not None else [len(f["input_ids"]) for f in self.train_features],
+            batch_tokens=train.batch_tokens,
             max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
             seed=train.seed, rank=self.rank, world_size=self.world_size,
         )
+        self.budget = parse_duration(train.budget)
         self.total_steps = self._total_steps()
         self.warmup = warmup_steps(self.config.schedule, self.total_steps)
         self.metric = self.config.train.metric or self.task.main_metric
@@ -146,6 +156,8 @@ class Trainer:
         train = self.config.train
         if train.max_steps > 0:
             return train.max_steps
+        if self.budget:  # time decides; steps are unbounded
+            return sys.maxsize
         whole = int(train.epochs)
         total = sum(self.steps_in_epoch(e) for e in range(whole))
         if train.epochs > whole:
@@ -170,7 +182,7 @@ class Trainer:
 
         import torch
 
-        self.model.train()
+        self.module.train()
         units = sum(self.task.loss_units(b) for b in micro_batches)
         if self.world_size > 1:  # DDP averages gradients over ranks; normalise by the global count
             import torch.distributed as dist
@@ -183,9 +195,9 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.model.no_sync()
+            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.module.no_sync()
             with sync:
-                loss = self.compute_loss(self.model, batch) / units
+                loss = self.compute_loss(self.module, batch) / units
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         self._set_lr()
@@ -215,8 +227,7 @@ class Trainer:
 
     def predict(self, features: list[dict]) -> tuple[list[Any], float, int]:
         """Per-feature outputs in input order, plus the loss sum and units when labelled."""
-        model = getattr(self.model, "module", self.model)
-        return run_inference(model, self.task, features, device=self.device, precision=self.precision,
+        return run_inference(self.model, self.task, features, device=self.device, precision=self.precision,
                              batch_tokens=self.config.train.batch_tokens * 2,
                              max_batch_size=self.config.train.max_batch_size * 2, pad_id=self.pad_id)
 
@@ -228,6 +239,7 @@ class Trainer:
         """
         import torch
 
+        clock = time.perf_counter()  # a budget counts set-up (and any compile warm-up) too
         self.setup()
         if resume:
             self._restore()
@@ -240,16 +252,18 @@ class Trainer:
         window_steps = 0
         window_start = time.perf_counter()
         window_tokens = window_examples = 0
-        started = time.perf_counter() - self.state.train_seconds
+        started = clock - self.state.train_seconds
         eta_printed = self.state.step > 0
         try:
             while self.state.step < self.total_steps and not self.should_stop:
                 batches = self.sampler.batches(self.state.epoch)
                 while self.state.batch_in_epoch < len(batches) and self.state.step < self.total_steps:
-                    chunk = batches[self.state.batch_in_epoch:self.state.batch_in_epoch + train.grad_accum]
+                    accumulate = self.accumulation()
+                    chunk = batches[self.state.batch_in_epoch:self.state.batch_in_epoch + accumulate]
                     micro = [self.task.collate([self.train_features[i] for i in ids], self.pad_id)
                              for ids in chunk]
-                    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                 else b["input_ids"].numel() for b in micro)
                     examples = sum(len(ids) for ids in chunk)
                     window_loss += self.training_step(micro)
                     window_steps += 1
@@ -280,7 +294,10 @@ class Trainer:
                             progress.set_postfix(loss=f"{window_loss.item() / window_steps:.4f}",
                                                  lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                                  tok_s=f"{window_tokens / elapsed:.0f}")
-                    if not eta_printed and self.state.step == min(10, self.total_steps):
+                    if self.budget and self.state.train_seconds >= self.budget:
+                        self._say(f"  budget    {_duration(self.budget)} spent at step {self.state.step}")
+                        self.should_stop = True
+                    if not eta_printed and self.state.step == min(10, self.total_steps) and not self.budget:
                         eta_printed = True
                         per_step = self.state.train_seconds / self.state.step
                         self._say(f"  ETA       {_duration(per_step * (self.total_steps - self.state.step))}"
@@ -313,8 +330,25 @@ class Trainer:
     def _epoch_progress(self, batches_in_epoch: int) -> float:
         return self.state.epoch + self.state.batch_in_epoch / max(batches_in_epoch, 1)
 
+    def fraction(self) -> float:
+        """How much of training is done: elapsed/budget with a budget, else steps done/total."""
+        if self.budget:
+            return min(1.0, self.state.train_seconds / self.budget)
+        return min(1.0, self.state.step / max(self.total_steps, 1))
+
+    def accumulation(self) -> int:
+        """Micro-batches in the next step: ``grad_accum``, or a linear ramp up to it (``batch_ramp``)."""
+        train = self.config.train
+        if not train.batch_ramp or train.grad_accum <= 1:
+            return train.grad_accum
+        return max(1, min(train.grad_accum, math.ceil(train.grad_accum * self.fraction() / train.batch_ramp)))
+
     def _set_lr(self) -> None:
-        multiplier = lr_multiplier(self.config.schedule.name, self.state.step, self.total_steps, self.warmup)
+        schedule = self.config.schedule
+        if self.budget:  # the schedule runs on the elapsed fraction of the budget, not on steps
+            multiplier = lr_at_fraction(schedule.name, self.fraction(), schedule.warmup_ratio)
+        else:
+            multiplier = lr_multiplier(schedule.name, self.state.step, self.total_steps, self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.optim.lr * multiplier
 
@@ -416,8 +450,8 @@ class Trainer:
     def _print_summary(self) -> None:
         train = self.config.train
         params = sum(p.numel() for p in self.model.parameters())
-        train_tokens = sum(len(f["input_ids"]) for f in self.train_features)
-        eval_tokens = sum(len(f["input_ids"]) for f in self.eval_features)
+        train_tokens = _token_count(self.train_features)
+        eval_tokens = _token_count(self.eval_features)
         batch = (f"{train.batch_size} examples" if train.batch_size else f"{train.batch_tokens} tokens")
         accumulated = train.grad_accum * self.world_size
         d = self.description
@@ -428,7 +462,8 @@ class Trainer:
             f"  train     {len(self.train_features)} examples, {train_tokens} tokens",
             f"  valid     {len(self.eval_features)} examples, {eval_tokens} tokens",
             f"  batch     {batch} x {accumulated} (accumulation x ranks) per step, "
-            f"{self.total_steps} steps, lr {self.config.optim.lr:g} ({self.config.schedule.name})",
+            f"{'budget ' + _duration(self.budget) if self.budget else f'{self.total_steps} steps'}, "
+            f"lr {self.config.optim.lr:g} ({self.config.schedule.name})",
         ]
         if self.run_dir:
             lines.append(f"  run       {self.run_dir}")

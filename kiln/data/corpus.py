@@ -1,0 +1,266 @@
+"""Raw-text corpora for pretraining: documents -> token stream on disk -> packed fixed-length blocks.
+
+A corpus is ``.txt`` (one document per line, or blank-line-separated paragraphs), ``.jsonl`` with a
+``text`` field, ``.gz`` versions of both, or a directory of these. It is tokenized once, streaming
+in batches (the Rust tokenizer encodes each batch on all cores), into a flat memory-mapped token
+file (uint16 when the vocabulary fits, else uint32) with a separator after every document. The
+file is cached under a hash of the corpus bytes, the tokenizer and the settings, so a second run
+starts in seconds, and RAM stays bounded by one batch of documents whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".raw", ".tokens")
+VALID_PREFIXES = ("valid", "validation", "dev", "val")
+ENCODE_BATCH = 2000  # documents per tokenizer call: big enough to keep all cores busy, small in RAM
+
+
+def corpus_files(path: str | Path) -> dict[str, list[Path]]:
+    """Split a corpus path into ``{"train": [...], "validation": [...], "test": [...]}`` files.
+
+    A file is the training corpus. In a directory, ``valid*``/``validation*``/``dev*`` files are
+    validation, ``test*`` files are test and every other corpus file is training data.
+    """
+    path = Path(path)
+    if path.is_file():
+        return {"train": [path]}
+    if not path.is_dir():
+        raise KilnError("no such file or directory", path)
+    splits: dict[str, list[Path]] = {}
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        name = file.name.lower()
+        if not name.endswith(SUFFIXES):
+            continue
+        split = ("validation" if name.startswith(VALID_PREFIXES) else
+                 "test" if name.startswith("test") else "train")
+        splits.setdefault(split, []).append(file)
+    if "train" not in splits:
+        raise KilnError(f"no training corpus here (files ending in {', '.join(SUFFIXES)})", path)
+    return splits
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline=None)
+
+
+def iter_documents(files: Sequence[Path], paragraphs: bool = False) -> Iterator[tuple[Path, int, str]]:
+    """Yield ``(file, line, text)`` per document, streaming (never a whole file in memory).
+
+    ``.txt``: one document per non-blank line, or with ``paragraphs`` one per blank-line-separated
+    block. ``.jsonl``: one object per line with a ``text`` field.
+    """
+    for path in files:
+        is_json = ".jsonl" in path.name.lower()
+        try:
+            with _open_text(path) as stream:
+                block: list[str] = []
+                start = 0
+                for number, line in enumerate(stream, start=1):
+                    if is_json:
+                        if not line.strip():
+                            continue
+                        try:
+                            text = json.loads(line)["text"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise KilnError("expected a JSON object with a 'text' field", path, number) from None
+                        if not isinstance(text, str):
+                            raise KilnError("'text' must be a string", path, number)
+                        if text.strip():
+                            yield path, number, text
+                    elif paragraphs:
+                        if line.strip():
+                            block.append(line.strip())
+                            start = start or number
+                        elif block:
+                            yield path, start, " ".join(block)
+                            block, start = [], 0
+                    elif line.strip():
+                        yield path, number, line.strip()
+                if block:
+                    yield path, start, " ".join(block)
+        except UnicodeDecodeError as exc:
+            raise KilnError(f"not UTF-8 text ({exc.reason})", path) from None
+
+
+def sample_texts(files: Sequence[Path], paragraphs: bool, max_chars: int = 50_000_000) -> list[str]:
+    """The first ``max_chars`` characters of documents, for training a tokenizer in bounded RAM."""
+    texts, total = [], 0
+    for _, _, text in iter_documents(files, paragraphs):
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def holdout_document(index: int, fraction: float, seed: int) -> bool:
+    """Deterministic per-document validation membership (stable as the corpus grows)."""
+    return zlib.crc32(f"{seed}:{index}".encode()) % 100_000 < fraction * 100_000
+
+
+@dataclass
+class TokenStream:
+    """A flat token file: documents, each followed by the separator token."""
+
+    tokens: np.ndarray  # memory-mapped, (n_tokens,)
+    documents: int
+    dropped: int  # documents removed by the tokens-per-character filter
+
+
+def _files_digest(files: Sequence[Path]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for path in files:
+        digest.update(path.name.encode() + b"\x00")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    return hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest()
+
+
+def tokenize_corpus(
+    files: Sequence[Path],
+    tokenizer: Any,
+    separator: int,
+    *,
+    paragraphs: bool = False,
+    max_tokens_per_char: float = 0.0,
+    holdout: tuple[float, int] | None = None,
+    cache: Path | None = None,
+) -> dict[str, TokenStream]:
+    """Tokenize ``files`` into cached token files; returns ``{"all"}`` or ``{"train", "validation"}``.
+
+    ``holdout=(fraction, seed)`` routes a deterministic fraction of documents to validation.
+    ``max_tokens_per_char`` (cramming's filter) drops documents that tokenize badly (> cutoff).
+    """
+    from kiln.tokenizers import cache_root
+
+    settings = {"separator": separator, "paragraphs": paragraphs, "max_tokens_per_char": max_tokens_per_char,
+                "holdout": list(holdout) if holdout else None, "version": 1}
+    key = hashlib.blake2b(json.dumps([_files_digest(files), _tokenizer_digest(tokenizer), settings]).encode(),
+                          digest_size=12).hexdigest()
+    target = (cache or cache_root().parent / "corpora") / key
+    parts = ["train", "validation"] if holdout else ["all"]
+    if not (target / "meta.json").is_file():
+        _write_streams(files, tokenizer, separator, paragraphs, max_tokens_per_char, holdout, parts, target)
+    meta = json.loads((target / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    streams = {}
+    for part in parts:
+        info = meta["parts"][part]
+        tokens = (np.memmap(target / f"{part}.bin", dtype=dtype, mode="r") if info["tokens"]
+                  else np.zeros(0, dtype=dtype))
+        streams[part] = TokenStream(tokens, info["documents"], info["dropped"])
+    return streams
+
+
+def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragraphs: bool,
+                   max_tokens_per_char: float, holdout: tuple[float, int] | None, parts: list[str],
+                   target: Path) -> None:
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    outputs = {part: open(tmp / f"{part}.bin", "wb") for part in parts}  # noqa: SIM115
+    counts = {part: {"tokens": 0, "documents": 0, "dropped": 0} for part in parts}
+    backend = tokenizer.backend_tokenizer
+    index = 0
+
+    def flush(batch: list[str], first_index: int) -> None:
+        encodings = backend.encode_batch(batch, add_special_tokens=False)  # parallel across cores
+        routed: dict[str, list[np.ndarray]] = {part: [] for part in parts}
+        for offset, (text, encoding) in enumerate(zip(batch, encodings, strict=True)):
+            part = parts[0]
+            if holdout:
+                part = "validation" if holdout_document(first_index + offset, *holdout) else "train"
+            ids = encoding.ids
+            if max_tokens_per_char and len(ids) > max_tokens_per_char * len(text):
+                counts[part]["dropped"] += 1
+                continue
+            routed[part].append(np.asarray([*ids, separator], dtype=dtype))
+            counts[part]["documents"] += 1
+            counts[part]["tokens"] += len(ids) + 1
+        for part, arrays in routed.items():
+            if arrays:
+                np.concatenate(arrays).tofile(outputs[part])
+
+    try:
+        batch: list[str] = []
+        for _, _, text in iter_documents(files, paragraphs):
+            batch.append(text)
+            if len(batch) == ENCODE_BATCH:
+                flush(batch, index)
+                index += len(batch)
+                batch = []
+        if batch:
+            flush(batch, index)
+        for stream in outputs.values():
+            stream.close()
+        (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "parts": counts,
+                                                   "files": [str(f) for f in files]}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        for stream in outputs.values():
+            stream.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class PackedBlocks(Sequence):
+    """Fixed-length training sequences cut from a token stream, with no padding.
+
+    Block ``i`` is ``prefix + tokens[i * body:(i + 1) * body] + suffix`` where ``body`` is the
+    block length minus the prefix and suffix (e.g. BERT's ``[CLS]`` and ``[SEP]``). Documents run
+    across block boundaries, separated by the separator token, as in BERT/GPT-2 pretraining.
+    Items are views into the memory map, so a corpus larger than RAM is fine.
+    """
+
+    def __init__(self, tokens: np.ndarray, length: int, prefix: Sequence[int] = (), suffix: Sequence[int] = ()):
+        self.tokens = tokens
+        self.length = length
+        self.prefix = np.asarray(prefix, dtype=np.int64)
+        self.suffix = np.asarray(suffix, dtype=np.int64)
+        self.body = length - len(self.prefix) - len(self.suffix)
+        if self.body < 1:
+            raise KilnError(f"sequence length {length} leaves no room for text")
+        self.count = len(tokens) // self.body
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        body = np.asarray(self.tokens[index * self.body:(index + 1) * self.body], dtype=np.int64)
+        return {"input_ids": np.concatenate([self.prefix, body, self.suffix]), "index": index}
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Every block has the same length (for the batch sampler)."""
+        return np.full(self.count, self.length, dtype=np.int64)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.count * self.length

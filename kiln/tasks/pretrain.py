@@ -1,0 +1,392 @@
+"""Pretraining objectives on raw text: ``mlm`` (BERT), ``clm`` (GPT) and ``span`` (T5).
+
+All three read a corpus (:mod:`kiln.data.corpus`), tokenize it once into a cached memory-mapped
+token stream and train on packed fixed-length blocks (``pretrain.seq_len``) with no padding. The
+corruption (masking, span noise) is drawn in ``collate`` from a generator seeded by the batch's block
+indices, so a batch is the same whenever it is drawn: evaluation is fixed and ``--resume`` is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar, TextIO
+
+import numpy as np
+
+from kiln.data.corpus import PackedBlocks, corpus_files, sample_texts, tokenize_corpus
+from kiln.errors import KilnError
+from kiln.tasks.base import Dataset, Task
+
+
+class PretrainTask(Task):
+    """Shared corpus handling; subclasses define blocks, corruption and the loss."""
+
+    suffixes: ClassVar[tuple[str, ...]] = (".txt", ".jsonl", ".gz")
+    main_metric: ClassVar[str] = "loss"
+
+    def find_splits(self, data: str | Path) -> dict[str, Any]:  # type: ignore[override]
+        return corpus_files(data)
+
+    def read(self, path: Any, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
+        if stream is not None:
+            raise KilnError(f"{self.name} models are evaluated on corpus files, not stdin")
+        files = [Path(p) for p in path] if isinstance(path, list | tuple) else corpus_files(path)["train"]
+        for file in files:
+            if not file.is_file():
+                raise KilnError("no such file", file)
+        return Dataset(str(files[0]), [], extras={"files": files, "part": "all"})
+
+    def holdout(self, train: Dataset) -> tuple[Dataset, Dataset]:
+        """No validation files: hold out a deterministic fraction of *documents* while tokenizing."""
+        extras = {**train.extras, "holdout": (self.config.data.validation_fraction, self.config.data.split_seed)}
+        return (Dataset(train.path, [], extras={**extras, "part": "train"}),
+                Dataset(train.path, [], extras={**extras, "part": "validation"}))
+
+    def texts(self, dataset: Dataset) -> Iterator[str]:
+        yield from sample_texts(dataset.extras["files"], self.config.pretrain.paragraphs)
+
+    def parse_input(self, item: Any, line: int) -> Any:
+        raise KilnError(f"{self.name} models do not predict; evaluate them on a corpus")
+
+    # -- blocks ------------------------------------------------------------------------------
+    def separator(self, tokenizer: Any) -> int:
+        """The token written after every document."""
+        for name in ("sep_token_id", "eos_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                return getattr(tokenizer, name)
+        raise KilnError("the tokenizer has neither a separator nor an end-of-text token")
+
+    def block_layout(self, tokenizer: Any, seq_len: int) -> tuple[int, list[int], list[int]]:
+        """``(block length, prefix, suffix)`` of a training block."""
+        return seq_len, [], []
+
+    def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
+        p = self.config.pretrain
+        holdout = dataset.extras.get("holdout")
+        streams = tokenize_corpus(dataset.extras["files"], tokenizer, self.separator(tokenizer),
+                                  paragraphs=p.paragraphs, max_tokens_per_char=p.max_tokens_per_char,
+                                  holdout=tuple(holdout) if holdout else None)
+        stream = streams[dataset.extras["part"]]
+        length, prefix, suffix = self.block_layout(tokenizer, min(p.seq_len, max_length))
+        blocks = PackedBlocks(stream.tokens, length, prefix, suffix)
+        if len(blocks) == 0:
+            raise KilnError(f"corpus has {len(stream.tokens)} tokens, fewer than one {length}-token block",
+                            dataset.path)
+        dataset.examples = range(len(blocks))  # type: ignore[assignment]  # n counts blocks
+        self.special_ids = sorted(set(tokenizer.all_special_ids))
+        self.vocab_size = len(tokenizer)
+        return blocks
+
+    def _rng(self, features: Sequence[dict]) -> np.random.Generator:
+        """A generator fixed by the batch's blocks: the same batch is always corrupted the same way."""
+        indices = np.asarray([f["index"] for f in features], dtype=np.int64)
+        return np.random.default_rng([self.config.train.seed, zlib.crc32(indices.tobytes())])
+
+    # -- predictions and metrics -------------------------------------------------------------
+    def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
+        return [None] * len(batch["input_ids"])
+
+    def decode(self, outputs: list[Any], features: list[dict], dataset: Dataset) -> list[Any]:
+        return []
+
+    def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
+        return {}
+
+    def loss_metrics(self, loss: float) -> dict[str, float]:
+        import math
+
+        return {"perplexity": math.exp(min(loss, 700))}
+
+    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
+        return []
+
+    def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
+        return {}
+
+
+def _stack(features: Sequence[dict]) -> np.ndarray:
+    return np.stack([np.asarray(f["input_ids"], dtype=np.int64) for f in features])
+
+
+# -- mlm -------------------------------------------------------------------------------------
+def word_continuations(tokenizer: Any) -> np.ndarray:
+    """``continues[id]``: token ``id`` continues the previous token's word (for whole-word masking).
+
+    WordPiece marks continuations with ``##``; Metaspace (Unigram) and byte-level BPE mark word
+    *starts* with ``▁`` / ``Ġ``.
+    """
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    if model == "WordPiece":
+        flags = [t.startswith("##") for t in tokens]
+    else:
+        marker = "▁" if model == "Unigram" else "Ġ"
+        flags = [not t.startswith(marker) for t in tokens]
+    return np.asarray([f and i not in special for i, f in enumerate(flags)], dtype=bool)
+
+
+def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, special_ids: Sequence[int], mask_id: int,
+                vocab_size: int, mask_prob: float, mask_token_prob: float = 0.8, random_token_prob: float = 0.1,
+                continues: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking of ``ids`` (B, T): returns ``(corrupted ids, selected)``, both (B, T).
+
+    Each non-special token (or, with ``continues``, each whole word) is selected with probability
+    ``mask_prob``; a selected token becomes ``[MASK]`` (``mask_token_prob``), a random token
+    (``random_token_prob``) or stays itself (the rest).
+    """
+    candidates = ~np.isin(ids, special_ids)
+    if continues is None:
+        selected = (rng.random(ids.shape) < mask_prob) & candidates
+    else:
+        # A word starts at every token that does not continue one (or follows a special token).
+        previous_special = np.concatenate([np.ones((ids.shape[0], 1), bool), ~candidates[:, :-1]], axis=1)
+        starts = ~continues[ids] | previous_special
+        word = np.cumsum(starts, axis=1)  # (B, T) word number within the row
+        chosen = rng.random((ids.shape[0], ids.shape[1] + 1)) < mask_prob
+        selected = np.take_along_axis(chosen, word, axis=1) & candidates
+    draw = rng.random(ids.shape)
+    corrupted = ids.copy()
+    to_mask = selected & (draw < mask_token_prob)
+    to_random = selected & (draw >= mask_token_prob) & (draw < mask_token_prob + random_token_prob)
+    corrupted[to_mask] = mask_id
+    corrupted[to_random] = rng.integers(0, vocab_size, size=int(to_random.sum()))
+    return corrupted, selected
+
+
+def _mlm_parts(model: Any) -> tuple[Any, Any] | None:
+    """``(encoder, head)`` of a transformers masked-LM model, for logits at chosen positions only."""
+    kind = model.config.model_type
+    if kind == "bert":
+        return model.bert, model.cls
+    if kind in ("roberta", "xlm-roberta", "camembert"):
+        return model.roberta, model.lm_head
+    if kind == "modernbert":
+        return model.model, lambda h: model.decoder(model.head(h))
+    if kind == "distilbert":
+        return model.distilbert, lambda h: model.vocab_projector(
+            model.vocab_layer_norm(model.activation(model.vocab_transform(h))))
+    return None
+
+
+def sparse_mlm_module(model: Any) -> Any:
+    """Wrap a masked-LM so the vocabulary projection runs at the masked positions only.
+
+    The projection to a 30k vocabulary is the largest matmul of a small BERT; with 15 % masking
+    this saves ~85 % of it (and of the logits' memory). Families without a known head layout fall
+    back to full logits, gathered at the same positions.
+    """
+    import torch
+
+    class SparseMaskedLM(torch.nn.Module):
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, masked_positions: Any, token_type_ids: Any = None,
+                    attention_mask: Any = None) -> Any:
+            extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            parts = _mlm_parts(self.inner)
+            if parts is None:
+                logits = self.inner(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+                return SimpleNamespace(logits=logits.flatten(0, 1).index_select(0, masked_positions))
+            encoder, head = parts
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]  # (B, T, H)
+            selected = hidden.flatten(0, 1).index_select(0, masked_positions)  # (M, H)
+            return SimpleNamespace(logits=head(selected))  # (M, V)
+
+    return SparseMaskedLM(model)
+
+
+class MaskedLMTask(PretrainTask):
+    """BERT-style masked language modelling with a sparse prediction head."""
+
+    name: ClassVar[str] = "mlm"
+    auto_model: ClassVar[str] = "AutoModelForMaskedLM"
+    default_profile: ClassVar[str] = "crammed-bert-mini"
+
+    def block_layout(self, tokenizer: Any, seq_len: int) -> tuple[int, list[int], list[int]]:
+        start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        end = self.separator(tokenizer)
+        if tokenizer.mask_token_id is None:
+            raise KilnError("mlm needs a tokenizer with a mask token (BERT or RoBERTa style)")
+        return seq_len, [start] if start is not None else [], [end]
+
+    def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
+        blocks = super().encode(dataset, tokenizer, max_length)
+        self.mask_id = tokenizer.mask_token_id
+        self.continues = word_continuations(tokenizer) if self.config.pretrain.whole_word else None
+        return blocks
+
+    def training_module(self, model: Any) -> Any:
+        return sparse_mlm_module(model)
+
+    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+        import torch
+
+        p = self.config.pretrain
+        ids = _stack(features)  # (B, T)
+        corrupted, selected = mask_tokens(
+            ids, self._rng(features), special_ids=self.special_ids, mask_id=self.mask_id,
+            vocab_size=self.vocab_size, mask_prob=p.mask_prob, mask_token_prob=p.mask_token_prob,
+            random_token_prob=p.random_token_prob, continues=self.continues)
+        positions = np.flatnonzero(selected)  # (M,) into the flattened (B*T,) sequence
+        return {"input_ids": torch.from_numpy(corrupted), "masked_positions": torch.from_numpy(positions),
+                "labels": torch.from_numpy(ids.reshape(-1)[positions])}
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {"input_ids": batch["input_ids"], "masked_positions": batch["masked_positions"]}
+
+    def loss(self, outputs: Any, batch: dict) -> Any:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+
+    def loss_units(self, batch: dict) -> int:
+        return int(batch["labels"].numel())
+
+
+# -- clm -------------------------------------------------------------------------------------
+class CausalLMTask(PretrainTask):
+    """GPT-style next-token prediction on packed blocks."""
+
+    name: ClassVar[str] = "clm"
+    auto_model: ClassVar[str] = "AutoModelForCausalLM"
+    default_profile: ClassVar[str] = "gpt2"
+    target_keys: ClassVar[tuple[str, ...]] = ("input_ids",)  # the text is its own target
+
+    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+        import torch
+
+        return {"input_ids": torch.from_numpy(_stack(features))}
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {"input_ids": batch["input_ids"]}
+
+    def loss(self, outputs: Any, batch: dict) -> Any:
+        import torch.nn.functional as F
+
+        logits = outputs.logits[:, :-1].float()  # position t predicts token t + 1
+        return F.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="sum")
+
+    def loss_units(self, batch: dict) -> int:
+        ids = batch["input_ids"]
+        return int(ids.shape[0] * (ids.shape[1] - 1))
+
+
+# -- span ------------------------------------------------------------------------------------
+def span_lengths(raw_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """T5: ``(inputs length, targets length)`` after corrupting ``raw_length`` tokens (eos included)."""
+    noise = round(raw_length * noise_density)
+    spans = round(noise / mean_span)
+    return raw_length - noise + spans + 1, noise + spans + 1
+
+
+def raw_length_for(inputs_length: int, noise_density: float, mean_span: float) -> int:
+    """The longest raw block whose corrupted input fits ``inputs_length`` (T5's recipe)."""
+    raw = inputs_length
+    while span_lengths(raw + 1, noise_density, mean_span)[0] <= inputs_length:
+        raw += 1
+    return raw
+
+
+def random_spans_noise_mask(length: int, noise_density: float, mean_span: float,
+                            rng: np.random.Generator) -> np.ndarray:
+    """T5's noise mask: ``round(length * density)`` noise tokens in ``round(noise / mean_span)`` spans,
+    alternating with non-noise spans, starting with non-noise. Returns a bool (length,) array."""
+    noise = min(max(round(length * noise_density), 1), length - 1)
+    spans = max(round(min(noise, length - noise) / mean_span), 1)
+
+    def segment(items: int, segments: int) -> np.ndarray:
+        first = np.zeros(items, dtype=bool)
+        first[rng.permutation(items - 1)[:segments - 1] + 1] = True
+        return np.bincount(np.cumsum(first), minlength=segments)
+
+    interleaved = np.stack([segment(length - noise, spans), segment(noise, spans)], axis=1).reshape(-1)
+    starts = np.zeros(length, dtype=np.int64)
+    starts[np.cumsum(interleaved)[:-1]] = 1
+    return np.cumsum(starts) % 2 == 1
+
+
+class SpanCorruptionTask(PretrainTask):
+    """T5 span corruption: noise spans become sentinels in the input; the target spells them out."""
+
+    name: ClassVar[str] = "span"
+    auto_model: ClassVar[str] = "AutoModelForSeq2SeqLM"
+    default_profile: ClassVar[str] = "t5-efficient-tiny"
+    target_keys: ClassVar[tuple[str, ...]] = ("labels",)
+
+    def block_layout(self, tokenizer: Any, seq_len: int) -> tuple[int, list[int], list[int]]:
+        p = self.config.pretrain
+        vocab = tokenizer.get_vocab()
+        self.sentinels = [vocab[f"<extra_id_{i}>"] for i in range(1000) if f"<extra_id_{i}>" in vocab]
+        if not self.sentinels:
+            raise KilnError("span corruption needs a T5-style tokenizer with <extra_id_N> sentinels")
+        self.eos = tokenizer.eos_token_id
+        return raw_length_for(seq_len, p.noise_density, p.mean_span), [], []
+
+    def build_model(self, hf_config: Any) -> Any:
+        self.decoder_start = hf_config.decoder_start_token_id
+        return super().build_model(hf_config)
+
+    def load_model(self, path: str | Path, **kwargs: Any) -> Any:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_labels", "id2label", "label2id")}
+        model = super().load_model(path, **kwargs)
+        self.decoder_start = model.config.decoder_start_token_id
+        return model
+
+    def corrupt(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        """One raw block -> ``(input ids, target ids)``, each ending in eos."""
+        p = self.config.pretrain
+        noise = random_spans_noise_mask(len(ids), p.noise_density, p.mean_span, rng)
+        if int(np.sum(noise[1:] & ~noise[:-1]) + noise[0]) > len(self.sentinels):
+            raise KilnError("more noise spans than sentinel tokens; lower pretrain.seq_len")
+        inputs, targets, span = [], [], -1
+        for position, token in enumerate(ids.tolist()):
+            starts = noise[position] and (position == 0 or not noise[position - 1])
+            if starts:
+                span += 1
+            if noise[position]:
+                if starts:
+                    inputs.append(self.sentinels[span])
+                    targets.append(self.sentinels[span])
+                targets.append(token)
+            else:
+                inputs.append(token)
+        return [*inputs, self.eos], [*targets, self.eos]
+
+    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+        import torch
+
+        rng = self._rng(features)
+        pairs = [self.corrupt(np.asarray(f["input_ids"]), rng) for f in features]
+        width = max(len(i) for i, _ in pairs)
+        target_width = max(len(t) for _, t in pairs)
+        inputs = np.full((len(pairs), width), pad_id, dtype=np.int64)
+        mask = np.zeros_like(inputs)
+        labels = np.full((len(pairs), target_width), -100, dtype=np.int64)
+        decoder = np.full((len(pairs), target_width), pad_id, dtype=np.int64)
+        start = pad_id if self.decoder_start is None else self.decoder_start
+        for row, (source, target) in enumerate(pairs):
+            inputs[row, :len(source)] = source
+            mask[row, :len(source)] = 1
+            labels[row, :len(target)] = target
+            decoder[row, :len(target)] = [start, *target[:-1]]  # teacher forcing, shifted right
+        return {"input_ids": torch.from_numpy(inputs), "attention_mask": torch.from_numpy(mask),
+                "decoder_input_ids": torch.from_numpy(decoder), "labels": torch.from_numpy(labels)}
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
+
+    def loss(self, outputs: Any, batch: dict) -> Any:
+        import torch.nn.functional as F
+
+        logits = outputs.logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum", ignore_index=-100)
+
+    def loss_units(self, batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
