@@ -28,7 +28,10 @@ from kiln.errors import KilnError
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".raw", ".tokens")
 VALID_PREFIXES = ("valid", "validation", "dev", "val")
-ENCODE_BATCH = 2000  # documents per tokenizer call: big enough to keep all cores busy, small in RAM
+# One tokenizer call encodes up to this many documents or characters: enough to keep every core
+# busy, while the batch's encodings (~100 bytes per token) stay a few tens of MB.
+ENCODE_BATCH = 2000
+ENCODE_CHARS = 1_000_000
 
 
 def corpus_files(path: str | Path) -> dict[str, list[Path]]:
@@ -205,12 +208,14 @@ def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragr
 
     try:
         batch: list[str] = []
+        chars = 0
         for _, _, text in iter_documents(files, paragraphs):
             batch.append(text)
-            if len(batch) == ENCODE_BATCH:
+            chars += len(text)
+            if len(batch) == ENCODE_BATCH or chars >= ENCODE_CHARS:
                 flush(batch, index)
                 index += len(batch)
-                batch = []
+                batch, chars = [], 0
         if batch:
             flush(batch, index)
         for stream in outputs.values():
