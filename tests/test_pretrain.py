@@ -70,6 +70,7 @@ def test_corpus_files_and_documents(tmp_path):
     (tmp_path / "validation.txt").write_text("v\n")
     (tmp_path / "test.txt").write_text("t\n")
     (tmp_path / "notes.md").write_text("ignored\n")
+    (tmp_path / "SOURCE.txt").write_text("where the corpus came from\n")
     splits = corpus_files(tmp_path)
     assert {k: [p.name for p in v] for k, v in splits.items()} == {
         "train": ["a.txt", "b.jsonl.gz"], "validation": ["validation.txt"], "test": ["test.txt"]}

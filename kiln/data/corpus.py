@@ -28,6 +28,8 @@ from kiln.errors import KilnError
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".raw", ".tokens")
 VALID_PREFIXES = ("valid", "validation", "dev", "val")
+# Documentation shipped beside a corpus (wikitext-2's SOURCE.txt) is not training text.
+NOT_TEXT = ("readme", "license", "licence", "source", "notice", "citation", "changelog")
 # One tokenizer call encodes up to this many documents or characters: enough to keep every core
 # busy, while the batch's encodings (~100 bytes per token) stay a few tens of MB.
 ENCODE_BATCH = 2000
@@ -38,7 +40,8 @@ def corpus_files(path: str | Path) -> dict[str, list[Path]]:
     """Split a corpus path into ``{"train": [...], "validation": [...], "test": [...]}`` files.
 
     A file is the training corpus. In a directory, ``valid*``/``validation*``/``dev*`` files are
-    validation, ``test*`` files are test and every other corpus file is training data.
+    validation, ``test*`` files are test and every other corpus file is training data (except
+    README/LICENSE/SOURCE-style documentation).
     """
     path = Path(path)
     if path.is_file():
@@ -48,7 +51,7 @@ def corpus_files(path: str | Path) -> dict[str, list[Path]]:
     splits: dict[str, list[Path]] = {}
     for file in sorted(p for p in path.iterdir() if p.is_file()):
         name = file.name.lower()
-        if not name.endswith(SUFFIXES):
+        if not name.endswith(SUFFIXES) or name.startswith(NOT_TEXT):
             continue
         split = ("validation" if name.startswith(VALID_PREFIXES) else
                  "test" if name.startswith("test") else "train")

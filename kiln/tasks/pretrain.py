@@ -71,7 +71,10 @@ class PretrainTask(Task):
                                   paragraphs=p.paragraphs, max_tokens_per_char=p.max_tokens_per_char,
                                   holdout=tuple(holdout) if holdout else None)
         stream = streams[dataset.extras["part"]]
-        length, prefix, suffix = self.block_layout(tokenizer, min(p.seq_len, max_length))
+        if p.seq_len > max_length:
+            raise KilnError(f"pretrain.seq_len {p.seq_len} is longer than the model allows ({max_length}: "
+                            "train.max_length or the position embeddings)")
+        length, prefix, suffix = self.block_layout(tokenizer, p.seq_len)
         blocks = PackedBlocks(stream.tokens, length, prefix, suffix)
         if len(blocks) == 0:
             raise KilnError(f"corpus has {len(stream.tokens)} tokens, fewer than one {length}-token block",
