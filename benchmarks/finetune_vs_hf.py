@@ -33,14 +33,16 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workers import run_worker, serve_worker
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue" / "SST-2"
-RESULT_MARKER = "KILN_BENCH_RESULT "
 HF_BATCH = 32
 HF_LR = 1e-4
 TARGETS = {"hf-padded": 5.0, "hf-grouped": 2.0}
@@ -184,15 +186,7 @@ WORKERS = {"kiln": run_kiln, "hf-padded": run_hf, "hf-grouped": run_hf}
 
 
 def spawn(spec: dict) -> dict:
-    """Run one contender in a fresh interpreter; its result is the marked JSON line on stdout."""
-    print(f"== {spec['contender']} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                          stdout=subprocess.PIPE, text=True, check=False)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    sys.stderr.write(proc.stdout)
-    raise SystemExit(f"{spec['contender']} failed (exit {proc.returncode})")
+    return run_worker(__file__, spec)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -246,8 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.worker:
-        spec = json.loads(args.worker)
-        print(RESULT_MARKER + json.dumps(WORKERS[spec["contender"]](spec)), flush=True)
+        serve_worker(args.worker, WORKERS)
         return
 
     os.environ.setdefault("KILN_QUIET", "1")

@@ -6,8 +6,8 @@ does, or leave it out to train from scratch)::
     .venv/bin/python benchmarks/gpt2_wikitext2.py --gpus N [--init /path/to/gpt2]
 
 runs ``torchrun --nproc_per_node N -m kiln train clm wikitext-2 --profile gpt2 --epochs 3
---batch-size 4 -c pretrain.seq_len=1024 -c train.max_length=1024`` and prints its wall time next to the historic HF figures
-(66m40s on 1 GPU, 40m19s on 2, 32m44s on 4, 29m19s on 8).
+--batch-size 4 -c pretrain.seq_len=1024 -c train.max_length=1024`` and prints its wall time next
+to the historic HF figures (66m40s on 1 GPU, 40m19s on 2, 32m44s on 4, 29m19s on 8).
 
 On a CPU, ``--smoke`` checks the same command end to end with a 2-layer, 64-wide GPT-2 and 5 steps.
 """
@@ -30,7 +30,8 @@ def command(data: Path, out: Path, gpus: int, init: str | None, smoke: bool) -> 
     launcher = ([shutil.which("torchrun") or "torchrun", f"--nproc_per_node={gpus}", "-m", "kiln"]
                 if gpus > 1 else [sys.executable, "-m", "kiln"])
     cmd = [*launcher, "train", "clm", str(data), "-n", "gpt2-wikitext2", "--output-dir", str(out), "--overwrite",
-           "--epochs", "3", "--batch-size", "4", "--grad-accum", "1", "-c", "pretrain.seq_len=1024", "-c", "train.max_length=1024"]
+           "--epochs", "3", "--batch-size", "4", "--grad-accum", "1",
+           "-c", "pretrain.seq_len=1024", "-c", "train.max_length=1024"]
     cmd += ["--init", init] if init else ["--profile", "gpt2"]
     if smoke:
         cmd += ["-c", "model.config.n_layer=2", "-c", "model.config.n_embd=64", "-c", "model.config.n_head=2",

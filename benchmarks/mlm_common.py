@@ -7,9 +7,6 @@ fixed 15 % (seed 0, 80/10/10) and reports the mean cross-entropy at the masked p
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,21 +14,6 @@ from typing import Any
 import numpy as np
 
 SEQ_LEN = 128
-RESULT_MARKER = "KILN_BENCH_RESULT "
-
-
-def run_worker(script: str, spec: dict) -> dict:
-    """Run ``script --worker SPEC`` in a fresh interpreter (own threads and memory); return its JSON."""
-    print(f"== {spec['contender']} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)],
-                          stdout=subprocess.PIPE, text=True, check=False)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    sys.stderr.write(proc.stdout)
-    raise SystemExit(f"{spec['contender']} failed (exit {proc.returncode})")
-
-
 def valid_blocks(tokenizer: Any, path: Path, seq_len: int = SEQ_LEN) -> np.ndarray:
     """``[CLS] ... [SEP]`` blocks of ``seq_len`` tokens from the non-blank lines of ``path``."""
     from kiln.data.corpus import PackedBlocks, tokenize_corpus

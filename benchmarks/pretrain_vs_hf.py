@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlm_common import RESULT_MARKER, run_worker
+from workers import run_worker, serve_worker
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 BATCH = 32
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        spec = json.loads(args.worker)
-        print(RESULT_MARKER + json.dumps(WORKERS[spec["contender"]](spec)), flush=True)
+        serve_worker(args.worker, WORKERS)
         return
 
     os.environ.setdefault("KILN_QUIET", "1")

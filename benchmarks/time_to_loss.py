@@ -3,6 +3,8 @@
 Reproduce (from the repository root; ~45 minutes with the defaults)::
 
     .venv/bin/python benchmarks/time_to_loss.py --out time_to_loss.json
+    # or score an existing `kiln train mlm ... --budget 10m` run against HF:
+    .venv/bin/python benchmarks/time_to_loss.py --kiln-run runs/pre --out time_to_loss.json
 
 * kiln: ``kiln train mlm wikitext-2 --profile PROFILE --budget 10m`` (default ``crammed-bert-mini``),
   its own recipe (budget-triangle schedule, batch ramp, 25 % masking, sparse head).
@@ -27,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlm_common import RESULT_MARKER, run_worker
 from pretrain_vs_hf import DEFAULT_DATA
+from workers import run_worker, serve_worker
 
 
 def spawn(spec: dict) -> dict:
@@ -68,22 +70,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="crammed-bert-mini")
     parser.add_argument("--kiln-budget", default="10m")
     parser.add_argument("--hf-budget", default="30m")
+    parser.add_argument("--kiln-run", type=Path, default=None,
+                        help="reuse a finished `kiln train mlm ... --budget` run directory instead of training")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        spec = json.loads(args.worker)
         from pretrain_vs_hf import run_eval
 
-        worker = {"kiln": run_kiln, "hf": run_hf, "eval": run_eval}[spec["contender"]]
-        print(RESULT_MARKER + json.dumps(worker(spec)), flush=True)
+        serve_worker(args.worker, {"kiln": run_kiln, "hf": run_hf, "eval": run_eval})
         return
 
     os.environ.setdefault("KILN_QUIET", "1")
     with tempfile.TemporaryDirectory(prefix="kiln-ttl-") as tmp:
         common = {"data": str(args.data.resolve()), "workdir": tmp}
-        results = {"kiln": spawn({**common, "contender": "kiln", "profile": args.profile,
-                                  "budget": args.kiln_budget})}
+        if args.kiln_run:
+            logs = [json.loads(line) for line in (args.kiln_run / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in logs if "elapsed" in r and "split" not in r][-1]
+            config = json.loads((args.kiln_run / "run.json").read_text())["config"]
+            args.profile, args.kiln_budget = config["name"], config["train"]["budget"]
+            model = str((args.kiln_run / "model").resolve())
+            results = {"kiln": {"contender": "kiln", "profile": args.profile, "train_seconds": last["elapsed"],
+                                "steps": last["step"], "model": model, "tokenizer": model, "reused": True}}
+        else:
+            results = {"kiln": spawn({**common, "contender": "kiln", "profile": args.profile,
+                                      "budget": args.kiln_budget})}
         results["hf"] = spawn({**common, "contender": "hf", "budget": args.hf_budget,
                                "tokenizer": results["kiln"]["tokenizer"]})
         for r in results.values():

@@ -1,0 +1,29 @@
+"""Benchmark contenders run as workers: each in a fresh interpreter (own thread pools and memory),
+its result one marked JSON line on stdout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+RESULT_MARKER = "KILN_BENCH_RESULT "
+
+
+def run_worker(script: str, spec: dict) -> dict:
+    """Run ``script --worker SPEC`` in a fresh interpreter and return its result."""
+    print(f"== {spec['contender']} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    sys.stderr.write(proc.stdout)
+    raise SystemExit(f"{spec['contender']} failed (exit {proc.returncode})")
+
+
+def serve_worker(spec_json: str, workers: dict[str, Callable[[dict], dict]]) -> None:
+    """The worker side: run the contender named in the spec and print its marked result."""
+    spec = json.loads(spec_json)
+    print(RESULT_MARKER + json.dumps(workers[spec["contender"]](spec)), flush=True)
