@@ -89,7 +89,8 @@ def hf_train_mlm(*, tokenizer_dir: str, train: Path, out: Path, hidden: int, lay
 
     args = TrainingArguments(
         output_dir=str(out / "hf-trainer"), per_device_train_batch_size=batch, learning_rate=lr,
-        max_steps=max_steps, warmup_ratio=warmup_ratio, lr_scheduler_type="linear", seed=42, bf16=bf16,
+        # transformers 5 has no warmup_ratio: a float warmup_steps below 1 is the ratio.
+        max_steps=max_steps, warmup_steps=warmup_ratio, lr_scheduler_type="linear", seed=42, bf16=bf16,
         use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", eval_strategy="no",
         logging_steps=10**9, dataloader_num_workers=0, disable_tqdm=True)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
