@@ -359,3 +359,15 @@ def test_wikitext2_mlm_smoke(tmp_path):
     run = kiln.train("mlm", SHARED_DATA / "wikitext-2", name="w", profile="crammed-bert-tiny", max_steps=3,
                      output_dir=tmp_path, **{"train.batch_size": 8, "train.grad_accum": 1})
     assert run.metrics["n"] > 100  # validation blocks from valid.txt
+
+
+def test_budget_resume_counts_the_time_already_spent(corpus, tmp_path):
+    common = dict(profile=profile(tmp_path), budget="3s", output_dir=tmp_path, log_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        kiln.train("mlm", corpus, name="b", callbacks=[StopAt(2)], **common)
+    resumed = kiln.train("mlm", corpus, name="b", resume=True, output_dir=tmp_path)
+    logs = [json.loads(line) for line in (resumed.path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if "split" not in r]
+    assert [r["step"] for r in steps][:2] == [1, 2] and steps[-1]["step"] > 2  # the log continues
+    assert 3.0 <= steps[-1]["elapsed"] < 5.0  # one budget across both runs, not 3 s each
+    assert resumed.model_dir.joinpath("model.safetensors").is_file()
