@@ -8,6 +8,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def feature_lengths(features: Sequence[dict]) -> np.ndarray:
+    """Token count of each feature; packed corpora report theirs without reading every block."""
+    lengths = getattr(features, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.asarray([len(f["input_ids"]) for f in features], dtype=np.int64)
+
+
 class TokenBudgetSampler:
     """Group example indices into micro-batches whose padded size fits ``batch_tokens``.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.training.batching import TokenBudgetSampler
+from kiln.training.batching import TokenBudgetSampler, feature_lengths
 from kiln.training.device import autocast
 
 
@@ -23,7 +23,7 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
     """
     import torch
 
-    sampler = TokenBudgetSampler([len(f["input_ids"]) for f in features], batch_tokens=batch_tokens,
+    sampler = TokenBudgetSampler(feature_lengths(features), batch_tokens=batch_tokens,
                                  max_batch_size=max_batch_size, shuffle=False)
     outputs: list[Any] = [None] * len(features)
     loss_sum = torch.zeros((), device=device)

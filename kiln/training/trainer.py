@@ -22,7 +22,7 @@ from typing import Any
 
 from kiln.config import Config
 from kiln.training import checkpoint as ckpt
-from kiln.training.batching import TokenBudgetSampler
+from kiln.training.batching import TokenBudgetSampler, feature_lengths
 from kiln.training.device import autocast, resolve_device, resolve_precision
 from kiln.training.inference import run_inference, to_device
 from kiln.training.optim import build_optimizer, lr_at_fraction, lr_multiplier, parse_duration, warmup_steps
@@ -59,11 +59,6 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         """Called once when training finishes."""
-
-
-def _token_count(features: Any) -> int:
-    n_tokens = getattr(features, "n_tokens", None)  # packed corpora: no need to touch every block
-    return n_tokens if n_tokens is not None else sum(len(f["input_ids"]) for f in features)
 
 
 def _duration(seconds: float) -> str:
@@ -136,10 +131,8 @@ class Trainer:
             self.module = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
         self.optimizer = build_optimizer(self.model, self.config.optim, self.device.type)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        lengths = getattr(self.train_features, "lengths", None)  # packed corpora know theirs
         self.sampler = TokenBudgetSampler(
-            lengths if lengths is not None else [len(f["input_ids"]) for f in self.train_features],
-            batch_tokens=train.batch_tokens,
+            feature_lengths(self.train_features), batch_tokens=train.batch_tokens,
             max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
             seed=train.seed, rank=self.rank, world_size=self.world_size,
         )
@@ -450,8 +443,8 @@ class Trainer:
     def _print_summary(self) -> None:
         train = self.config.train
         params = sum(p.numel() for p in self.model.parameters())
-        train_tokens = _token_count(self.train_features)
-        eval_tokens = _token_count(self.eval_features)
+        train_tokens = int(feature_lengths(self.train_features).sum())
+        eval_tokens = int(feature_lengths(self.eval_features).sum())
         batch = (f"{train.batch_size} examples" if train.batch_size else f"{train.batch_tokens} tokens")
         accumulated = train.grad_accum * self.world_size
         d = self.description
