@@ -9,8 +9,9 @@ Reproduce (from the repository root)::
 2. Achieved: ``kiln train mlm`` with a bert-base-shaped stack (12 layers, 768 hidden, 12 heads,
    3072 feed-forward; ``--layers`` to shorten it) on WikiText-2, batch 16 x 128 tokens, after
    ``--warmup`` steps. Model FLOPs per token count what the model must compute, not what a
-   wasteful implementation would: 6 x the non-embedding parameters, plus attention scores and
-   mixing (6 x 2 x layers x hidden x seq), plus the MLM head at the masked 15 % of positions.
+   wasteful implementation would: ``kiln.estimate.training_flops_per_token`` of the encoder
+   (6 x its non-embedding parameters, plus attention scores and mixing, 12 x layers x hidden x seq)
+   plus the MLM head (transform and vocabulary projection) at the masked 15 % of positions.
 3. MFU = achieved / peak of the precision kiln ran in (``auto``: fp32 on CPUs without native
    bf16). The target is >= 40 % of the bf16 peak; on a CPU that emulates bf16 the bf16 peak is
    below the fp32 one, so both ratios are printed.
@@ -52,6 +53,21 @@ def matmul_peak(dtype: str, device: str, n: int = 2048, repeats: int = 10) -> fl
     return 2 * n**3 / best
 
 
+def model_flops_per_token(config: dict) -> float:
+    """Training FLOPs per token of a BERT MLM with a sparse head: encoder + head at 15 % of positions."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from kiln.estimate import parameter_counts, shape_of, training_flops_per_token
+
+    architecture = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(architecture, add_pooling_layer=False)  # MLM runs no pooler
+    hidden, vocab = architecture.hidden_size, architecture.vocab_size
+    head = 6 * 0.15 * (hidden * hidden + hidden * vocab)  # transform + tied vocabulary projection
+    return training_flops_per_token(parameter_counts(encoder)["non_embedding"], shape_of(architecture), SEQ) + head
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -86,11 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = {r["step"]: r["elapsed"] for r in logs if "elapsed" in r and "split" not in r}
     seconds = steps[args.warmup + args.steps] - steps[args.warmup]
     tokens = args.steps * BATCH * SEQ
-    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
-    per_layer = 4 * hidden * hidden + 4 * hidden + 2 * hidden * config["intermediate_size"] \
-        + config["intermediate_size"] + hidden + 4 * hidden  # attention, FFN, 2 LayerNorms
-    flops_per_token = (6 * layers * per_layer + 6 * 2 * layers * hidden * SEQ
-                       + 6 * 0.15 * (hidden * vocab + hidden * hidden))
+    flops_per_token = model_flops_per_token(config)
+    layers = config["num_hidden_layers"]
     achieved = flops_per_token * tokens / seconds
     precision = resolve_precision("auto", device)
     result = {"device": str(device), "precision": precision, "peak_flops": peaks, "layers": layers,

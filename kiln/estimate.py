@@ -92,6 +92,16 @@ def activation_bytes(shape: Shape, seq_len: int, batch_size: int, precision: str
     return per_token * seq_len * batch_size * width
 
 
+def training_flops_per_token(non_embedding: int, shape: Shape, seq_len: int) -> int:
+    """Model FLOPs to train on one token, in PaLM's MFU accounting (Chowdhery et al., 2022, app. B).
+
+    6 per non-embedding parameter (forward 2, backward 4), plus the attention scores and mixing
+    (``Q K^T`` and ``A V``: 2 x 2 x seq x attention width forward per layer, x 3 with backward).
+    Embedding lookups are free; recomputation (activation checkpointing) is not model FLOPs.
+    """
+    return 6 * non_embedding + 12 * shape.layers * seq_len * shape.attention_width
+
+
 def estimate(
     profile: str,
     task: str | None = None,
@@ -133,8 +143,7 @@ def estimate(
         "mixed_precision_copies": 2 * total if precision in ("bf16", "fp16") else 0,
     }
     memory["total"] = sum(memory.values())
-    # 6 FLOPs per parameter per token (forward 2, backward 4) plus attention scores and mixing.
-    flops_per_token = 6 * counts["non_embedding"] + 6 * shape.layers * seq_len * shape.attention_width
+    flops_per_token = training_flops_per_token(counts["non_embedding"], shape, seq_len)
     result = {
         "profile": config.name,
         "parameters": counts,

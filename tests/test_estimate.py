@@ -54,7 +54,8 @@ def test_memory_breakdown_follows_precision_and_optimizer():
 def test_flops_and_time():
     result = estimate("bert-base", seq_len=512, peak_tflops=100, mfu=0.5)
     non_embedding = result["parameters"]["non_embedding"]
-    assert result["flops_per_token"] == 6 * non_embedding + 6 * 12 * 512 * 768
+    # PaLM's accounting: 6 N plus 12 x layers x seq x width for Q K^T and A V (forward + backward).
+    assert result["flops_per_token"] == 6 * non_embedding + 12 * 12 * 512 * 768
     assert result["seconds_per_million_tokens"] == pytest.approx(1e6 * result["flops_per_token"] / 50e12, abs=0.01)
 
 

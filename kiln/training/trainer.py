@@ -268,13 +268,16 @@ class Trainer:
                     self.state.examples_seen += examples
                     self.state.train_seconds = time.perf_counter() - started
                     logs = None
-                    if self.state.step % train.log_every == 0 or self.state.step == self.total_steps:
+                    out_of_time = bool(self.budget) and self.state.train_seconds >= self.budget
+                    if (self.state.step % train.log_every == 0 or self.state.step == self.total_steps
+                            or out_of_time):  # the last step of a budget run is always logged
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
                         logs = {"step": self.state.step, "epoch": round(self._epoch_progress(len(batches)), 4),
                                 "loss": window_loss.item() / window_steps,
                                 "lr": self.optimizer.param_groups[0]["lr"],
                                 "tokens_per_s": window_tokens / elapsed,
                                 "examples_per_s": window_examples / elapsed,
+                                "tokens": self.state.tokens_seen,
                                 "elapsed": round(self.state.train_seconds, 2)}
                         self._log(logs)
                         window_loss.zero_()
@@ -287,7 +290,7 @@ class Trainer:
                             progress.set_postfix(loss=f"{window_loss.item() / window_steps:.4f}",
                                                  lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                                  tok_s=f"{window_tokens / elapsed:.0f}")
-                    if self.budget and self.state.train_seconds >= self.budget:
+                    if out_of_time:
                         self._say(f"  budget    {_duration(self.budget)} spent at step {self.state.step}")
                         self.should_stop = True
                     if not eta_printed and self.state.step == min(10, self.total_steps) and not self.budget:
