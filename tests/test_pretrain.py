@@ -272,6 +272,15 @@ def test_budget_stops_on_time_and_ramps_the_batch(corpus, tmp_path):
     assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)  # the triangle rises, then falls
 
 
+def test_budget_run_logs_its_last_step(corpus, tmp_path):
+    run = kiln.train("mlm", corpus, name="b", profile=profile(tmp_path, CRAMMED_TINY), budget="2s",
+                     output_dir=tmp_path / "runs", log_every=10**6)
+    logs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [r for r in logs if "split" not in r]  # only the step that spent the budget
+    state = json.loads((run.path / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert last["step"] == state["step"] and last["tokens"] == state["tokens_seen"] > 0
+
+
 def test_batch_ramp_grows_accumulation_to_the_final_batch():
     from types import SimpleNamespace
 

@@ -44,8 +44,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             continue
         target = exclusive if key in ("train.batch_tokens", "train.batch_size") else group
         kind = _flag_type(key)
-        default = f.default
-        help_text = f"{f.metadata['doc']} [{key}; profile default otherwise {default}]"
+        shown = f.default if f.default not in ("", None) else "none"
+        help_text = f"{f.metadata['doc']} [{key}; profile default otherwise {shown}]"
         target.add_argument(flag, dest=key, type=kind, default=None, help=help_text.replace("%", "%%"),
                             choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices")
                             else kind.__name__.upper().replace("STR", "VALUE"))
