@@ -4,8 +4,8 @@ Reproduce (from the repository root; budget x contenders plus ~1 minute of evalu
 
     .venv/bin/python benchmarks/crammed_shapes.py --budget 10m --out shapes-10m.json
     .venv/bin/python benchmarks/crammed_shapes.py --budget 60m crammed-bert-mini crammed-bert-small
-    # a contender may carry -c overrides after a colon, e.g. a smaller final batch:
-    .venv/bin/python benchmarks/crammed_shapes.py "crammed-bert-mini:train.grad_accum=1"
+    # a contender may carry -c overrides after a colon, e.g. the batch ramp to 256 sequences:
+    .venv/bin/python benchmarks/crammed_shapes.py "crammed-bert-mini:train.grad_accum=4"
 
 Each contender is ``kiln train mlm wikitext-2 --profile P --budget B`` in a fresh interpreter, one after
 another (never side by side: they would share the two cores). All use the same cached 32768-token
