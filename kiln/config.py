@@ -157,6 +157,10 @@ class PretrainConfig:
     paragraphs: bool = setting(False, "Text corpora: documents are blank-line-separated paragraphs, not lines.")
     max_tokens_per_char: float = setting(
         0.0, "Drop documents with more tokens per character than this (cramming's filter; 0: keep all).")
+    curriculum: str = setting(
+        "none", "Order of the training blocks: none (shuffled each epoch) or unigram (cramming's curriculum: "
+        "most to least likely under the corpus's token frequencies, the same order every epoch).",
+        choices=("none", "unigram"))
 
 
 @dataclass

@@ -48,3 +48,11 @@ def test_ranks_get_disjoint_equal_shares(world_size):
     assert len({len(s) for s in shares}) == 1
     seen = [i for share in shares for batch in share for i in batch]
     assert len(seen) == len(set(seen))
+
+
+def test_fixed_order_is_a_curriculum_kept_every_epoch_and_split_across_ranks():
+    order = [3, 1, 0, 2, 5, 4]
+    sampler = TokenBudgetSampler([8] * 6, batch_size=2, order=order, seed=1)
+    assert sampler.batches(0) == sampler.batches(3) == [[3, 1], [0, 2], [5, 4]]
+    ranks = [TokenBudgetSampler([8] * 6, batch_size=2, order=order, rank=r, world_size=2).batches(0) for r in (0, 1)]
+    assert ranks == [[[3, 1]], [[0, 2]]]  # equal batch counts on both ranks

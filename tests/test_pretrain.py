@@ -13,7 +13,7 @@ from test_trainer import StopAt
 
 import kiln
 from kiln.config import TokenizerConfig
-from kiln.data.corpus import PackedBlocks, corpus_files, iter_documents, tokenize_corpus
+from kiln.data.corpus import PackedBlocks, corpus_files, iter_documents, tokenize_corpus, unigram_order
 from kiln.errors import KilnError
 from kiln.tasks.pretrain import (
     mask_tokens,
@@ -25,6 +25,7 @@ from kiln.tasks.pretrain import (
 )
 from kiln.tokenizers import train_tokenizer
 from kiln.training.optim import budget_triangle, lr_at_fraction, parse_duration
+from kiln.training.trainer import Callback
 
 WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "on", "under", "a", "mat", "tree", "house", "big", "small",
          "red", "green", "quickly", "slowly", "because", "although", "morning", "evening", "river", "mountain"]
@@ -120,6 +121,29 @@ def test_packed_blocks():
     assert blocks[1]["input_ids"].tolist() == [900, *range(8, 16), 901]
     with pytest.raises(IndexError):
         blocks[12]
+
+
+def test_unigram_curriculum_puts_common_word_blocks_first():
+    common, rare = [5, 6, 5, 6, 5, 6, 5, 6], [7, 8, 9, 10, 11, 12, 13, 14]  # 5 and 6 fill most of the stream
+    mixed = [5, 6, 5, 6, 7, 8, 9, 10]
+    stream = np.asarray(rare + common * 6 + mixed + common, dtype=np.uint16)  # 9 blocks of 8 (+ prefix)
+    blocks = PackedBlocks(stream, 9, prefix=[2])
+    order = unigram_order(blocks, vocab_size=16, chunk_blocks=2)  # chunked reads give the same scores
+    assert sorted(order.tolist()) == list(range(9))
+    assert set(order[:7].tolist()) == {1, 2, 3, 4, 5, 6, 8} and order[7:].tolist() == [7, 0]
+    assert order.tolist() == unigram_order(blocks, vocab_size=16).tolist()
+
+
+def test_training_follows_the_curriculum(corpus, tmp_path):
+    class FirstBatches(Callback):
+        def on_train_begin(self, trainer):
+            self.batches = trainer.sampler.batches(0)
+            self.expected = unigram_order(trainer.train_features, len(trainer.tokenizer))
+
+    seen = FirstBatches()
+    kiln.train("mlm", corpus, name="c", profile=profile(tmp_path), output_dir=tmp_path / "runs", max_steps=1,
+               overrides=["pretrain.curriculum=unigram"], callbacks=[seen])
+    assert [i for batch in seen.batches for i in batch] == seen.expected.tolist()
 
 
 MEMORY_PROBE = """

@@ -236,6 +236,27 @@ def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragr
         raise
 
 
+def unigram_order(blocks: PackedBlocks, vocab_size: int, chunk_blocks: int = 65536) -> np.ndarray:
+    """Block indices from the most to the least likely under the stream's own unigram distribution.
+
+    Cramming's curriculum: a block's score is the mean log-probability of its tokens under the
+    add-one-smoothed token frequencies of the whole stream, so blocks of common words come first.
+    The memory map is read in chunks (two passes), so RAM stays bounded for any corpus size.
+    """
+    body = blocks.body
+    tokens = blocks.tokens[:blocks.count * body]
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), chunk_blocks * body):
+        counts += np.bincount(np.asarray(tokens[start:start + chunk_blocks * body]), minlength=vocab_size)
+    log_probs = np.log((counts + 1) / (counts.sum() + vocab_size))
+    scores = np.empty(blocks.count)
+    for start in range(0, blocks.count, chunk_blocks):
+        stop = min(start + chunk_blocks, blocks.count)
+        chunk = np.asarray(tokens[start * body:stop * body]).reshape(stop - start, body)
+        scores[start:stop] = log_probs[chunk].mean(axis=1)
+    return np.argsort(-scores, kind="stable")
+
+
 class PackedBlocks(Sequence):
     """Fixed-length training sequences cut from a token stream, with no padding.
 

@@ -146,6 +146,10 @@ class Task:
         so the HF model is still what is saved and exported."""
         return model
 
+    def training_order(self, features: Any) -> Any:
+        """A fixed order of the training features (a curriculum), or None to shuffle each epoch."""
+        return None
+
     # -- features and batches ----------------------------------------------------------------
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
         """Token features, one or more per example; each has ``input_ids`` and ``example`` (index)."""

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
-from kiln.data.corpus import PackedBlocks, corpus_files, sample_texts, tokenize_corpus
+from kiln.data.corpus import PackedBlocks, corpus_files, sample_texts, tokenize_corpus, unigram_order
 from kiln.errors import KilnError
 from kiln.tasks.base import Dataset, Task
 
@@ -83,6 +83,11 @@ class PretrainTask(Task):
         self.special_ids = sorted(set(tokenizer.all_special_ids))
         self.vocab_size = len(tokenizer)
         return blocks
+
+    def training_order(self, features: Any) -> np.ndarray | None:
+        if self.config.pretrain.curriculum == "unigram":
+            return unigram_order(features, self.vocab_size)
+        return None
 
     def _rng(self, features: Sequence[dict]) -> np.random.Generator:
         """A generator fixed by the batch's blocks: the same batch is always corrupted the same way."""

@@ -21,8 +21,9 @@ class TokenBudgetSampler:
 
     Training order is shuffled per epoch (seeded by ``seed + epoch``, so resuming at a batch index is
     exact): indices are shuffled, cut into pools of roughly ``pool_batches`` batches, each pool is
-    sorted by length and cut into batches, and the batches are shuffled again. Without shuffling,
-    examples are sorted by length (inference). With ``world_size > 1`` each rank takes every
+    sorted by length and cut into batches, and the batches are shuffled again. A fixed ``order``
+    (a curriculum) is cut into batches as given, the same every epoch. Without shuffling, examples
+    are sorted by length (inference). With ``world_size > 1`` each rank takes every
     ``world_size``-th batch and all ranks get the same number of batches.
     """
 
@@ -37,6 +38,7 @@ class TokenBudgetSampler:
         rank: int = 0,
         world_size: int = 1,
         pool_batches: int = 64,
+        order: Sequence[int] | None = None,
     ):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_tokens = batch_tokens
@@ -47,6 +49,7 @@ class TokenBudgetSampler:
         self.rank = rank
         self.world_size = world_size
         self.pool_batches = pool_batches
+        self.order = None if order is None else np.asarray(order, dtype=np.int64)
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
         """Cut an ordered run of indices into batches under the budget."""
@@ -72,7 +75,9 @@ class TokenBudgetSampler:
     def batches(self, epoch: int = 0) -> list[list[int]]:
         """All micro-batches of ``epoch`` for this rank."""
         n = len(self.lengths)
-        if not self.shuffle:
+        if self.order is not None:
+            batches = self._cut(self.order)
+        elif not self.shuffle:
             order = np.argsort(self.lengths, kind="stable")
             batches = self._cut(order)
         else:

@@ -135,6 +135,7 @@ class Trainer:
             feature_lengths(self.train_features), batch_tokens=train.batch_tokens,
             max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
             seed=train.seed, rank=self.rank, world_size=self.world_size,
+            order=self.task.training_order(self.train_features),
         )
         self.budget = parse_duration(train.budget)
         self.total_steps = self._total_steps()
