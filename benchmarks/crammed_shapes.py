@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain_vs_hf import DEFAULT_DATA, run_eval
-from workers import run_worker, serve_worker
+from workers import last_train_log, run_worker, serve_worker
 
 DEFAULT_SHAPES = ("crammed-bert-tiny", "crammed-bert-mini", "crammed-bert-small")
 
@@ -36,8 +36,7 @@ def run_kiln(spec: dict) -> dict:
     profile, _, overrides = spec["shape"].partition(":")
     run = kiln.train("mlm", spec["data"], name=spec["name"], profile=profile, output_dir=spec["workdir"],
                      overwrite=True, budget=spec["budget"], overrides=[o for o in overrides.split(",") if o])
-    logs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in logs if "elapsed" in r and "split" not in r][-1]
+    last = last_train_log(run.path)
     return {"shape": spec["shape"], "steps": last["step"], "train_seconds": last["elapsed"],
             "tokens": last.get("tokens"), "model": str(run.model_dir), "run": str(run.path)}
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workers import run_worker, serve_worker
+from workers import last_train_log, run_worker, serve_worker
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 BATCH = 32
@@ -48,8 +48,7 @@ def run_kiln(spec: dict) -> dict:
                      overwrite=True, max_steps=spec["steps"], lr=LR, overrides=[
                          f"train.batch_size={BATCH}", "train.grad_accum=1", "pretrain.seq_len=128",
                          "pretrain.mask_prob=0.15", f"schedule.warmup_ratio={WARMUP}", "train.log_every=10"])
-    steps = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in steps if "elapsed" in r and "split" not in r][-1]
+    last = last_train_log(run.path)
     tokens = last["step"] * BATCH * 128
     return {"contender": "kiln", "steps": last["step"], "train_seconds": last["elapsed"], "tokens": tokens,
             "tokens_per_s": tokens / last["elapsed"], "model": str(run.model_dir), "tokenizer": str(run.model_dir),

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain_vs_hf import DEFAULT_DATA
-from workers import run_worker, serve_worker
+from workers import last_train_log, run_worker, serve_worker
 
 
 def spawn(spec: dict) -> dict:
@@ -44,8 +44,7 @@ def run_kiln(spec: dict) -> dict:
 
     run = kiln.train("mlm", spec["data"], name="kiln-budget", profile=spec["profile"], output_dir=spec["workdir"],
                      overwrite=True, budget=spec["budget"])
-    logs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in logs if "elapsed" in r and "split" not in r][-1]
+    last = last_train_log(run.path)
     return {"contender": "kiln", "profile": spec["profile"], "budget_s": parse_duration(spec["budget"]),
             "train_seconds": last["elapsed"], "steps": last["step"], "model": str(run.model_dir),
             "tokenizer": str(run.model_dir)}
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-ttl-") as tmp:
         common = {"data": str(args.data.resolve()), "workdir": tmp}
         if args.kiln_run:
-            logs = [json.loads(line) for line in (args.kiln_run / "metrics.jsonl").read_text().splitlines()]
-            last = [r for r in logs if "elapsed" in r and "split" not in r][-1]
+            last = last_train_log(args.kiln_run)
             config = json.loads((args.kiln_run / "run.json").read_text())["config"]
             args.profile, args.kiln_budget = config["name"], config["train"]["budget"]
             model = str((args.kiln_run / "model").resolve())
@@ -105,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nkiln {args.profile} @ {args.kiln_budget}: valid MLM loss {kiln_loss:.4f} "
           f"({results['kiln']['steps']} steps)")
     print(f"HF Trainer bert-small-like @ {args.hf_budget}: valid MLM loss {hf_loss:.4f} "
-          f"({results['hf']['steps']} steps, {results['hf']['tokens_per_s']:.0f} tokens/s)")
+          f"({results['hf']['steps']} steps in {results['hf']['train_seconds']:.0f} s, "
+          f"{results['hf']['tokens_per_s']:.0f} tokens/s)")
     print(f"target (kiln lower): {'met' if kiln_loss < hf_loss else 'NOT met'}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

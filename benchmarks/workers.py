@@ -7,8 +7,15 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 RESULT_MARKER = "KILN_BENCH_RESULT "
+
+
+def last_train_log(run_dir: str | Path) -> dict:
+    """The last training line (step, elapsed, tokens …) of a kiln run's ``metrics.jsonl``."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "elapsed" in r and "split" not in r][-1]
 
 
 def run_worker(script: str, spec: dict) -> dict:
