@@ -15,7 +15,6 @@ WordPiece tokenizer (the profiles share it), and one evaluator (``mlm_common.mlm
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain_vs_hf import DEFAULT_DATA, run_eval
-from workers import last_train_log, run_worker, serve_worker
+from workers import last_train_log, mlm_parser, run_worker, serve_worker
 
 DEFAULT_SHAPES = ("crammed-bert-tiny", "crammed-bert-mini", "crammed-bert-small")
 
@@ -42,15 +41,12 @@ def run_kiln(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = mlm_parser(__doc__, DEFAULT_DATA)
     parser.add_argument("shapes", nargs="*", default=list(DEFAULT_SHAPES),
                         help="profiles, each optionally PROFILE:key=value,key=value")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the runs under this directory (reuse one with time_to_loss.py --kiln-run)")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         serve_worker(args.worker, {"kiln": run_kiln, "eval": run_eval})
@@ -59,14 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("KILN_QUIET", "1")
     results = []
     with tempfile.TemporaryDirectory(prefix="kiln-shapes-") as tmp:
-        workdir = str((args.keep or Path(tmp)).resolve())
+        workdir, data = str((args.keep or Path(tmp)).resolve()), str(args.data.resolve())
         for i, shape in enumerate(args.shapes):
             name = f"{i}-{shape.partition(':')[0]}-{args.budget}"
             r = run_worker(__file__, {"contender": "kiln", "shape": shape, "name": name, "budget": args.budget,
-                                      "data": str(args.data.resolve()), "workdir": workdir})
+                                      "data": data, "workdir": workdir})
             r["valid_mlm_loss"] = run_worker(__file__, {"contender": "eval", "model": r["model"],
-                                                        "tokenizer": r["model"],
-                                                        "data": str(args.data.resolve())})["loss"]
+                                                        "tokenizer": r["model"], "data": data})["loss"]
             results.append(r)
             print(f"{shape:50s} {r['steps']:6d} steps  {r['train_seconds']:7.1f} s  "
                   f"valid MLM loss {r['valid_mlm_loss']:.4f}", flush=True)

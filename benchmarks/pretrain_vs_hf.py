@@ -20,7 +20,6 @@ Target: kiln ≥ 3x HF Trainer tokens/s on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workers import last_train_log, run_worker, serve_worker
+from workers import last_train_log, mlm_parser, run_worker, serve_worker
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 BATCH = 32
@@ -82,11 +81,8 @@ def spawn(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="directory with train.txt, valid.txt")
+    parser = mlm_parser(__doc__, DEFAULT_DATA)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps for each contender")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         serve_worker(args.worker, WORKERS)

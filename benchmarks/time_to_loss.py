@@ -21,7 +21,6 @@ Target: kiln at 10 minutes reaches a lower validation MLM loss than HF Trainer a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain_vs_hf import DEFAULT_DATA
-from workers import last_train_log, run_worker, serve_worker
+from workers import last_train_log, mlm_parser, run_worker, serve_worker
 
 
 def spawn(spec: dict) -> dict:
@@ -65,15 +64,12 @@ def run_hf(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser = mlm_parser(__doc__, DEFAULT_DATA)
     parser.add_argument("--profile", default="crammed-bert-tiny")
     parser.add_argument("--kiln-budget", default="10m")
     parser.add_argument("--hf-budget", default="30m")
     parser.add_argument("--kiln-run", type=Path, default=None,
                         help="reuse a finished `kiln train mlm ... --budget` run directory instead of training")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         from pretrain_vs_hf import run_eval

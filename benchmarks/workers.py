@@ -3,6 +3,7 @@ its result one marked JSON line on stdout."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -16,6 +17,15 @@ def last_train_log(run_dir: str | Path) -> dict:
     """The last training line (step, elapsed, tokens …) of a kiln run's ``metrics.jsonl``."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "elapsed" in r and "split" not in r][-1]
+
+
+def mlm_parser(doc: str, default_data: Path) -> argparse.ArgumentParser:
+    """The options every worker-based MLM benchmark shares: --data, --out and the hidden --worker."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=default_data, help="directory with train.txt, valid.txt")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
 
 
 def run_worker(script: str, spec: dict) -> dict:

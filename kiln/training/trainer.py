@@ -447,7 +447,7 @@ class Trainer:
     def _print_summary(self) -> None:
         train = self.config.train
         params = sum(p.numel() for p in self.model.parameters())
-        train_tokens = int(feature_lengths(self.train_features).sum())
+        train_tokens = int(self.sampler.lengths.sum())  # computed once, in setup
         eval_tokens = int(feature_lengths(self.eval_features).sum())
         batch = (f"{train.batch_size} examples" if train.batch_size else f"{train.batch_tokens} tokens")
         accumulated = train.grad_accum * self.world_size
