@@ -27,6 +27,36 @@ def hf_config(model_type: str, architecture: dict, **extra: Any) -> Any:
     return AutoConfig.for_model(model_type, **architecture)
 
 
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop")
+
+
+def set_dropout(model: Any, p: float) -> None:
+    """Set every dropout probability of ``model`` to ``p``, and record it in ``model.config``.
+
+    Not all of them are ``nn.Dropout`` modules: T5's and BART's attention keep the probability as a
+    float they pass to the functional dropout, and ModernBERT builds ``nn.Identity`` in place of a
+    zero-probability dropout. The config is updated so that the saved model says what was trained.
+    """
+    from torch import nn
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in list(vars(config).items()):
+            if _is_dropout_name(key) and isinstance(value, float):
+                setattr(config, key, p)
+    for module in list(model.modules()):
+        if isinstance(module, nn.Dropout):
+            module.p = p
+            continue
+        for name, value in list(vars(module).items()):
+            if _is_dropout_name(name) and isinstance(value, float):
+                setattr(module, name, p)
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Identity) and "drop" in name and p > 0:
+                setattr(module, name, nn.Dropout(p))
+
+
 def max_positions(config: Any) -> int:
     """Longest input (in tokens) the model's position embeddings allow."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -112,7 +112,6 @@ def train(
     run_dir = Path(output_dir) / name
     saved_meta: dict = {}
     if resume:
-        last = run_dir / "checkpoints" / "last"
         if not (run_dir / "config.yaml").is_file():
             raise KilnError("nothing to resume: no config.yaml in the run directory", run_dir)
         saved_meta = json.loads((run_dir / "run.json").read_text())
@@ -137,7 +136,8 @@ def train(
 
     torch.manual_seed(config.train.seed)
     init_dir = None
-    if resume and (run_dir / "checkpoints" / "last" / "config.json").is_file():
+    last = ckpt.last_checkpoint(run_dir / "checkpoints") if resume else None
+    if last is not None:
         tok = load_tokenizer(last)
         model = task_obj.load_model(last)
     elif init:
@@ -198,7 +198,9 @@ def train(
 def export(run_dir: Path) -> Path:
     """Copy the best (else last) checkpoint's HF files to ``run_dir/model`` atomically."""
     checkpoints = run_dir / "checkpoints"
-    source = checkpoints / "best" if (checkpoints / "best").is_dir() else checkpoints / "last"
+    source = ckpt.last_checkpoint(checkpoints, "best") or ckpt.last_checkpoint(checkpoints)
+    if source is None:
+        raise KilnError("no checkpoint to export", checkpoints)
     target = run_dir / "model"
     tmp, commit = ckpt.atomic_dir(target)
     for item in source.iterdir():

@@ -24,7 +24,13 @@ from kiln.tasks.pretrain import (
     word_continuations,
 )
 from kiln.tokenizers import train_tokenizer
-from kiln.training.optim import budget_triangle, lr_at_fraction, parse_duration
+from kiln.training.optim import (
+    budget_triangle,
+    lr_at_fraction,
+    parse_duration,
+    planned_steps,
+    ramp_accumulation,
+)
 from kiln.training.trainer import Callback
 
 WORDS = ["the", "cat", "dog", "bird", "sat", "ran", "on", "under", "a", "mat", "tree", "house", "big", "small",
@@ -217,6 +223,8 @@ def test_whole_word_masking_takes_every_piece(tokenizer):
         pieces = selected[0][word == w]
         assert pieces.all() or not pieces.any()
     assert continues[ids[0]].any()  # the test data does have multi-piece words
+    assert 0.1 < selected.mean() < 0.5  # and words were masked, at about the asked rate
+    assert (selected & continues[ids]).any()  # including their continuation pieces
 
 
 def test_span_noise_mask_and_lengths():
@@ -241,6 +249,10 @@ def test_span_corruption_reconstructs_the_text(tmp_path):
     inputs, targets = task.corrupt(ids, np.random.default_rng(3))
     assert len(inputs) <= 64 and inputs[-1] == targets[-1] == t5_tok.eos_token_id
     sentinel = {s: i for i, s in enumerate(task.sentinels)}
+    # Sentinels count up from <extra_id_0> in the input, and the target repeats them in the same order.
+    used = [sentinel[t] for t in inputs if t in sentinel]
+    assert used == list(range(len(used))) and len(used) >= 2
+    assert [sentinel[t] for t in targets if t in sentinel] == used and targets[0] == task.sentinels[0]
     # Put each target span back in place of its sentinel: the original block comes back.
     spans, current = {}, None
     for token in targets[:-1]:
@@ -290,10 +302,12 @@ def test_budget_stops_on_time_and_ramps_the_batch(corpus, tmp_path):
                      output_dir=tmp_path / "runs", log_every=1)
     logs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in logs if "split" not in r]
-    assert 4.0 <= steps[-1]["elapsed"] < 6.0  # stops on the step that spends the budget
+    assert steps[-2]["elapsed"] < 4.0 <= steps[-1]["elapsed"]  # stops on the step that spends the budget
     assert run.model_dir.joinpath("model.safetensors").is_file()
     lrs = [r["lr"] for r in steps]
     assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)  # the triangle rises, then falls
+    per_step = np.diff([0] + [r["tokens"] for r in steps])  # 8 blocks of 32 tokens per micro-batch
+    assert per_step[0] == 8 * 32 and per_step.max() == 4 * 8 * 32  # the batch ramps from 1 to 4
 
 
 def test_budget_run_logs_its_last_step(corpus, tmp_path):
@@ -306,15 +320,71 @@ def test_budget_run_logs_its_last_step(corpus, tmp_path):
 
 
 def test_batch_ramp_grows_accumulation_to_the_final_batch():
-    from types import SimpleNamespace
+    assert [ramp_accumulation(8, x, 0.6) for x in (0.0, 0.15, 0.3, 0.59, 0.6, 0.9)] == [1, 2, 4, 8, 8, 8]
+    assert ramp_accumulation(8, 0.1, 0.0) == 8
 
-    from kiln.config import Config, TrainConfig
-    from kiln.training.trainer import Trainer
 
-    config = Config(train=TrainConfig(grad_accum=8, batch_ramp=0.6))
-    ramp = [Trainer.accumulation(SimpleNamespace(config=config, fraction=lambda x=x: x))
-            for x in (0.0, 0.15, 0.3, 0.59, 0.6, 0.9)]
-    assert ramp == [1, 2, 4, 8, 8, 8]
+def test_planned_steps_count_the_ramp():
+    # Without a ramp: ceil per epoch (an epoch's last step takes the remainder).
+    assert planned_steps([10, 10], 20, 4, 0.0) == 6
+    assert planned_steps([10, 10], 15, 4, 0.0) == 5  # 1.5 epochs
+    # On a ramp the early steps are smaller, so there are more of them; simulated, they consume
+    # exactly the planned micro-batches.
+    steps, consumed = 0, 0
+    while consumed < 100:
+        consumed += min(ramp_accumulation(8, consumed / 100, 0.6), 100 - consumed)
+        steps += 1
+    assert planned_steps([100], 100, 8, 0.6) == steps > planned_steps([100], 100, 8, 0.0) == 13
+
+
+def test_a_batch_ramp_without_budget_still_trains_every_epoch(corpus, tmp_path):
+    text = CRAMMED_TINY.replace("batch_ramp: 0.0, epochs: 1", "batch_ramp: 0.6, epochs: 2").replace(
+        "grad_accum: 2", "grad_accum: 4")
+    run = kiln.train("mlm", corpus, name="r", profile=profile(tmp_path, text), output_dir=tmp_path / "runs")
+    state = json.loads((run.path / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (2, 0)  # both epochs, to their last micro-batch
+
+
+def test_training_masks_change_every_epoch_evaluation_masks_never(corpus, tokenizer):
+    from kiln.config import Config
+    from kiln.tasks import get_task
+
+    task = get_task("mlm", Config())
+    blocks = task.encode(task.read(corpus / "train.txt"), tokenizer, 128)
+    features = [blocks[i] for i in range(8)]
+    evaluation = [task.collate(features, 0)["masked_positions"] for _ in range(2)]
+    assert torch.equal(*evaluation)
+    epochs = [task.collate_training(features, 0, epoch)["masked_positions"] for epoch in (0, 0, 1)]
+    assert torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[0], epochs[2])
+
+
+@pytest.mark.parametrize("kind", ["modernbert", "t5"])
+def test_set_dropout_reaches_functional_and_absent_dropouts(kind):
+    import transformers
+
+    from kiln.models import set_dropout
+
+    sizes = {"modernbert": dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                layer_types=["full_attention"] * 2, attention_dropout=0.0, mlp_dropout=0.0,
+                                embedding_dropout=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                cls_token_id=2, sep_token_id=3),
+             "t5": dict(d_model=32, d_ff=32, d_kv=16, num_layers=2, num_heads=2, dropout_rate=0.0)}[kind]
+    config = transformers.AutoConfig.for_model(kind, vocab_size=120, **sizes)
+    if kind == "modernbert":
+        model = transformers.AutoModelForMaskedLM.from_config(config).train()
+    else:
+        model = transformers.T5EncoderModel(config).train()
+    ids = torch.randint(5, 120, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids)[0], model(input_ids=ids)[0])  # no dropout at all
+        set_dropout(model, 0.3)
+        assert torch.allclose(model(input_ids=ids)[0], model(input_ids=ids)[0]) is False
+    recorded = {k: v for k, v in vars(model.config).items() if "dropout" in k and isinstance(v, float)}
+    assert recorded and set(recorded.values()) == {0.3}
+    # The probabilities these attentions hand to the functional dropout are plain floats.
+    attention = [m for m in model.modules() if type(m).__name__ in ("T5Attention", "ModernBertAttention")]
+    assert attention and all(getattr(m, "attention_dropout", getattr(m, "dropout", None)) == 0.3
+                             for m in attention)
 
 
 # -- end to end ------------------------------------------------------------------------------

@@ -159,6 +159,11 @@ class Task:
         """Pad a micro-batch to its longest member (never to a fixed maximum)."""
         raise NotImplementedError
 
+    def collate_training(self, features: Sequence[dict], pad_id: int, epoch: int) -> dict:
+        """:meth:`collate` for a training micro-batch of ``epoch`` (tasks that draw noise per
+        batch, like masking, vary it by epoch here)."""
+        return self.collate(features, pad_id)
+
     def model_inputs(self, batch: dict) -> dict:
         """The part of a batch the model's ``forward`` takes."""
         accepted = getattr(self, "forward_args", None)

@@ -89,10 +89,19 @@ class PretrainTask(Task):
             return unigram_order(features, self.vocab_size)
         return None
 
-    def _rng(self, features: Sequence[dict]) -> np.random.Generator:
-        """A generator fixed by the batch's blocks: the same batch is always corrupted the same way."""
+    def collate_training(self, features: Sequence[dict], pad_id: int, epoch: int) -> dict:
+        return self.collate(features, pad_id, epoch=epoch)
+
+    def _rng(self, features: Sequence[dict], epoch: int | None = None) -> np.random.Generator:
+        """A generator fixed by the batch's blocks (and, in training, the epoch).
+
+        Evaluation batches (``epoch`` None) are always corrupted the same way, so validation losses
+        compare; a training batch gets fresh noise each epoch (dynamic masking), even when a fixed
+        curriculum order repeats the same batches.
+        """
         indices = np.asarray([f["index"] for f in features], dtype=np.int64)
-        return np.random.default_rng([self.config.train.seed, zlib.crc32(indices.tobytes())])
+        key = [self.config.train.seed, zlib.crc32(indices.tobytes())]
+        return np.random.default_rng(key if epoch is None else [*key, 1, epoch])
 
     # -- predictions and metrics -------------------------------------------------------------
     def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
@@ -233,13 +242,13 @@ class MaskedLMTask(PretrainTask):
     def training_module(self, model: Any) -> Any:
         return sparse_mlm_module(model)
 
-    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+    def collate(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
         import torch
 
         p = self.config.pretrain
         ids = _stack(features)  # (B, T)
         corrupted, selected = mask_tokens(
-            ids, self._rng(features), special_ids=self.special_ids, mask_id=self.mask_id,
+            ids, self._rng(features, epoch), special_ids=self.special_ids, mask_id=self.mask_id,
             vocab_size=self.vocab_size, mask_prob=p.mask_prob, mask_token_prob=p.mask_token_prob,
             random_token_prob=p.random_token_prob, continues=self.continues)
         positions = np.flatnonzero(selected)  # (M,) into the flattened (B*T,) sequence
@@ -267,7 +276,7 @@ class CausalLMTask(PretrainTask):
     default_profile: ClassVar[str] = "gpt2"
     target_keys: ClassVar[tuple[str, ...]] = ("input_ids",)  # the text is its own target
 
-    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+    def collate(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
         import torch
 
         return {"input_ids": torch.from_numpy(_stack(features))}
@@ -367,10 +376,10 @@ class SpanCorruptionTask(PretrainTask):
                 inputs.append(token)
         return [*inputs, self.eos], [*targets, self.eos]
 
-    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+    def collate(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
         import torch
 
-        rng = self._rng(features)
+        rng = self._rng(features, epoch)
         pairs = [self.corrupt(np.asarray(f["input_ids"]), rng) for f in features]
         width = max(len(i) for i, _ in pairs)
         target_width = max(len(t) for _, t in pairs)

@@ -17,22 +17,41 @@ STATE_FILE = "trainer_state.json"
 KILN_FILE = "kiln.json"
 
 
+def _previous(target: Path) -> Path:
+    return target.parent / f".{target.name}.old"
+
+
 def atomic_dir(target: Path) -> tuple[Path, Any]:
-    """A fresh temporary sibling of ``target`` and a function that moves it into place."""
+    """A fresh temporary sibling of ``target`` and a function that moves it into place.
+
+    The swap is two renames: ``target`` → ``.target.old``, then the new one → ``target``. A crash
+    between them leaves only ``.target.old``, which :func:`last_checkpoint` falls back to.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
 
     def commit() -> None:
-        old = target.parent / f".{target.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
+        old = _previous(target)
         if target.exists():
+            if old.exists():
+                shutil.rmtree(old)
             target.rename(old)
         tmp.rename(target)
         if old.exists():
             shutil.rmtree(old)
 
     return tmp, commit
+
+
+def last_checkpoint(checkpoints: Path, name: str = "last") -> Path | None:
+    """The complete checkpoint ``checkpoints/name``, or the one it was replacing when a save was cut
+    off between its two renames; None when there is neither."""
+    for path in (checkpoints / name, _previous(checkpoints / name)):
+        if (path / STATE_FILE).is_file() and (path / "config.json").is_file():
+            return path
+    return None
 
 
 def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict) -> None:

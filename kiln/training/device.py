@@ -20,6 +20,8 @@ def resolve_device(spec: str) -> Any:
         return torch.device("cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise KilnError(f"--device {spec}: CUDA is not available on this machine")
+    if spec == "cuda":  # under torchrun, each rank takes its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     try:
         return torch.device(spec)
     except RuntimeError:

@@ -58,6 +58,38 @@ def lr_at_fraction(name: str, fraction: float, warmup_fraction: float) -> float:
     return lr_multiplier(name, min(int(fraction * scale), scale - 1), scale, round(warmup_fraction * scale))
 
 
+def ramp_accumulation(grad_accum: int, fraction: float, ramp: float) -> int:
+    """Micro-batches per step on a linear batch ramp: 1 at the start, ``grad_accum`` from ``ramp`` on.
+
+    ``fraction`` is how much of training is done (of the budget, the steps or the data).
+    """
+    if not ramp or grad_accum <= 1:
+        return grad_accum
+    return max(1, min(grad_accum, math.ceil(grad_accum * fraction / ramp)))
+
+
+def planned_steps(epoch_sizes: list[int], planned: int, grad_accum: int, ramp: float) -> int:
+    """Optimizer steps that consume ``planned`` micro-batches from epochs of ``epoch_sizes``.
+
+    A step never spans two epochs (an epoch's last step may take fewer micro-batches). On a batch
+    ramp, a step takes :func:`ramp_accumulation` micro-batches of the fraction of ``planned``
+    consumed so far, so the early, smaller steps are counted as they will run.
+    """
+    steps = consumed = 0
+    for size in epoch_sizes:
+        end = consumed + min(size, planned - consumed)
+        if end <= consumed:
+            break
+        if not ramp or grad_accum <= 1:
+            steps += math.ceil((end - consumed) / grad_accum)
+            consumed = end
+            continue
+        while consumed < end:
+            consumed += min(ramp_accumulation(grad_accum, consumed / planned, ramp), end - consumed)
+            steps += 1
+    return max(1, steps)
+
+
 def parse_duration(text: str) -> float:
     """Seconds in ``45m``, ``2h``, ``1d``, ``90s``, ``1h30m`` or a bare number of seconds (empty: 0)."""
     import re

@@ -12,7 +12,6 @@ the model is wrapped in DDP, and only rank 0 prints or writes files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -21,11 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import Config
+from kiln.errors import KilnError
+from kiln.models import set_dropout
 from kiln.training import checkpoint as ckpt
 from kiln.training.batching import TokenBudgetSampler, feature_lengths
 from kiln.training.device import autocast, resolve_device, resolve_precision
 from kiln.training.inference import run_inference, to_device
-from kiln.training.optim import build_optimizer, lr_at_fraction, lr_multiplier, parse_duration, warmup_steps
+from kiln.training.optim import (
+    build_optimizer,
+    lr_at_fraction,
+    lr_multiplier,
+    parse_duration,
+    planned_steps,
+    ramp_accumulation,
+    warmup_steps,
+)
 
 
 @dataclass
@@ -106,6 +115,8 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.last_metrics: dict = {}
         self.best_metrics: dict = {}
+        self._interrupt_requested = False  # set by the first Ctrl-C, acted on at the next step boundary
+        self._interrupt_now = False  # a second Ctrl-C: stop mid-step, without saving
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -115,10 +126,20 @@ class Trainer:
         train = self.config.train
         self.device = resolve_device(train.device)
         self.precision = resolve_precision(train.precision, self.device)
+        # Batches first: a rank with none would otherwise hang its peers in the first all-reduce.
+        self.sampler = TokenBudgetSampler(
+            feature_lengths(self.train_features), batch_tokens=train.batch_tokens,
+            max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
+            seed=train.seed, rank=self.rank, world_size=self.world_size,
+            order=self.task.training_order(self.train_features),
+        )
+        if not self.sampler.batches(0):
+            share = f" for each of {self.world_size} ranks" if self.world_size > 1 else ""
+            raise KilnError(f"{len(self.train_features)} training features make no batch{share}")
         if train.dropout is not None:
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = train.dropout
+            set_dropout(self.model, train.dropout)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.model.to(self.device)
         # What the loop calls: the model, or a task's wrapper around it (sharing its parameters).
         self.module = self.task.training_module(self.model)
@@ -131,20 +152,21 @@ class Trainer:
             self.module = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
         self.optimizer = build_optimizer(self.model, self.config.optim, self.device.type)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        self.sampler = TokenBudgetSampler(
-            feature_lengths(self.train_features), batch_tokens=train.batch_tokens,
-            max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
-            seed=train.seed, rank=self.rank, world_size=self.world_size,
-            order=self.task.training_order(self.train_features),
-        )
         self.budget = parse_duration(train.budget)
+        self._epoch_sizes, self._planned_batches = self._planned_micro_batches()
         self.total_steps = self._total_steps()
         self.warmup = warmup_steps(self.config.schedule, self.total_steps)
         self.metric = self.config.train.metric or self.task.main_metric
 
-    def steps_in_epoch(self, epoch: int) -> int:
-        """Optimizer steps in ``epoch`` (its last step may take fewer micro-batches)."""
-        return math.ceil(len(self.sampler.batches(epoch)) / self.config.train.grad_accum)
+    def _planned_micro_batches(self) -> tuple[list[int], int]:
+        """Micro-batches in each epoch that ``train.epochs`` covers, and how many of them to train."""
+        train = self.config.train
+        if train.max_steps > 0 or self.budget:
+            return [], 0
+        whole = int(train.epochs)
+        part = train.epochs - whole
+        sizes = [len(self.sampler.batches(e)) for e in range(whole + (part > 0))]
+        return sizes, sum(sizes[:whole]) + (int(part * sizes[whole]) if part > 0 else 0)
 
     def _total_steps(self) -> int:
         train = self.config.train
@@ -152,11 +174,7 @@ class Trainer:
             return train.max_steps
         if self.budget:  # time decides; steps are unbounded
             return sys.maxsize
-        whole = int(train.epochs)
-        total = sum(self.steps_in_epoch(e) for e in range(whole))
-        if train.epochs > whole:
-            total += int((train.epochs - whole) * self.steps_in_epoch(whole))
-        return max(1, total)
+        return planned_steps(self._epoch_sizes, self._planned_batches, train.grad_accum, train.batch_ramp)
 
     # -- override points ---------------------------------------------------------------------
     def compute_loss(self, model: Any, batch: dict) -> Any:
@@ -231,6 +249,9 @@ class Trainer:
 
         Returns the validation metrics of the best checkpoint, the model that is exported.
         """
+        import signal
+        import threading
+
         import torch
 
         clock = time.perf_counter()  # a budget counts set-up (and any compile warm-up) too
@@ -248,14 +269,17 @@ class Trainer:
         window_tokens = window_examples = 0
         started = clock - self.state.train_seconds
         eta_printed = self.state.step > 0
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         try:
             while self.state.step < self.total_steps and not self.should_stop:
                 batches = self.sampler.batches(self.state.epoch)
                 while self.state.batch_in_epoch < len(batches) and self.state.step < self.total_steps:
                     accumulate = self.accumulation()
                     chunk = batches[self.state.batch_in_epoch:self.state.batch_in_epoch + accumulate]
-                    micro = [self.task.collate([self.train_features[i] for i in ids], self.pad_id)
-                             for ids in chunk]
+                    micro = [self.task.collate_training([self.train_features[i] for i in ids], self.pad_id,
+                                                        self.state.epoch) for ids in chunk]
                     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                                  else b["input_ids"].numel() for b in micro)
                     examples = sum(len(ids) for ids in chunk)
@@ -268,17 +292,20 @@ class Trainer:
                     self.state.tokens_seen += tokens
                     self.state.examples_seen += examples
                     self.state.train_seconds = time.perf_counter() - started
+                    stop_requested = self._agree_across_ranks()
                     logs = None
                     out_of_time = bool(self.budget) and self.state.train_seconds >= self.budget
                     if (self.state.step % train.log_every == 0 or self.state.step == self.total_steps
                             or out_of_time):  # the last step of a budget run is always logged
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        loss, tokens, examples, seen = self._all_ranks(
+                            window_loss.item(), window_tokens, window_examples, self.state.tokens_seen)
                         logs = {"step": self.state.step, "epoch": round(self._epoch_progress(len(batches)), 4),
-                                "loss": window_loss.item() / window_steps,
+                                "loss": loss / window_steps,
                                 "lr": self.optimizer.param_groups[0]["lr"],
-                                "tokens_per_s": window_tokens / elapsed,
-                                "examples_per_s": window_examples / elapsed,
-                                "tokens": self.state.tokens_seen,
+                                "tokens_per_s": tokens / elapsed,
+                                "examples_per_s": examples / elapsed,
+                                "tokens": seen,
                                 "elapsed": round(self.state.train_seconds, 2)}
                         self._log(logs)
                         window_loss.zero_()
@@ -303,6 +330,8 @@ class Trainer:
                         callback.on_step_end(self, logs)
                     if train.eval_every and self.state.step % train.eval_every == 0:
                         self._evaluate_and_checkpoint()
+                    if stop_requested or (self.world_size == 1 and self._interrupt_requested):
+                        raise KeyboardInterrupt  # at a step boundary: the checkpoint below is consistent
                     if self.should_stop:
                         break
                 if self.state.batch_in_epoch >= len(batches):
@@ -315,9 +344,16 @@ class Trainer:
         except KeyboardInterrupt:
             if progress is not None:
                 progress.close()
-            self._save("last")
-            self._say(f"interrupted at step {self.state.step}; continue with --resume")
+            if self._interrupt_now:  # mid-step: the weights and the step count may disagree
+                self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
+                          "from the last checkpoint")
+            else:
+                self._save("last")
+                self._say(f"interrupted at step {self.state.step}; continue with --resume")
             raise
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         if progress is not None:
             progress.close()
         for callback in self.callbacks:
@@ -334,16 +370,66 @@ class Trainer:
         return min(1.0, self.state.step / max(self.total_steps, 1))
 
     def accumulation(self) -> int:
-        """Micro-batches in the next step: ``grad_accum``, or a linear ramp up to it (``batch_ramp``)."""
+        """Micro-batches in the next step: ``grad_accum``, or a linear ramp up to it (``batch_ramp``).
+
+        The ramp runs on the elapsed fraction of the budget, of ``max_steps``, or else of the
+        micro-batches that ``epochs`` plan (so the smaller early steps still cover every epoch).
+        """
         train = self.config.train
-        if not train.batch_ramp or train.grad_accum <= 1:
-            return train.grad_accum
-        return max(1, min(train.grad_accum, math.ceil(train.grad_accum * self.fraction() / train.batch_ramp)))
+        if self.budget or train.max_steps > 0:
+            done = self.fraction()
+        else:
+            consumed = sum(self._epoch_sizes[:self.state.epoch]) + self.state.batch_in_epoch
+            done = min(1.0, consumed / max(self._planned_batches, 1))
+        return ramp_accumulation(train.grad_accum, done, train.batch_ramp)
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self._interrupt_requested:  # a second Ctrl-C: the user will not wait for the step
+            self._interrupt_now = True
+            raise KeyboardInterrupt
+        self._interrupt_requested = True
+        self._say("\n  stopping after this step (saves a checkpoint; Ctrl-C again to stop at once)")
+
+    def _agree_across_ranks(self) -> bool:
+        """Under torchrun, make every rank see the same clock and the same Ctrl-C.
+
+        Each rank reads its own clock, and a signal reaches them at different moments: left alone,
+        one rank could stop on the budget (or set a different LR or accumulation) while another
+        starts a step whose all-reduce then never completes. The slowest clock and any rank's stop
+        request win. Returns whether to stop for an interrupt at this step's end.
+        """
+        if self.world_size == 1:
+            return False
+        import torch
+        import torch.distributed as dist
+
+        agreed = torch.tensor([self.state.train_seconds, float(self._interrupt_requested)],
+                              dtype=torch.float64, device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        seconds, interrupted = agreed.tolist()
+        self.state.train_seconds = seconds
+        return bool(interrupted)
+
+    def _all_ranks(self, loss: float, tokens: int, examples: int, seen: int) -> tuple[float, int, int, int]:
+        """The logged figures of the whole job: tokens and examples summed over ranks, and the loss
+        averaged (each rank's loss is its share of the global sum, scaled by the world size)."""
+        if self.world_size == 1:
+            return loss, tokens, examples, seen
+        import torch
+        import torch.distributed as dist
+
+        totals = torch.tensor([loss, tokens, examples, seen], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        loss, tokens, examples, seen = totals.tolist()
+        return loss / self.world_size, int(tokens), int(examples), int(seen)
 
     def _set_lr(self) -> None:
         schedule = self.config.schedule
         if self.budget:  # the schedule runs on the elapsed fraction of the budget, not on steps
-            multiplier = lr_at_fraction(schedule.name, self.fraction(), schedule.warmup_ratio)
+            warmup = 0.0 if schedule.warmup_steps else schedule.warmup_ratio
+            multiplier = lr_at_fraction(schedule.name, self.fraction(), warmup)
+            if schedule.warmup_steps and self.state.step < schedule.warmup_steps:  # warmup counted in steps
+                multiplier *= (self.state.step + 1) / schedule.warmup_steps
         else:
             multiplier = lr_multiplier(schedule.name, self.state.step, self.total_steps, self.warmup)
         for group in self.optimizer.param_groups:
@@ -401,20 +487,27 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = asdict(self.state)
+        if self.scaler is not None:  # fp16's loss scale: resuming without it would re-learn it
+            state["grad_scaler"] = self.scaler.state_dict()
         ckpt.save_checkpoint(path, self.model, self.tokenizer, meta, optimizer=self.optimizer,
-                             trainer_state=asdict(self.state), rng=rng)
+                             trainer_state=state, rng=rng)
 
     def _restore(self) -> None:
         import torch
 
-        path = self.run_dir / "checkpoints" / "last" if self.run_dir else None
-        if path is None or not (path / ckpt.STATE_FILE).exists():
+        path = ckpt.last_checkpoint(self.run_dir / "checkpoints") if self.run_dir else None
+        if path is None:
             self._say("  no checkpoint to resume from; starting from step 0")
             return
         ckpt.load_weights(self.model, path)
         state, tensors, rng = ckpt.load_checkpoint_state(path)
-        ckpt.restore_optimizer(self.optimizer, {k: v.to(self.device) for k, v in tensors.items()},
-                               state.pop("optimizer"))
+        # load_state_dict moves the moment tensors onto the parameters' device and keeps Adam's
+        # `step` counters where they are (on the CPU, so reading them costs no device sync).
+        ckpt.restore_optimizer(self.optimizer, tensors, state.pop("optimizer"))
+        scaler_state = state.pop("grad_scaler", None)
+        if scaler_state and self.scaler is not None:
+            self.scaler.load_state_dict(scaler_state)
         self.state = TrainerState(**state)
         best = path.parent / "best" / ckpt.KILN_FILE
         if best.is_file():
