@@ -50,6 +50,7 @@ class TokenBudgetSampler:
         self.world_size = world_size
         self.pool_batches = pool_batches
         self.order = None if order is None else np.asarray(order, dtype=np.int64)
+        self._cached: tuple[int | None, list[list[int]]] | None = None  # (epoch key, its batches)
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
         """Cut an ordered run of indices into batches under the budget."""
@@ -73,7 +74,14 @@ class TokenBudgetSampler:
         return batches
 
     def batches(self, epoch: int = 0) -> list[list[int]]:
-        """All micro-batches of ``epoch`` for this rank."""
+        """All micro-batches of ``epoch`` for this rank (the last epoch asked for is kept: set-up and
+        the loop both ask for the first, and cutting a large corpus is seconds of Python)."""
+        key = epoch if self.shuffle and self.order is None else None  # otherwise every epoch is alike
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._batches(epoch))
+        return self._cached[1]
+
+    def _batches(self, epoch: int) -> list[list[int]]:
         n = len(self.lengths)
         if self.order is not None:
             batches = self._cut(self.order)

@@ -197,11 +197,7 @@ class Trainer:
         self.module.train()
         units = sum(self.task.loss_units(b) for b in micro_batches)
         if self.world_size > 1:  # DDP averages gradients over ranks; normalise by the global count
-            import torch.distributed as dist
-
-            count = torch.tensor(float(units), device=self.device)
-            dist.all_reduce(count)
-            units = count.item() / self.world_size
+            units = self._all_reduce([units], "sum")[0] / self.world_size
         units = max(units, 1)
         total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
@@ -400,13 +396,7 @@ class Trainer:
         """
         if self.world_size == 1:
             return False
-        import torch
-        import torch.distributed as dist
-
-        agreed = torch.tensor([self.state.train_seconds, float(self._interrupt_requested)],
-                              dtype=torch.float64, device=self.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        seconds, interrupted = agreed.tolist()
+        seconds, interrupted = self._all_reduce([self.state.train_seconds, self._interrupt_requested], "max")
         self.state.train_seconds = seconds
         return bool(interrupted)
 
@@ -415,13 +405,17 @@ class Trainer:
         averaged (each rank's loss is its share of the global sum, scaled by the world size)."""
         if self.world_size == 1:
             return loss, tokens, examples, seen
+        loss, tokens, examples, seen = self._all_reduce([loss, tokens, examples, seen], "sum")
+        return loss / self.world_size, int(tokens), int(examples), int(seen)
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
+        """``values`` reduced over all ranks (``sum`` or ``max``), in one collective."""
         import torch
         import torch.distributed as dist
 
-        totals = torch.tensor([loss, tokens, examples, seen], dtype=torch.float64, device=self.device)
-        dist.all_reduce(totals)
-        loss, tokens, examples, seen = totals.tolist()
-        return loss / self.world_size, int(tokens), int(examples), int(seen)
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor.tolist()
 
     def _set_lr(self) -> None:
         schedule = self.config.schedule
