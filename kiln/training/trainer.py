@@ -302,7 +302,7 @@ class Trainer:
                                 "tokens_per_s": tokens / elapsed,
                                 "examples_per_s": examples / elapsed,
                                 "tokens": seen,
-                                "elapsed": round(self.state.train_seconds, 2)}
+                                "elapsed": self.state.train_seconds}
                         self._log(logs)
                         window_loss.zero_()
                         window_steps = window_tokens = window_examples = 0
