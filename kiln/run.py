@@ -175,7 +175,11 @@ def train(
         "max_length": max_length,
         "config": config.to_dict(),
     }
-    if not resume and is_main_process():
+    description = {"task": task, "name": name, "profile": config.name,
+                   "init": f"from {meta['init']}" if meta["init"] else "from scratch"}
+    trainer = Trainer(model, task_obj, config, tok, train_features, validation_features, validation_ds,
+                      run_dir=run_dir, callbacks=list(callbacks), kiln_meta=meta, description=description)
+    if not resume and is_main_process():  # only now: every check above has passed
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
@@ -185,10 +189,6 @@ def train(
             {"task": task, "data": str(data), "init": meta["init"], **config.to_dict()}, sort_keys=False))
         (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    description = {"task": task, "name": name, "profile": config.name,
-                   "init": f"from {meta['init']}" if meta["init"] else "from scratch"}
-    trainer = Trainer(model, task_obj, config, tok, train_features, validation_features, validation_ds,
-                      run_dir=run_dir, callbacks=list(callbacks), kiln_meta=meta, description=description)
     metrics = trainer.train(resume=resume)
     if trainer.is_main:
         export(run_dir)

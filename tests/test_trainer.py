@@ -167,10 +167,13 @@ def test_resume_falls_back_to_the_checkpoint_a_crash_was_replacing(tiny_profile,
     assert not (checkpoints / ".last.tmp-dead").exists() and not (checkpoints / ".last.old").exists()
 
 
-def test_a_rank_without_batches_is_a_clear_error(tiny_profile, monkeypatch):
+def test_a_rank_without_batches_is_a_clear_error(tiny_profile, sentiment_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "64")  # 6 features cannot give 64 ranks a batch each
     with pytest.raises(KilnError, match="make no batch for each of 64 ranks"):
         make_trainer(tiny_profile)
+    with pytest.raises(KilnError, match="make no batch for each of 64 ranks"):
+        kiln.train("sequence", sentiment_dir, name="r", profile=str(tiny_profile), output_dir=tmp_path)
+    assert not (tmp_path / "r").exists()  # failed before anything was written
 
 
 def test_same_seed_same_model_different_seed_different(tiny_profile, sentiment_dir, tmp_path):

@@ -117,25 +117,27 @@ class Trainer:
         self.best_metrics: dict = {}
         self._interrupt_requested = False  # set by the first Ctrl-C, acted on at the next step boundary
         self._interrupt_now = False  # a second Ctrl-C: stop mid-step, without saving
+        # Batches at construction, so a run with none fails before its run directory is written
+        # (and before a rank with none could hang its peers in the first all-reduce).
+        train = config.train
+        self.sampler = TokenBudgetSampler(
+            feature_lengths(train_features), batch_tokens=train.batch_tokens,
+            max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
+            seed=train.seed, rank=self.rank, world_size=self.world_size,
+            order=task.training_order(train_features),
+        )
+        if not self.sampler.batches(0):
+            share = f" for each of {self.world_size} ranks" if self.world_size > 1 else ""
+            raise KilnError(f"{len(train_features)} training features make no batch{share}")
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Device, precision, distributed wrapping, optimizer, sampler and step count."""
+        """Device, precision, distributed wrapping, optimizer and step count."""
         import torch
 
         train = self.config.train
         self.device = resolve_device(train.device)
         self.precision = resolve_precision(train.precision, self.device)
-        # Batches first: a rank with none would otherwise hang its peers in the first all-reduce.
-        self.sampler = TokenBudgetSampler(
-            feature_lengths(self.train_features), batch_tokens=train.batch_tokens,
-            max_batch_size=train.max_batch_size, batch_size=train.batch_size, shuffle=True,
-            seed=train.seed, rank=self.rank, world_size=self.world_size,
-            order=self.task.training_order(self.train_features),
-        )
-        if not self.sampler.batches(0):
-            share = f" for each of {self.world_size} ranks" if self.world_size > 1 else ""
-            raise KilnError(f"{len(self.train_features)} training features make no batch{share}")
         if train.dropout is not None:
             set_dropout(self.model, train.dropout)
         if self.device.type == "cuda":
