@@ -83,7 +83,8 @@ class TrainConfig:
     max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", flag="--max-steps")
     budget: str = setting(
         "", "Wall-clock training budget, e.g. 45m, 2h, 1d: train until it is spent (epochs are then "
-        "ignored); the LR schedule and batch ramp follow the elapsed fraction of it.", flag="--budget",
+        "ignored); the LR schedule and batch ramp follow the elapsed fraction of it (or of max_steps, "
+        "whichever ends first).", flag="--budget",
     )
     batch_ramp: float = setting(
         0.0, "Grow gradient accumulation linearly from 1 to grad_accum until this fraction of training "

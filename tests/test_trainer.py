@@ -217,3 +217,14 @@ def test_two_ranks_train_like_one_process_accumulating_two(tiny_profile, sentime
              if '"split"' not in line][-1] for name in ("single", "ddp")]
     assert last[0]["step"] == last[1]["step"] == 3 and last[0]["tokens"] == last[1]["tokens"]
     assert last[1]["loss"] == pytest.approx(last[0]["loss"], rel=1e-4)
+
+
+def test_max_steps_within_a_budget_ends_the_schedule_on_the_last_step(tiny_profile, sentiment_dir, tmp_path):
+    run = kiln.train("sequence", sentiment_dir, name="b", profile=str(tiny_profile), budget="1h", max_steps=8,
+                     log_every=1, output_dir=tmp_path)
+    lrs = [r["lr"] for r in map(json.loads, (run.path / "metrics.jsonl").read_text().splitlines())
+           if "split" not in r]
+    assert len(lrs) == 8
+    # The linear schedule runs on the steps (they end long before the hour): it warms up, then
+    # decays towards zero by step 8, instead of still warming up on the clock.
+    assert lrs.index(max(lrs)) < 4 and lrs[-1] < 0.25 * max(lrs)

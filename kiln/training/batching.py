@@ -24,7 +24,8 @@ class TokenBudgetSampler:
     sorted by length and cut into batches, and the batches are shuffled again. A fixed ``order``
     (a curriculum) is cut into batches as given, the same every epoch. Without shuffling, examples
     are sorted by length (inference). With ``world_size > 1`` each rank takes every
-    ``world_size``-th batch and all ranks get the same number of batches.
+    ``world_size``-th batch and all ranks get the same number of batches (a shuffled epoch drops its
+    remainder, a curriculum wraps around to its first batches).
     """
 
     def __init__(
@@ -102,6 +103,12 @@ class TokenBudgetSampler:
             permutation = rng.permutation(len(batches))
             batches = [batches[i] for i in permutation]
         if self.world_size > 1:
+            if self.order is not None and len(batches) >= self.world_size:
+                # A curriculum is the same every epoch, so dropping the remainder would drop the same
+                # (hardest) batches every time: wrap around to the first ones instead, as torch's
+                # DistributedSampler does.
+                short = -len(batches) % self.world_size  # batches missing for an equal share
+                batches = batches + batches[:short]
             usable = len(batches) // self.world_size * self.world_size
             batches = batches[:usable][self.rank::self.world_size]
         return batches

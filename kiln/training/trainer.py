@@ -362,10 +362,12 @@ class Trainer:
         return self.state.epoch + self.state.batch_in_epoch / max(batches_in_epoch, 1)
 
     def fraction(self) -> float:
-        """How much of training is done: elapsed/budget with a budget, else steps done/total."""
+        """How much of training is done: steps done/total or, with a budget, elapsed/budget, whichever
+        is further along (with both, training stops on whichever ends first, and so do the schedules)."""
+        done = self.state.step / max(self.total_steps, 1)
         if self.budget:
-            return min(1.0, self.state.train_seconds / self.budget)
-        return min(1.0, self.state.step / max(self.total_steps, 1))
+            done = max(done, self.state.train_seconds / self.budget)
+        return min(1.0, done)
 
     def accumulation(self) -> int:
         """Micro-batches in the next step: ``grad_accum``, or a linear ramp up to it (``batch_ramp``).
