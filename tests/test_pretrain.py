@@ -78,9 +78,17 @@ def test_corpus_files_and_documents(tmp_path):
     (tmp_path / "test.txt").write_text("t\n")
     (tmp_path / "notes.md").write_text("ignored\n")
     (tmp_path / "SOURCE.txt").write_text("where the corpus came from\n")
-    splits = corpus_files(tmp_path)
-    assert {k: [p.name for p in v] for k, v in splits.items()} == {
+    assert {k: [p.name for p in v] for k, v in corpus_files(tmp_path).items()} == {
         "train": ["a.txt", "b.jsonl.gz"], "validation": ["validation.txt"], "test": ["test.txt"]}
+    # Split names are words of the file name, not prefixes.
+    for name in ("wiki.valid.tokens", "values.txt", "development.txt", "wiki.test.tokens"):
+        (tmp_path / name).write_text("x\n")
+    assert {k: [p.name for p in v] for k, v in corpus_files(tmp_path).items()} == {
+        "train": ["a.txt", "b.jsonl.gz", "development.txt", "values.txt"],
+        "validation": ["validation.txt", "wiki.valid.tokens"], "test": ["test.txt", "wiki.test.tokens"]}
+    for name in ("wiki.valid.tokens", "values.txt", "development.txt", "wiki.test.tokens"):
+        (tmp_path / name).unlink()
+    splits = corpus_files(tmp_path)
     docs = [(p.name, line, text) for p, line, text in iter_documents(splits["train"])]
     assert docs == [("a.txt", 1, "one"), ("a.txt", 3, "two"), ("a.txt", 4, "three"), ("a.txt", 7, "four"),
                     ("b.jsonl.gz", 1, "five"), ("b.jsonl.gz", 3, "six")]
@@ -90,6 +98,19 @@ def test_corpus_files_and_documents(tmp_path):
     with pytest.raises(KilnError, match="'text' field") as err:
         list(iter_documents([tmp_path / "bad.jsonl"]))
     assert str(err.value).startswith(f"{tmp_path / 'bad.jsonl'}:2:")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.txt", b"fine\nalso fine\ncaf\xe9\n", ":3: not UTF-8"),
+    ("plain.txt.gz", b"not gzip at all\n", ": cannot read this file after line 0"),
+    ("cut.txt.gz", gzip.compress(b"one\ntwo\n" * 1000)[:-12], ": cannot read this file after line"),
+    ("lone.jsonl", b'{"text": "ok"}\n{"text": "half a pair \\ud800"}\n', ":2: 'text' holds an unpaired surrogate"),
+], ids=["latin1", "not-gzip", "cut-gzip", "surrogate"])
+def test_unreadable_corpus_files_are_one_line_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(KilnError, match=message) as err:
+        list(iter_documents([tmp_path / name]))
+    assert str(err.value).startswith(str(tmp_path / name))
 
 
 def test_tokenize_corpus_cache_separators_holdout_and_filter(tmp_path, tokenizer, monkeypatch):
@@ -181,6 +202,61 @@ def corpus_memory_growth(tmp_path, tokenizer, megabytes):
     documents, _, grown = map(int, out)
     assert documents == megabytes * 1_000_000 // len(block) * 1000
     return grown
+
+
+def test_tokenizing_ignores_a_saved_tokenizers_padding_and_truncation(tmp_path, tokenizer):
+    path = tmp_path / "c.txt"
+    path.write_text("the cat\nthe big red dog sat on the mat under a tree .\n")
+    sep = tokenizer.sep_token_id
+    expected = tokenize_corpus([path], tokenizer, sep, cache=tmp_path / "plain")["all"].tokens.tolist()
+    tokenizer.backend_tokenizer.enable_padding(length=6, pad_id=tokenizer.pad_token_id)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)
+    assert tokenize_corpus([path], tokenizer, sep, cache=tmp_path / "padded")["all"].tokens.tolist() == expected
+
+
+def test_a_huge_document_is_encoded_in_pieces_with_the_same_tokens(tmp_path, tokenizer, monkeypatch):
+    import kiln.data.corpus as corpus_module
+
+    path = tmp_path / "book.txt"
+    path.write_text(" ".join(sentences(40)) + "\nthe cat sat .\n" + "catdogbirdtree" * 30 + "\n")
+    sep = tokenizer.sep_token_id
+    whole = tokenize_corpus([path], tokenizer, sep, cache=tmp_path / "whole")["all"]
+    monkeypatch.setattr(corpus_module, "ENCODE_CHARS", 50)  # the 1,500-character line goes in 30-odd pieces
+    pieces = tokenize_corpus([path], tokenizer, sep, cache=tmp_path / "pieces")["all"]
+    assert pieces.documents == whole.documents == 3
+    # Cut before spaces, the first document tokenizes exactly as whole; the space-free third is cut
+    # mid-word, so only its token count may differ at the cuts.
+    first = whole.tokens.tolist().index(sep)
+    assert pieces.tokens.tolist()[:first + 1] == whole.tokens.tolist()[:first + 1]
+    assert list(pieces.tokens).count(sep) == 3
+
+
+def test_concurrent_runs_tokenize_a_corpus_once(tmp_path, tokenizer, monkeypatch):
+    """torchrun starts every rank at once: one tokenizes, the others wait for its cache."""
+    import threading
+    import time
+
+    import kiln.data.corpus as corpus_module
+
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(sentences(50)) + "\n")
+    real, calls = corpus_module._write_streams, []
+
+    def slow_write(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # both threads are past the first cache check by now
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(corpus_module, "_write_streams", slow_write)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(tokenize_corpus(
+        [path], tokenizer, tokenizer.sep_token_id, cache=tmp_path / "cache")["all"].tokens.tolist()))
+        for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
 
 
 def test_tokenizing_keeps_memory_bounded(tmp_path, tokenizer):

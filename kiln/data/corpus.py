@@ -5,15 +5,18 @@ A corpus is ``.txt`` (one document per line, or blank-line-separated paragraphs)
 in batches (the Rust tokenizer encodes each batch on all cores), into a flat memory-mapped token
 file (uint16 when the vocabulary fits, else uint32) with a separator after every document. The
 file is cached under a hash of the corpus bytes, the tokenizer and the settings, so a second run
-starts in seconds, and RAM stays bounded by one batch of documents whatever the corpus size.
+starts in seconds, and RAM stays bounded by one batch of text (a huge document is encoded in
+pieces) whatever the corpus size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
-import io
 import json
+import re
 import shutil
 import tempfile
 import zlib
@@ -27,7 +30,7 @@ import numpy as np
 from kiln.errors import KilnError
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".raw", ".tokens")
-VALID_PREFIXES = ("valid", "validation", "dev", "val")
+VALID_NAMES = ("valid", "validation", "dev", "val")  # a word of the file name: valid.txt, wiki.valid.tokens
 # Documentation shipped beside a corpus (wikitext-2's SOURCE.txt) is not training text.
 NOT_TEXT = ("readme", "license", "licence", "source", "notice", "citation", "changelog")
 # One tokenizer call encodes up to this many documents or characters: enough to keep every core
@@ -39,9 +42,10 @@ ENCODE_CHARS = 1_000_000
 def corpus_files(path: str | Path) -> dict[str, list[Path]]:
     """Split a corpus path into ``{"train": [...], "validation": [...], "test": [...]}`` files.
 
-    A file is the training corpus. In a directory, ``valid*``/``validation*``/``dev*`` files are
-    validation, ``test*`` files are test and every other corpus file is training data (except
-    README/LICENSE/SOURCE-style documentation).
+    A file is the training corpus. In a directory, files whose name has the word ``valid``,
+    ``validation``, ``val`` or ``dev`` (``valid.txt``, ``wiki.valid.tokens``,
+    ``validation-00000.jsonl.gz``) are validation, those with the word ``test`` are test, and every
+    other corpus file is training data (except README/LICENSE/SOURCE-style documentation).
     """
     path = Path(path)
     if path.is_file():
@@ -53,17 +57,28 @@ def corpus_files(path: str | Path) -> dict[str, list[Path]]:
         name = file.name.lower()
         if not name.endswith(SUFFIXES) or name.startswith(NOT_TEXT):
             continue
-        split = ("validation" if name.startswith(VALID_PREFIXES) else
-                 "test" if name.startswith("test") else "train")
+        words = set(re.split(r"[^a-z0-9]+", name))  # "values.txt" and "development.txt" are training text
+        split = ("validation" if words & set(VALID_NAMES) else "test" if "test" in words else "train")
         splits.setdefault(split, []).append(file)
     if "train" not in splits:
         raise KilnError(f"no training corpus here (files ending in {', '.join(SUFFIXES)})", path)
     return splits
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a (gzipped) UTF-8 file, decoded line by line so that a bad byte
+    is reported at its line."""
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline=None)
+    number = 0
+    try:
+        with raw:
+            for number, line in enumerate(raw, start=1):
+                try:
+                    yield number, line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise KilnError(f"not UTF-8 text ({exc.reason})", path, number) from None
+    except (OSError, EOFError, zlib.error) as exc:  # not gzip, or cut short
+        raise KilnError(f"cannot read this file after line {number}: {exc}", path) from None
 
 
 def iter_documents(files: Sequence[Path], paragraphs: bool = False) -> Iterator[tuple[Path, int, str]]:
@@ -74,35 +89,37 @@ def iter_documents(files: Sequence[Path], paragraphs: bool = False) -> Iterator[
     """
     for path in files:
         is_json = ".jsonl" in path.name.lower()
-        try:
-            with _open_text(path) as stream:
-                block: list[str] = []
-                start = 0
-                for number, line in enumerate(stream, start=1):
-                    if is_json:
-                        if not line.strip():
-                            continue
-                        try:
-                            text = json.loads(line)["text"]
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise KilnError("expected a JSON object with a 'text' field", path, number) from None
-                        if not isinstance(text, str):
-                            raise KilnError("'text' must be a string", path, number)
-                        if text.strip():
-                            yield path, number, text
-                    elif paragraphs:
-                        if line.strip():
-                            block.append(line.strip())
-                            start = start or number
-                        elif block:
-                            yield path, start, " ".join(block)
-                            block, start = [], 0
-                    elif line.strip():
-                        yield path, number, line.strip()
-                if block:
+        block: list[str] = []
+        start = 0
+        for number, line in _lines(path):
+            if is_json:
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise KilnError("expected a JSON object with a 'text' field", path, number) from None
+                if not isinstance(text, str):
+                    raise KilnError("'text' must be a string", path, number)
+                if "\\u" in line:  # an escape can spell a lone surrogate, which no tokenizer takes
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise KilnError("'text' holds an unpaired surrogate escape (\\ud800-\\udfff)",
+                                        path, number) from None
+                if text.strip():
+                    yield path, number, text
+            elif paragraphs:
+                if line.strip():
+                    block.append(line.strip())
+                    start = start or number
+                elif block:
                     yield path, start, " ".join(block)
-        except UnicodeDecodeError as exc:
-            raise KilnError(f"not UTF-8 text ({exc.reason})", path) from None
+                    block, start = [], 0
+            elif line.strip():
+                yield path, number, line.strip()
+        if block:
+            yield path, start, " ".join(block)
 
 
 def sample_texts(files: Sequence[Path], paragraphs: bool, max_chars: int = 50_000_000) -> list[str]:
@@ -133,11 +150,38 @@ class TokenStream:
 def _files_digest(files: Sequence[Path]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for path in files:
-        digest.update(path.name.encode() + b"\x00")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
+        stat = path.stat()
+        digest.update(path.name.encode() + b"\x00" + _file_digest(path.resolve(), stat.st_size, stat.st_mtime_ns))
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> bytes:
+    """The hash of a file's bytes, once per process (the training and validation parts of a
+    held-out split look the same files up); size and mtime in the key notice a rewrite."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.digest()
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock`` (POSIX): under torchrun every rank asks for the same
+    corpus at once, and one of them should tokenize it while the others wait for its cache."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent runs each tokenize; the rename below keeps one
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:
@@ -168,7 +212,10 @@ def tokenize_corpus(
     target = (cache or cache_root().parent / "corpora") / key
     parts = ["train", "validation"] if holdout else ["all"]
     if not (target / "meta.json").is_file():
-        _write_streams(files, tokenizer, separator, paragraphs, max_tokens_per_char, holdout, parts, target)
+        with _exclusive(target.parent / f".{key}.lock"):
+            if not (target / "meta.json").is_file():  # not written while we waited
+                _write_streams(files, tokenizer, separator, paragraphs, max_tokens_per_char, holdout, parts,
+                               target)
     meta = json.loads((target / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     streams = {}
@@ -188,21 +235,40 @@ def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragr
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     outputs = {part: open(tmp / f"{part}.bin", "wb") for part in parts}  # noqa: SIM115
     counts = {part: {"tokens": 0, "documents": 0, "dropped": 0} for part in parts}
-    backend = tokenizer.backend_tokenizer
-    index = 0
+    # A copy without the padding or truncation a saved tokenizer.json may switch on (they would
+    # pad or cut every document).
+    from tokenizers import Tokenizer
 
-    def flush(batch: list[str], first_index: int) -> None:
-        encodings = backend.encode_batch(batch, add_special_tokens=False)  # parallel across cores
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    separator_ids = np.asarray([separator], dtype=dtype)
+    index = 0  # documents finished so far
+    pending: list[np.ndarray] = []  # token ids of the document whose pieces are still arriving
+    pending_chars = 0
+
+    def flush(batch: list[tuple[str, bool]]) -> None:
+        """Encode ``(piece, ends its document)`` pairs and write out the documents they finish."""
+        nonlocal index, pending_chars
+        encodings = backend.encode_batch([text for text, _ in batch], add_special_tokens=False)  # all cores
         routed: dict[str, list[np.ndarray]] = {part: [] for part in parts}
-        for offset, (text, encoding) in enumerate(zip(batch, encodings, strict=True)):
+        for (text, last), encoding in zip(batch, encodings, strict=True):
+            pending.append(np.asarray(encoding.ids, dtype=dtype))
+            pending_chars += len(text)
+            if not last:
+                continue
+            ids = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            chars = pending_chars
+            pending.clear()
+            pending_chars = 0
             part = parts[0]
             if holdout:
-                part = "validation" if holdout_document(first_index + offset, *holdout) else "train"
-            ids = encoding.ids
-            if max_tokens_per_char and len(ids) > max_tokens_per_char * len(text):
+                part = "validation" if holdout_document(index, *holdout) else "train"
+            index += 1
+            if max_tokens_per_char and len(ids) > max_tokens_per_char * chars:
                 counts[part]["dropped"] += 1
                 continue
-            routed[part].append(np.asarray([*ids, separator], dtype=dtype))
+            routed[part] += [ids, separator_ids]
             counts[part]["documents"] += 1
             counts[part]["tokens"] += len(ids) + 1
         for part, arrays in routed.items():
@@ -210,17 +276,17 @@ def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragr
                 np.concatenate(arrays).tofile(outputs[part])
 
     try:
-        batch: list[str] = []
+        batch: list[tuple[str, bool]] = []
         chars = 0
         for _, _, text in iter_documents(files, paragraphs):
-            batch.append(text)
-            chars += len(text)
-            if len(batch) == ENCODE_BATCH or chars >= ENCODE_CHARS:
-                flush(batch, index)
-                index += len(batch)
-                batch, chars = [], 0
+            for piece, last in _pieces(text, ENCODE_CHARS):
+                batch.append((piece, last))
+                chars += len(piece)
+                if len(batch) == ENCODE_BATCH or chars >= ENCODE_CHARS:
+                    flush(batch)
+                    batch, chars = [], 0
         if batch:
-            flush(batch, index)
+            flush(batch)
         for stream in outputs.values():
             stream.close()
         (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "parts": counts,
@@ -234,6 +300,23 @@ def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragr
             stream.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pieces(text: str, size: int) -> Iterator[tuple[str, bool]]:
+    """``text`` in pieces of at most ``size`` characters, cut before a space where there is one
+    (so a word-start marker is tokenized as in the whole text), each with "ends the text".
+
+    A huge document (a whole book on one line) is then encoded piece by piece: the tokenizer's
+    encodings cost ~100 bytes per token, the document's ids only 2-4.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        if cut <= start:
+            cut = start + size
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], True
 
 
 def unigram_order(blocks: PackedBlocks, vocab_size: int, chunk_blocks: int = 65536) -> np.ndarray:
