@@ -42,8 +42,11 @@ EXTRA_SPECIALS = {"t5": T5_SENTINELS, "mbart": MBART_CODES}
 
 
 def special_tokens(style: str) -> list[str]:
-    """The style's special tokens in vocabulary order (each once; T5 sentinels or mBART codes last)."""
-    return list(dict.fromkeys(STYLES[style].values())) + EXTRA_SPECIALS.get(style, [])
+    """The style's special tokens that lead the vocabulary (each once; mBART codes last).
+
+    T5's sentinels are not among them: they are appended after training, as in T5's own vocabulary.
+    """
+    return list(dict.fromkeys(STYLES[style].values())) + (MBART_CODES if style == "mbart" else [])
 
 
 def cache_root() -> Path:
@@ -70,7 +73,7 @@ def _spec_hash(spec: TokenizerConfig, vocab_size: int, max_length: int, texts: S
     digest = hashlib.sha256()
     settings = {"kind": spec.kind, "style": spec.style, "lowercase": spec.lowercase,
                 "min_frequency": spec.min_frequency, "vocab_size": vocab_size, "max_length": max_length,
-                "version": 1}
+                "version": 2}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
@@ -111,6 +114,10 @@ def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> 
     else:
         raise KilnError(f"unknown tokenizer kind '{spec.kind}'")
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if spec.style == "t5":
+        # T5's layout, which outside tools assume (HF's T5 span collator computes a sentinel's id as
+        # len(tokenizer) - 1 - N): the sentinels close the vocabulary, <extra_id_0> last.
+        tok.add_special_tokens(T5_SENTINELS[::-1])
     if spec.style == "bert":
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(

@@ -22,6 +22,7 @@ from kiln.tasks.pretrain import (
     span_lengths,
     sparse_mlm_module,
     word_continuations,
+    word_marker,
 )
 from kiln.tokenizers import train_tokenizer
 from kiln.training.optim import (
@@ -303,6 +304,37 @@ def test_whole_word_masking_takes_every_piece(tokenizer):
     assert (selected & continues[ids]).any()  # including their continuation pieces
 
 
+def _raw_tokenizer(model, pre_tokenizer=None, normalizer=None):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(model)
+    if pre_tokenizer is not None:
+        raw.pre_tokenizer = pre_tokenizer
+    if normalizer is not None:
+        raw.normalizer = normalizer
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+
+
+def test_whole_word_markers_come_from_the_tokenizer(tokenizer):
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, "▁the": 1, "▁cat": 2, "s": 3, "Ġdog": 4, "gy": 5, "##s": 6}
+    merges = []
+    assert word_marker(tokenizer) == ("##", False)  # kiln's WordPiece
+    sentencepiece = _raw_tokenizer(models.BPE(vocab, merges, unk_token="<unk>"), pre_tokenizers.Metaspace())
+    assert word_marker(sentencepiece) == ("▁", True)
+    # Llama-style: spaces become ▁ in a Replace normalizer, no Metaspace pre-tokenizer.
+    llama = _raw_tokenizer(models.BPE(vocab, merges, unk_token="<unk>"),
+                           normalizer=normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]))
+    continues = word_continuations(llama)
+    assert continues[[1, 2, 3]].tolist() == [False, False, True]  # "▁cat" starts a word, "s" continues it
+    byte_level = _raw_tokenizer(models.BPE(vocab, merges, unk_token="<unk>"), pre_tokenizers.ByteLevel())
+    assert word_marker(byte_level) == ("Ġ", True)
+    with pytest.raises(KilnError, match="whole-word masking needs a tokenizer that marks word boundaries"):
+        word_marker(_raw_tokenizer(models.WordLevel(vocab, unk_token="<unk>"), pre_tokenizers.Whitespace()))
+
+
 def test_span_noise_mask_and_lengths():
     rng = np.random.default_rng(0)
     mask = random_spans_noise_mask(100, 0.15, 3.0, rng)
@@ -339,6 +371,9 @@ def test_span_corruption_reconstructs_the_text(tmp_path):
             spans[current].append(token)
     rebuilt = [t for token in inputs[:-1] for t in (spans[sentinel[token]] if token in sentinel else [token])]
     assert rebuilt == ids.tolist()
+    # A block with more spans than the tokenizer has sentinels is refused before any tokenizing.
+    with pytest.raises(KilnError, match="more than the tokenizer's 100 sentinel tokens"):
+        task.block_layout(t5_tok, 4096)
 
 
 # -- the sparse head -------------------------------------------------------------------------

@@ -66,15 +66,16 @@ class PretrainTask(Task):
 
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
         p = self.config.pretrain
+        # Settings errors first: tokenizing a large corpus takes a while.
+        if p.seq_len > max_length:
+            raise KilnError(f"pretrain.seq_len {p.seq_len} is longer than the model allows ({max_length}: "
+                            "train.max_length or the position embeddings)")
+        length, prefix, suffix = self.block_layout(tokenizer, p.seq_len)
         holdout = dataset.extras.get("holdout")
         streams = tokenize_corpus(dataset.extras["files"], tokenizer, self.separator(tokenizer),
                                   paragraphs=p.paragraphs, max_tokens_per_char=p.max_tokens_per_char,
                                   holdout=tuple(holdout) if holdout else None)
         stream = streams[dataset.extras["part"]]
-        if p.seq_len > max_length:
-            raise KilnError(f"pretrain.seq_len {p.seq_len} is longer than the model allows ({max_length}: "
-                            "train.max_length or the position embeddings)")
-        length, prefix, suffix = self.block_layout(tokenizer, p.seq_len)
         blocks = PackedBlocks(stream.tokens, length, prefix, suffix)
         if len(blocks) == 0:
             raise KilnError(f"corpus has {len(stream.tokens)} tokens, fewer than one {length}-token block",
@@ -130,20 +131,49 @@ def _stack(features: Sequence[dict]) -> np.ndarray:
 
 
 # -- mlm -------------------------------------------------------------------------------------
-def word_continuations(tokenizer: Any) -> np.ndarray:
-    """``continues[id]``: token ``id`` continues the previous token's word (for whole-word masking).
+def _components(node: Any) -> Iterator[dict]:
+    """Every ``{"type": ...}`` component in a tokenizer.json section (Sequences included)."""
+    if isinstance(node, dict):
+        if "type" in node:
+            yield node
+        for value in node.values():
+            yield from _components(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _components(value)
 
-    WordPiece marks continuations with ``##``; Metaspace (Unigram) and byte-level BPE mark word
-    *starts* with ``▁`` / ``Ġ``.
+
+def word_marker(tokenizer: Any) -> tuple[str, bool]:
+    """``(marker, marks word starts)`` of a tokenizer's subword pieces.
+
+    WordPiece (and BPE trained with a prefix) marks continuations (``##``); Metaspace (SentencePiece
+    style, also spelled as a ``Replace`` of spaces by ``▁``) and byte-level BPE mark word starts
+    (``▁`` / ``Ġ``). Anything else cannot be split into words: a one-line error, not silent
+    whole-row masking.
     """
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    prefix = spec["model"].get("continuing_subword_prefix")
+    if prefix:
+        return prefix, False
+    for part in ("pre_tokenizer", "normalizer", "decoder"):
+        for component in _components(spec.get(part)):
+            kind = component["type"]
+            if kind == "Metaspace":
+                return component.get("replacement", "▁"), True
+            if kind == "Replace" and component.get("content") == "▁":
+                return "▁", True
+            if kind == "ByteLevel":
+                return "Ġ", True
+    raise KilnError(f"whole-word masking needs a tokenizer that marks word boundaries (WordPiece, "
+                    f"SentencePiece or byte-level BPE); this one is {spec['model']['type']} without markers")
+
+
+def word_continuations(tokenizer: Any) -> np.ndarray:
+    """``continues[id]``: token ``id`` continues the previous token's word (for whole-word masking)."""
+    marker, marks_starts = word_marker(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(tokenizer.all_special_ids)
-    if model == "WordPiece":
-        flags = [t.startswith("##") for t in tokens]
-    else:
-        marker = "▁" if model == "Unigram" else "Ġ"
-        flags = [not t.startswith(marker) for t in tokens]
+    flags = [t.startswith(marker) != marks_starts for t in tokens]
     return np.asarray([f and i not in special for i, f in enumerate(flags)], dtype=bool)
 
 
@@ -311,12 +341,17 @@ def raw_length_for(inputs_length: int, noise_density: float, mean_span: float) -
     return raw
 
 
+def noise_spans(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
+    """``(noise tokens, noise spans)`` that :func:`random_spans_noise_mask` draws for ``length``."""
+    noise = min(max(round(length * noise_density), 1), length - 1)
+    return noise, max(round(min(noise, length - noise) / mean_span), 1)
+
+
 def random_spans_noise_mask(length: int, noise_density: float, mean_span: float,
                             rng: np.random.Generator) -> np.ndarray:
     """T5's noise mask: ``round(length * density)`` noise tokens in ``round(noise / mean_span)`` spans,
     alternating with non-noise spans, starting with non-noise. Returns a bool (length,) array."""
-    noise = min(max(round(length * noise_density), 1), length - 1)
-    spans = max(round(min(noise, length - noise) / mean_span), 1)
+    noise, spans = noise_spans(length, noise_density, mean_span)
 
     def segment(items: int, segments: int) -> np.ndarray:
         first = np.zeros(items, dtype=bool)
@@ -344,7 +379,12 @@ class SpanCorruptionTask(PretrainTask):
         if not self.sentinels:
             raise KilnError("span corruption needs a T5-style tokenizer with <extra_id_N> sentinels")
         self.eos = tokenizer.eos_token_id
-        return raw_length_for(seq_len, p.noise_density, p.mean_span), [], []
+        raw = raw_length_for(seq_len, p.noise_density, p.mean_span)
+        spans = noise_spans(raw, p.noise_density, p.mean_span)[1]
+        if spans > len(self.sentinels):  # every block has this many spans: say so before training
+            raise KilnError(f"pretrain.seq_len {seq_len} makes {spans} noise spans per block, more than the "
+                            f"tokenizer's {len(self.sentinels)} sentinel tokens; lower pretrain.seq_len")
+        return raw, [], []
 
     def build_model(self, hf_config: Any) -> Any:
         self.decoder_start = hf_config.decoder_start_token_id
@@ -360,8 +400,6 @@ class SpanCorruptionTask(PretrainTask):
         """One raw block -> ``(input ids, target ids)``, each ending in eos."""
         p = self.config.pretrain
         noise = random_spans_noise_mask(len(ids), p.noise_density, p.mean_span, rng)
-        if int(np.sum(noise[1:] & ~noise[:-1]) + noise[0]) > len(self.sentinels):
-            raise KilnError("more noise spans than sentinel tokens; lower pretrain.seq_len")
         inputs, targets, span = [], [], -1
         for position, token in enumerate(ids.tolist()):
             starts = noise[position] and (position == 0 or not noise[position - 1])
