@@ -93,6 +93,14 @@ def test_decoder_only_loss_covers_the_target_only(tmp_path, copy_dir):
     assert feature["labels"][:prompt] == [-100] * prompt
     assert feature["labels"][prompt:] == feature["input_ids"][prompt:]  # target tokens and the final eos
     assert feature["input_ids"][:prompt] == feature["prompt_ids"]
+    # A source longer than max_length is cut, not the target: every example still trains.
+    long_source = data.examples[0] | {"source": " ".join([data.examples[0]["source"]] * 40)}
+    data.examples = [long_source]
+    (feature,) = model.task.encode(data, model.tokenizer, 64)
+    target = model.tokenizer(long_source["target"], add_special_tokens=False)["input_ids"]
+    assert len(feature["input_ids"]) == 64
+    assert [t for t in feature["labels"] if t != -100] == [*target, model.tokenizer.eos_token_id]
+    assert feature["input_ids"][-len(target) - 2] == model.tokenizer.eos_token_id  # the prompt's end
 
 
 @pytest.mark.parametrize(("kind", "text", "auto"), [("t5", T5_TINY, "AutoModelForSeq2SeqLM"),
@@ -104,7 +112,8 @@ def test_train_evaluate_predict_and_transformers_parity(kind, text, auto, copy_d
                      output_dir=tmp_path / "runs")
     assert main(["evaluate", str(run.path), str(copy_dir / "dev.tsv"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "loss", "perplexity", "n"}
+    assert set(metrics) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "loss",
+                            "perplexity", "n"}
     assert metrics["perplexity"] < 4  # the copy task is being learned (uniform guessing: ~300)
     model = kiln.load(run.path)
     sources = ["red cat runs", "big blue dog"]
@@ -209,3 +218,12 @@ def test_mbart_languages_forced_bos_and_transformers_parity(tmp_path, capsys):
     bad.write_text('{"source": "a", "target_language": "de"}\n{"source": "b", "target_language": "tlh"}\n')
     assert main(["predict", str(run.path), str(bad)]) == 2
     assert f"{bad}:2: unknown target_language 'tlh'" in capsys.readouterr().err
+
+
+def test_rouge_stems_as_run_summarization_does():
+    from kiln.metrics.generation import generation_metrics
+
+    metrics = generation_metrics(["the cats were running"], ["the cat was runs"])
+    assert metrics["rouge1"] == pytest.approx(75.0)  # the, cat(s), run(ning|s) match; were/was do not
+    assert metrics["rougeLsum"] == metrics["rougeL"]  # one sentence each
+    assert metrics["exact_match"] == 0.0

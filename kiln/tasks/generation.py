@@ -193,21 +193,28 @@ class GenerationTask(Task):
         options = {"truncation": True, "max_length": budget, "return_attention_mask": False}
         if codes:
             options["add_special_tokens"] = False
+        decoder_only = self.state.get("decoder_only")
         sources = tokenizer([ex["source"] for ex in dataset.examples], **options)["input_ids"]
         targets = [ex["target"] for ex in dataset.examples]
         has_targets = all(t is not None for t in targets)
-        encoded_targets = tokenizer(targets, **options)["input_ids"] if has_targets else None
+        # A decoder-only target continues the prompt: no BOS (or other special) in front of it.
+        target_options = {**options, "add_special_tokens": False} if decoder_only else options
+        encoded_targets = tokenizer(targets, **target_options)["input_ids"] if has_targets else None
         eos = tokenizer.eos_token_id
         features = []
         for i, source in enumerate(sources):
-            if self.state.get("decoder_only"):
-                prompt = [*source, eos]
+            if decoder_only:
+                prompt = [*source[:max_length - 1], eos]  # what generation starts from
                 if encoded_targets is not None:
-                    ids = [*prompt, *encoded_targets[i], eos][:max_length]
-                    labels = [-100] * min(len(prompt), len(ids)) + ids[len(prompt):]
+                    # Prompt and answer share max_length: a long source is cut to leave the answer
+                    # (and its closing eos) at least half of it, so no example trains on nothing.
+                    answer = [*encoded_targets[i], eos]
+                    answer = answer[:max(max_length // 2, max_length - 1 - len(source))]
+                    cut = [*source[:max_length - 1 - len(answer)], eos]
+                    ids, labels = cut + answer, [-100] * len(cut) + answer
                 else:  # no target: plain language modelling on the text
-                    ids, labels = prompt[:max_length], prompt[:max_length]
-                feature = {"input_ids": ids, "prompt_ids": prompt[-max_length:], "example": i}
+                    ids, labels = prompt, prompt
+                feature = {"input_ids": ids, "prompt_ids": prompt, "example": i}
                 if dataset.examples[i]["target"] is not None or not has_targets:
                     feature["labels"] = labels
             elif codes:
