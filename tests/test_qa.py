@@ -143,6 +143,20 @@ def test_long_context_fully_covered_by_windows(tokenizer):
     assert _oracle(t, dataset, features)[0]["answer"] == "Oslo"
 
 
+def test_a_long_question_shrinks_the_overlap_and_too_long_a_one_is_an_error(tokenizer):
+    # window 32 with stride 16 (its half): a 20-token question leaves ~9 context tokens, fewer than
+    # the stride, which the tokenizer would refuse with a Rust truncation error.
+    t = task(window=32, stride=16, max_query_length=20)
+    question = " ".join(["where"] * 20) + " ?"
+    context = " ".join(f"it was sunny {i} ." for i in range(20)) + " Anna lives in Oslo ."
+    dataset = _dataset(context, "Oslo", question=question)
+    features = t.encode(dataset, tokenizer, 64)
+    assert len(features) > 3 and all(len(f["input_ids"]) <= 32 for f in features)
+    assert _oracle(t, dataset, features)[0]["answer"] == "Oslo"
+    with pytest.raises(KilnError, match="leaves no room for the context after questions of 30 tokens"):
+        task(window=32, max_query_length=30).encode(_dataset(context, "Oslo", question=question * 2), tokenizer, 64)
+
+
 def test_answer_crossing_a_window_boundary(tokenizer):
     t = task(window=24, stride=8)
     context = "it was sunny and warm there . " * 3 + "Anna lives in Paris Berlin Rome Madrid ."

@@ -176,13 +176,20 @@ class QuestionAnsweringTask(Task):
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
         data = self.config.data
         window = min(data.window, max_length)
-        questions = [self._short_question(ex["question"], tokenizer) for ex in dataset.examples]
-        contexts = [ex["context"] for ex in dataset.examples]
         if not dataset.examples:
             return []
-        encoded = tokenizer(questions, contexts, truncation="only_second", max_length=window,
-                            stride=min(data.stride, window // 2), return_overflowing_tokens=True,
-                            return_offsets_mapping=True)
+        questions, lengths = zip(*(self._short_question(ex["question"], tokenizer) for ex in dataset.examples),
+                                 strict=True)
+        contexts = [ex["context"] for ex in dataset.examples]
+        # The tokenizer needs the overlap to be shorter than the context part of every window.
+        context_room = window - max(lengths) - tokenizer.num_special_tokens_to_add(pair=True)
+        if context_room < 2:
+            raise KilnError(f"a {window}-token QA window leaves no room for the context after questions of "
+                            f"{max(lengths)} tokens; raise data.window or lower data.max_query_length",
+                            dataset.path)
+        encoded = tokenizer(list(questions), contexts, truncation="only_second", max_length=window,
+                            stride=min(data.stride, window // 2, context_room - 1),
+                            return_overflowing_tokens=True, return_offsets_mapping=True)
         features = []
         for index, input_ids in enumerate(encoded["input_ids"]):
             number = encoded["overflow_to_sample_mapping"][index]
@@ -197,12 +204,13 @@ class QuestionAnsweringTask(Task):
             features.append(feature)
         return features
 
-    def _short_question(self, question: str, tokenizer: Any) -> str:
+    def _short_question(self, question: str, tokenizer: Any) -> tuple[str, int]:
+        """The question cut to ``data.max_query_length`` tokens, and its token count."""
         limit = self.config.data.max_query_length
         ids = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
         if len(ids["input_ids"]) <= limit:
-            return question
-        return question[:ids["offset_mapping"][limit - 1][1]]
+            return question, len(ids["input_ids"])
+        return question[:ids["offset_mapping"][limit - 1][1]], limit
 
     @staticmethod
     def _positions(offsets: list, answers: list) -> tuple[int, int]:
