@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kiln.training.batching import TokenBudgetSampler
+from kiln.training.batching import EqualBatches, TokenBudgetSampler
 
 LENGTHS = np.random.default_rng(0).integers(3, 60, size=1000).tolist()
 
@@ -53,8 +53,25 @@ def test_ranks_get_disjoint_equal_shares(world_size):
 def test_fixed_order_is_a_curriculum_kept_every_epoch_and_split_across_ranks():
     order = [3, 1, 0, 2, 5, 4]
     sampler = TokenBudgetSampler([8] * 6, batch_size=2, order=order, seed=1)
-    assert sampler.batches(0) == sampler.batches(3) == [[3, 1], [0, 2], [5, 4]]
-    ranks = [TokenBudgetSampler([8] * 6, batch_size=2, order=order, rank=r, world_size=2).batches(0) for r in (0, 1)]
+    assert list(sampler.batches(0)) == list(sampler.batches(3)) == [[3, 1], [0, 2], [5, 4]]
+    ranks = [list(TokenBudgetSampler([8] * 6, batch_size=2, order=order, rank=r, world_size=2).batches(0))
+             for r in (0, 1)]
     # Equal batch counts on both ranks; the last batch is trained (wrapping around to the first),
     # not dropped every epoch.
     assert ranks == [[[3, 1], [5, 4]], [[0, 2], [3, 1]]]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("curriculum", [False, True])
+@pytest.mark.parametrize("sizes", [{"batch_size": 7}, {"batch_tokens": 640, "max_batch_size": 256}])
+def test_equal_length_batches_are_the_general_batches_in_numpy(world_size, curriculum, sizes):
+    """Packed blocks take a numpy path (8 bytes a block, not a list each); it must cut, shuffle and
+    share out exactly the batches the general path does."""
+    order = np.random.default_rng(5).permutation(100) if curriculum else None
+    for rank in range(world_size):
+        sampler = TokenBudgetSampler([128] * 100, seed=3, rank=rank, world_size=world_size, order=order, **sizes)
+        for epoch in (0, 1):
+            fast = sampler._batches(epoch)
+            assert isinstance(fast, EqualBatches)
+            assert list(fast) == sampler._length_batches(epoch)
+            assert fast[1:3] == sampler._length_batches(epoch)[1:3]

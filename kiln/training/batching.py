@@ -16,6 +16,27 @@ def feature_lengths(features: Sequence[dict]) -> np.ndarray:
     return np.asarray([len(f["input_ids"]) for f in features], dtype=np.int64)
 
 
+class EqualBatches(Sequence):
+    """Batches of ``size`` consecutive entries of ``order``, taken in the order of ``chunks``.
+
+    The batches of equal-length examples (packed pretraining blocks) without a Python list per
+    batch: 8 bytes per block instead of ~40, for corpora of hundreds of millions of blocks.
+    Items are lists of indices, like the general sampler's.
+    """
+
+    def __init__(self, order: np.ndarray, size: int, chunks: np.ndarray):
+        self.order, self.size, self.chunks = order, size, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int | slice) -> list[int] | list[list[int]]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        start = int(self.chunks[index]) * self.size
+        return self.order[start:start + self.size].tolist()
+
+
 class TokenBudgetSampler:
     """Group example indices into micro-batches whose padded size fits ``batch_tokens``.
 
@@ -82,7 +103,13 @@ class TokenBudgetSampler:
             self._cached = (key, self._batches(epoch))
         return self._cached[1]
 
-    def _batches(self, epoch: int) -> list[list[int]]:
+    def _batches(self, epoch: int) -> Sequence[list[int]]:
+        n = len(self.lengths)
+        if n and self.shuffle and self.lengths.min() == self.lengths.max():
+            return self._equal_batches(epoch)
+        return self._length_batches(epoch)
+
+    def _length_batches(self, epoch: int) -> list[list[int]]:
         n = len(self.lengths)
         if self.order is not None:
             batches = self._cut(self.order)
@@ -102,13 +129,31 @@ class TokenBudgetSampler:
                 batches.extend(self._cut(chunk))
             permutation = rng.permutation(len(batches))
             batches = [batches[i] for i in permutation]
-        if self.world_size > 1:
-            if self.order is not None and len(batches) >= self.world_size:
-                # A curriculum is the same every epoch, so dropping the remainder would drop the same
-                # (hardest) batches every time: wrap around to the first ones instead, as torch's
-                # DistributedSampler does.
-                short = -len(batches) % self.world_size  # batches missing for an equal share
-                batches = batches + batches[:short]
-            usable = len(batches) // self.world_size * self.world_size
-            batches = batches[:usable][self.rank::self.world_size]
-        return batches
+        return [batches[i] for i in self._share(len(batches))]
+
+    def _equal_batches(self, epoch: int) -> EqualBatches:
+        """:meth:`_batches` for examples of one length, drawing the same random numbers: cut the
+        (shuffled or curriculum) order into consecutive batches, then shuffle the batches."""
+        length = int(self.lengths[0])
+        size = self.batch_size or max(1, min(self.max_batch_size, self.batch_tokens // length))
+        chunks = -(-len(self.lengths) // size)
+        if self.order is not None:
+            order, batch_order = self.order, np.arange(chunks)
+        else:
+            rng = np.random.default_rng(self.seed + epoch)
+            order = rng.permutation(len(self.lengths))
+            batch_order = rng.permutation(chunks)
+        return EqualBatches(order, size, batch_order[self._share(chunks)])
+
+    def _share(self, count: int) -> np.ndarray:
+        """Which of ``count`` batches this rank takes, all ranks taking equally many."""
+        ids = np.arange(count)
+        if self.world_size == 1:
+            return ids
+        if self.order is not None and count >= self.world_size:
+            # A curriculum is the same every epoch, so dropping the remainder would drop the same
+            # (hardest) batches every time: wrap around to the first ones instead, as torch's
+            # DistributedSampler does.
+            ids = np.concatenate([ids, ids[:-count % self.world_size]])
+        usable = len(ids) // self.world_size * self.world_size
+        return ids[:usable][self.rank::self.world_size]
