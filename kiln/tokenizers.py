@@ -8,12 +8,13 @@ re-run with the same data does not train it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,25 @@ def special_tokens(style: str) -> list[str]:
 def cache_root() -> Path:
     """Where trained tokenizers are cached (``$KILN_CACHE`` or ``~/.cache/kiln``)."""
     return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "tokenizers"
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock`` (POSIX) while building a cache entry: under torchrun every
+    rank asks for the same tokenizer and corpus at once, and one of them should build each while
+    the others wait for it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent runs each build it; the atomic rename keeps one
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def effective_vocab_size(spec: TokenizerConfig, texts: Sequence[str]) -> int:
@@ -157,14 +177,16 @@ def train_tokenizer(spec: TokenizerConfig, texts: Sequence[str], max_length: int
     target = cache_root() / key
     if (target / "tokenizer.json").is_file():
         return load_tokenizer(target), target
-    tokenizer = wrap(_build_raw(spec, vocab_size, texts), spec.style, max_length)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process cached it first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    with exclusive(target.parent / f".{key}.lock"):
+        if (target / "tokenizer.json").is_file():  # trained by another process while we waited
+            return load_tokenizer(target), target
+        tokenizer = wrap(_build_raw(spec, vocab_size, texts), spec.style, max_length)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process (without locks, on Windows) cached it first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer, target
 
 

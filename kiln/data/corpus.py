@@ -11,7 +11,6 @@ pieces) whatever the corpus size.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import hashlib
@@ -166,24 +165,6 @@ def _file_digest(path: Path, size: int, mtime_ns: int) -> bytes:
     return digest.digest()
 
 
-@contextlib.contextmanager
-def _exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock`` (POSIX): under torchrun every rank asks for the same
-    corpus at once, and one of them should tokenize it while the others wait for its cache."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: concurrent runs each tokenize; the rename below keeps one
-        yield
-        return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.blake2b(tokenizer.backend_tokenizer.to_str().encode(), digest_size=16).hexdigest()
 
@@ -203,7 +184,7 @@ def tokenize_corpus(
     ``holdout=(fraction, seed)`` routes a deterministic fraction of documents to validation.
     ``max_tokens_per_char`` (cramming's filter) drops documents that tokenize badly (> cutoff).
     """
-    from kiln.tokenizers import cache_root
+    from kiln.tokenizers import cache_root, exclusive
 
     settings = {"separator": separator, "paragraphs": paragraphs, "max_tokens_per_char": max_tokens_per_char,
                 "holdout": list(holdout) if holdout else None, "version": 1}
@@ -212,7 +193,7 @@ def tokenize_corpus(
     target = (cache or cache_root().parent / "corpora") / key
     parts = ["train", "validation"] if holdout else ["all"]
     if not (target / "meta.json").is_file():
-        with _exclusive(target.parent / f".{key}.lock"):
+        with exclusive(target.parent / f".{key}.lock"):
             if not (target / "meta.json").is_file():  # not written while we waited
                 _write_streams(files, tokenizer, separator, paragraphs, max_tokens_per_char, holdout, parts,
                                target)
