@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -249,6 +250,8 @@ def coerce(key: str, value: Any, where: str = "") -> Any:
         kind = typing.get_origin(kind) or kind
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
+        elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # `-c train.budget=90`: YAML read the text as a number
         elif kind is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         elif kind is list and isinstance(value, tuple):
@@ -330,6 +333,36 @@ class ConfigBuilder:
         return rows
 
 
+# YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e-4` and `3E-5` (no dot) are strings.
+_FLOAT = "|".join([
+    r"[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?",  # 1.5, 1.0e+3
+    r"[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?",  # .5
+    r"[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+",  # 1e-4
+    r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+])
+
+
+@functools.cache
+def _yaml_loader() -> Any:
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_FLOAT})$"), list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that reads ``1e-4`` as a number, as JSON and Python do."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``-c key=value``; the value is read as YAML so numbers, lists and nulls work."""
     import yaml
@@ -338,7 +371,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise KilnError(f"-c expects key=value, got '{text}'")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -28,6 +28,7 @@ class Shape:
     ffn: int
     heads: int
     attention_width: int  # heads x key/value size
+    gated: bool = False  # a gated feed-forward (GEGLU: T5 v1.1, ModernBERT/crammed-BERT)
 
 
 def shape_of(config: Any) -> Shape:
@@ -46,7 +47,8 @@ def shape_of(config: Any) -> Shape:
     heads = first("num_heads", "encoder_attention_heads", "n_head", "n_heads", "num_attention_heads")
     ffn = first("intermediate_size", "d_ff", "encoder_ffn_dim", "n_inner", "hidden_dim", default=4 * hidden)
     head_size = first("d_kv", default=hidden // heads)
-    return Shape(encoder + decoder, decoder, hidden, ffn, heads, heads * head_size)
+    gated = bool(getattr(config, "is_gated_act", False)) or getattr(config, "model_type", "") == "modernbert"
+    return Shape(encoder + decoder, decoder, hidden, ffn, heads, heads * head_size, gated)
 
 
 def parameter_counts(model: Any) -> dict[str, int]:
@@ -82,12 +84,16 @@ def optimizer_bytes(model: Any, optimizer: str) -> int:
 def activation_bytes(shape: Shape, seq_len: int, batch_size: int, precision: str) -> int:
     """Activations kept for the backward pass (after Korthikanti et al., 2022), with fused attention.
 
-    Per layer and token: the inputs of the two LayerNorms, of the Q/K/V, output and two
-    feed-forward projections, Q, K, V and the attention output, and the activation-function input:
-    about ``11 h + 2 ffn`` values. Fused (SDPA) attention keeps no seq x seq matrix. Decoder layers
-    add cross-attention (about ``5 h`` more). Autocast stores them in 16 bits, fp32 in 32.
+    Per layer and token: the inputs of the two LayerNorms, of the Q/K/V and feed-forward
+    projections and the residual stream (``7 h``); Q, K, V and the attention output, each ``a``
+    wide (heads x key size, which T5-xl/xxl make 4-16 x h); the activation-function input and
+    output (``2 ffn``; a gated feed-forward keeps both halves and their product, ``4 ffn``). Fused
+    (SDPA) attention keeps no seq x seq matrix. Decoder layers add cross-attention (``h + 4 a``).
+    Autocast stores them in 16 bits, fp32 in 32.
     """
-    per_token = shape.layers * (11 * shape.hidden + 2 * shape.ffn) + shape.decoder_layers * 5 * shape.hidden
+    h, a = shape.hidden, shape.attention_width
+    per_layer = 7 * h + 4 * a + (4 if shape.gated else 2) * shape.ffn
+    per_token = shape.layers * per_layer + shape.decoder_layers * (h + 4 * a)
     width = 2 if precision in ("bf16", "fp16") else 4
     return per_token * seq_len * batch_size * width
 
@@ -129,10 +135,15 @@ def estimate(
         model = AutoModel.from_config(architecture)
     counts = parameter_counts(model)
     shape = shape_of(architecture)
-    seq_len = seq_len or min(128, max_positions(architecture))
+    if not seq_len:  # what training would use: a pretraining block, else up to 128 tokens
+        pretraining = task in ("mlm", "clm", "span")
+        seq_len = config.pretrain.seq_len if pretraining else min(128, max_positions(architecture))
     if batch_size is None:
-        budget = batch_tokens or config.train.batch_tokens
-        batch_size = max(1, min(config.train.max_batch_size, budget // seq_len))
+        if config.train.batch_size and not batch_tokens:  # the profile trains fixed-size batches
+            batch_size = config.train.batch_size
+        else:
+            budget = batch_tokens or config.train.batch_tokens
+            batch_size = max(1, min(config.train.max_batch_size, budget // seq_len))
     optimizer = optimizer or config.optim.name
     total = counts["total"]
     memory = {

@@ -50,6 +50,10 @@ def test_coerce_types_and_choices():
 def test_parse_override_reads_yaml_values():
     assert parse_override("optim.betas=[0.9, 0.98]") == ("optim.betas", [0.9, 0.98])
     assert parse_override("train.dropout=null") == ("train.dropout", None)
+    # YAML 1.1 reads 1e-4 (no dot) as text; kiln reads it as the number users mean.
+    assert parse_override("optim.lr=1e-4") == ("optim.lr", 1e-4)
+    assert parse_override("model.config.layer_norm_eps=1E-5") == ("model.config.layer_norm_eps", 1e-5)
+    assert coerce("train.budget", parse_override("train.budget=90")[1]) == "90"  # text settings take numbers
     with pytest.raises(KilnError):
         parse_override("no-equals-sign")
 
@@ -68,3 +72,11 @@ def test_roundtrip_through_dict():
     builder.apply(config.to_dict(), "file")
     assert builder.build() == config
     assert dataclasses.asdict(Config()) == Config().to_dict()
+
+
+def test_a_token_budget_flag_replaces_a_profiles_fixed_batch_size():
+    assert load("crammed-bert-mini").train.batch_size == 32
+    budget = builder_for("crammed-bert-mini", {"train.batch_tokens": 2048}).build().train
+    assert (budget.batch_size, budget.batch_tokens) == (0, 2048)
+    both = builder_for("crammed-bert-mini", {"train.batch_tokens": 2048, "train.batch_size": 8}).build().train
+    assert (both.batch_size, both.batch_tokens) == (8, 2048)  # --batch-size given too: it wins, as documented

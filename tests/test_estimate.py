@@ -51,6 +51,19 @@ def test_memory_breakdown_follows_precision_and_optimizer():
     assert sum(v for k, v in m32.items() if k != "total") == pytest.approx(m32["total"], abs=0.05)
 
 
+def test_activations_follow_the_attention_width_the_gate_and_the_profiles_batch():
+    from kiln.estimate import Shape, activation_bytes
+
+    plain = Shape(layers=1, decoder_layers=0, hidden=8, ffn=32, heads=2, attention_width=8)
+    wide = Shape(layers=1, decoder_layers=0, hidden=8, ffn=32, heads=2, attention_width=32)  # T5-xxl-like
+    gated = Shape(layers=1, decoder_layers=0, hidden=8, ffn=32, heads=2, attention_width=8, gated=True)
+    per_token = [activation_bytes(s, seq_len=1, batch_size=1, precision="fp32") // 4 for s in (plain, wide, gated)]
+    assert per_token == [11 * 8 + 2 * 32, 7 * 8 + 4 * 32 + 2 * 32, 11 * 8 + 4 * 32]
+    # crammed-bert trains 128 blocks of pretrain.seq_len tokens: the estimate uses what training would.
+    result = estimate("crammed-bert", task="mlm")
+    assert (result["training"]["batch_size"], result["training"]["seq_len"]) == (128, 128)
+
+
 def test_flops_and_time():
     result = estimate("bert-base", seq_len=512, peak_tflops=100, mfu=0.5)
     non_embedding = result["parameters"]["non_embedding"]

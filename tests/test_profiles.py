@@ -43,6 +43,17 @@ def test_unknown_profile_lists_close_matches():
         profiles.locate("bert-mni")
 
 
+def test_user_yaml_numbers_bases_and_checkpoint_dirs(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "base.yaml").write_text("base: bert-tiny\noptim: {lr: 3e-5}\n")
+    (tmp_path / "recipes" / "mine.yaml").write_text("base: base.yaml\ntrain: {epochs: 2}\n")
+    monkeypatch.chdir(tmp_path)  # the base is found next to mine.yaml, not in the working directory
+    config = profiles.load("recipes/mine.yaml")
+    assert (config.optim.lr, config.train.epochs) == (3e-5, 2.0)
+    (tmp_path / "bert-tiny").mkdir()  # a checkpoint directory named like a profile
+    assert profiles.load("bert-tiny").model.config["hidden_size"] == 128
+
+
 def test_user_yaml_with_unknown_key_names_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("base: bert-tiny\ntrain: {epoch: 3}\n")

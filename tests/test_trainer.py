@@ -1,6 +1,7 @@
 """The loop's correctness-critical parts: loss normalisation under accumulation, exact resume."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -183,6 +184,9 @@ def test_same_seed_same_model_different_seed_different(tiny_profile, sentiment_d
     key = "classifier.weight"
     assert torch.equal(weights[0][key], weights[1][key])
     assert not torch.equal(weights[0][key], weights[2][key])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {r.model_dir.stat().st_mode & 0o777 for r in runs} == {0o777 & ~umask}  # not mkdtemp's 0700
 
 
 def test_two_ranks_train_like_one_process_accumulating_two(tiny_profile, sentiment_dir, tmp_path):

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kiln.config import Config, ConfigBuilder, parse_override
+from kiln.config import Config, ConfigBuilder, load_yaml, parse_override
 from kiln.errors import KilnError
 
 PROFILE_DIR = Path(__file__).parent
@@ -26,7 +26,7 @@ def _read_yaml(path: Path) -> dict:
     import yaml
 
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -78,7 +78,7 @@ def t5_efficient(name: str) -> dict | None:
 def locate(name: str) -> Path:
     """Path of a shipped profile or of a user's YAML; an unknown name lists the close matches."""
     candidate = Path(name)
-    if candidate.suffix in {".yaml", ".yml"} or candidate.exists():
+    if candidate.suffix in {".yaml", ".yml"} or candidate.is_file():  # not a `t5-small/` checkpoint dir
         if not candidate.is_file():
             raise KilnError("profile file not found", candidate)
         return candidate
@@ -112,6 +112,8 @@ def layers(name: str, _seen: tuple[str, ...] = ()) -> list[tuple[dict, str, Path
     tree = _read_yaml(path)
     source = "profile" if path.parent.resolve() == PROFILE_DIR.resolve() else "file"
     base = tree.pop("base", None)
+    if base and Path(str(base)).suffix in {".yaml", ".yml"} and (path.parent / str(base)).is_file():
+        base = path.parent / str(base)  # a user's YAML names its base relative to itself
     chain = layers(str(base), (*_seen, str(path))) if base else []
     return [*chain, (tree, source, path)]
 
@@ -129,6 +131,10 @@ def builder_for(
     for text in overrides:
         key, value = parse_override(text)
         builder.set(key, value, "flag")
+    # The two batch settings are alternatives: asking for a token budget on a profile that trains
+    # fixed-size batches (crammed-BERT's) means the budget, not a silently ignored flag.
+    if builder.sources["train.batch_tokens"] == "flag" and builder.sources["train.batch_size"] != "flag":
+        builder.set("train.batch_size", 0, "flag")
     return builder
 
 

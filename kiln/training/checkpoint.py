@@ -7,6 +7,7 @@ sees a half-written one. Nothing here unpickles: tensors are safetensors, state 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,11 @@ def atomic_dir(target: Path) -> tuple[Path, Any]:
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    # mkdtemp makes it private (0700); the renamed directory (an exported model/) should have the
+    # permissions any new directory gets, so that a service account can read it.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
 
     def commit() -> None:
         old = _previous(target)

@@ -10,11 +10,12 @@ from kiln.errors import KilnError
 
 
 def parameter_groups(model: Any, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; biases and norm weights (all 1-D parameters) do not."""
+    """Two groups: matrices decay; biases and norm weights (all 1-D parameters) do not, nor does
+    anything named a bias (T5's relative attention bias table), as in HF Trainer."""
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if param.ndim >= 2 and "bias" not in name.lower() else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -114,8 +115,9 @@ def lr_multiplier(name: str, step: int, total_steps: int, warmup: int) -> float:
         return (step + 1) / warmup
     if name == "constant":
         return 1.0
-    if name == "inverse_sqrt":
-        return math.sqrt(max(warmup, 1) / max(step + 1, 1))
+    if name == "inverse_sqrt":  # transformers' get_inverse_sqrt_schedule: timescale 10,000 without warmup
+        timescale = warmup or 10_000
+        return math.sqrt(timescale / (step + 1 + timescale - warmup))
     progress = (step - warmup) / max(1, total_steps - warmup)
     progress = min(max(progress, 0.0), 1.0)
     if name == "linear":
