@@ -39,7 +39,7 @@ def spawn(spec: dict) -> dict:
 
 def run_kiln(spec: dict) -> dict:
     import kiln
-    from kiln.training.optim import parse_duration
+    from kiln.config import parse_duration
 
     run = kiln.train("mlm", spec["data"], name="kiln-budget", profile=spec["profile"], output_dir=spec["workdir"],
                      overwrite=True, budget=spec["budget"])
@@ -52,7 +52,7 @@ def run_kiln(spec: dict) -> dict:
 def run_hf(spec: dict) -> dict:
     from mlm_common import hf_train_mlm
 
-    from kiln.training.optim import parse_duration
+    from kiln.config import parse_duration
 
     common = dict(tokenizer_dir=spec["tokenizer"], train=Path(spec["data"]) / "train.txt", hidden=512, layers=4,
                   heads=8, intermediate=2048, batch=32, lr=5e-4, warmup_ratio=0.06)

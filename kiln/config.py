@@ -20,12 +20,33 @@ from typing import Any
 from kiln.errors import KilnError
 
 
-def setting(default: Any, doc: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """Declare a config field: its default, its one-line doc and, optionally, its CLI flag."""
-    metadata = {"doc": doc, "flag": flag, "choices": choices}
+def setting(default: Any, doc: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+            minimum: float | None = None, above: float | None = None, maximum: float | None = None,
+            parse: Any = None) -> Any:
+    """Declare a config field: its default, its one-line doc and, optionally, its CLI flag, its
+    choices, its range (``minimum`` <= value, ``above`` < value, value <= ``maximum``) and a
+    ``parse`` function that must accept the value (e.g. a duration)."""
+    metadata = {"doc": doc, "flag": flag, "choices": choices, "minimum": minimum, "above": above,
+                "maximum": maximum, "parse": parse}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``45m``, ``2h``, ``1d``, ``90s``, ``1h30m`` or a bare number of seconds (empty: 0)."""
+    import re
+
+    text = str(text).strip().lower()
+    if not text:
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text):
+        raise KilnError(f"cannot read the duration '{text}' (use e.g. 45m, 2h, 1d, 1h30m)")
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in parts)
 
 
 @dataclass
@@ -46,10 +67,10 @@ class TokenizerConfig:
         "mbart (a </s>, language codes) or gpt2 (<|endoftext|> only).",
         choices=("bert", "roberta", "t5", "mbart", "gpt2"),
     )
-    vocab_size: int = setting(30522, "Vocabulary size (capped for small training sets unless pinned).")
+    vocab_size: int = setting(30522, "Vocabulary size (capped for small training sets unless pinned).", minimum=8)
     pin_vocab: bool = setting(False, "Use vocab_size exactly, without capping it for small data.")
     lowercase: bool = setting(True, "Lowercase text before tokenizing (uncased models).")
-    min_frequency: int = setting(2, "Minimum pair/word frequency for a merge or vocabulary entry.")
+    min_frequency: int = setting(2, "Minimum pair/word frequency for a merge or vocabulary entry.", minimum=0)
 
 
 @dataclass
@@ -57,10 +78,10 @@ class OptimConfig:
     """The optimizer. Bias and LayerNorm weights never get weight decay."""
 
     name: str = setting("adamw", "Optimizer.", choices=("adamw", "adam", "adafactor", "radam"))
-    lr: float = setting(5e-5, "Peak learning rate.", flag="--lr")
+    lr: float = setting(5e-5, "Peak learning rate.", flag="--lr", minimum=0)
     betas: list = setting([0.9, 0.999], "Adam betas.")
-    eps: float = setting(1e-8, "Adam epsilon.")
-    weight_decay: float = setting(0.01, "Decoupled weight decay (AdamW) or L2 (others).")
+    eps: float = setting(1e-8, "Adam epsilon.", minimum=0)
+    weight_decay: float = setting(0.01, "Decoupled weight decay (AdamW) or L2 (others).", minimum=0)
 
 
 @dataclass
@@ -72,48 +93,53 @@ class ScheduleConfig:
         "elapsed fraction x (no warmup).",
         choices=("linear", "cosine", "constant", "inverse_sqrt", "budget-triangle"),
     )
-    warmup_ratio: float = setting(0.06, "Warmup as a fraction of all steps (used when warmup_steps is 0).")
-    warmup_steps: int = setting(0, "Warmup steps; overrides warmup_ratio when > 0.")
+    warmup_ratio: float = setting(0.06, "Warmup as a fraction of all steps (used when warmup_steps is 0).",
+                                 minimum=0, maximum=1)
+    warmup_steps: int = setting(0, "Warmup steps; overrides warmup_ratio when > 0.", minimum=0)
 
 
 @dataclass
 class TrainConfig:
     """The training loop."""
 
-    epochs: float = setting(3, "Epochs to train (fractions allowed).", flag="--epochs")
-    max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", flag="--max-steps")
+    epochs: float = setting(3, "Epochs to train (fractions allowed).", flag="--epochs", above=0)
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", flag="--max-steps",
+                             minimum=0)
     budget: str = setting(
         "", "Wall-clock training budget, e.g. 45m, 2h, 1d: train until it is spent (epochs are then "
         "ignored); the LR schedule and batch ramp follow the elapsed fraction of it (or of max_steps, "
-        "whichever ends first).", flag="--budget",
+        "whichever ends first).", flag="--budget", parse=parse_duration,
     )
     batch_ramp: float = setting(
         0.0, "Grow gradient accumulation linearly from 1 to grad_accum until this fraction of training "
-        "(0: off; cramming: 0.6).",
+        "(0: off; cramming: 0.6).", minimum=0, maximum=1,
     )
     batch_tokens: int = setting(
         8192, "Token budget per micro-batch, padding included (length-bucketed batches).",
-        flag="--batch-tokens",
+        flag="--batch-tokens", minimum=1,
     )
     batch_size: int = setting(
         0, "Fixed examples per micro-batch instead of a token budget (0: use batch_tokens).",
-        flag="--batch-size",
+        flag="--batch-size", minimum=0,
     )
-    max_batch_size: int = setting(256, "Upper bound on examples in one token-budget micro-batch.")
-    grad_accum: int = setting(1, "Micro-batches per optimizer step.", flag="--grad-accum")
-    grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: off).")
-    dropout: float | None = setting(None, "Override the model's dropout probabilities (null: keep).")
-    max_length: int = setting(512, "Truncate inputs to this many tokens (capped by the model).")
+    max_batch_size: int = setting(256, "Upper bound on examples in one token-budget micro-batch.", minimum=1)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", flag="--grad-accum", minimum=1)
+    grad_clip: float = setting(1.0, "Clip the global gradient norm to this (0: off).", minimum=0)
+    dropout: float | None = setting(None, "Override the model's dropout probabilities (null: keep).",
+                                   minimum=0, maximum=1)
+    max_length: int = setting(512, "Truncate inputs to this many tokens (capped by the model).", minimum=1)
     precision: str = setting(
         "auto", "Compute precision; auto picks bf16 on CUDA/AMX CPUs, else fp32.", flag="--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     device: str = setting("auto", "Device: auto, cpu, cuda or cuda:N.", flag="--device")
     seed: int = setting(42, "Random seed for init, shuffling and dropout.", flag="--seed")
-    eval_every: int = setting(0, "Evaluate every N optimizer steps (0: once per epoch).", flag="--eval-every")
-    patience: int = setting(0, "Stop after N evaluations without improvement (0: never).", flag="--patience")
+    eval_every: int = setting(0, "Evaluate every N optimizer steps (0: once per epoch).", flag="--eval-every",
+                              minimum=0)
+    patience: int = setting(0, "Stop after N evaluations without improvement (0: never).", flag="--patience",
+                            minimum=0)
     metric: str = setting("", "Metric that picks the best checkpoint (empty: the task's main metric).")
-    log_every: int = setting(50, "Write a metrics.jsonl line every N optimizer steps.")
+    log_every: int = setting(50, "Write a metrics.jsonl line every N optimizer steps.", minimum=1)
     keep_checkpoints: bool = setting(True, "Keep checkpoints/ after training (model/ is always written).")
 
 
@@ -133,15 +159,16 @@ class DataConfig:
     tag_scheme: str = setting(
         "auto", "Tagging scheme of token labels; auto detects it.", choices=("auto", "iob1", "iob2", "bioes")
     )
-    window: int = setting(384, "QA: tokens per window over a long context (question included).")
-    stride: int = setting(128, "QA: tokens of overlap between consecutive context windows.")
-    max_query_length: int = setting(64, "QA: questions are cut to this many tokens first.")
-    max_answer_length: int = setting(30, "QA: longest answer span, in tokens.")
-    n_best: int = setting(20, "QA: start and end candidates per window when decoding.")
+    window: int = setting(384, "QA: tokens per window over a long context (question included).", minimum=8)
+    stride: int = setting(128, "QA: tokens of overlap between consecutive context windows.", minimum=0)
+    max_query_length: int = setting(64, "QA: questions are cut to this many tokens first.", minimum=1)
+    max_answer_length: int = setting(30, "QA: longest answer span, in tokens.", minimum=1)
+    n_best: int = setting(20, "QA: start and end candidates per window when decoding.", minimum=1)
     null_threshold: float = setting(0.0, "QA (SQuAD 2.0): answer nothing when null beats the best span by this.")
     pair: str = setting("", "Generation: language pair of parallel files, e.g. 'en-de' for train.en + train.de.",
                         flag="--pair")
-    validation_fraction: float = setting(0.1, "Held-out fraction when DATA has no validation split.")
+    validation_fraction: float = setting(0.1, "Held-out fraction when DATA has no validation split.",
+                                        minimum=0, maximum=0.9)
     split_seed: int = setting(13, "Seed of the deterministic train/validation split.")
 
 
@@ -149,16 +176,19 @@ class DataConfig:
 class PretrainConfig:
     """Pretraining objectives (mlm, clm, span) and the corpus pipeline."""
 
-    seq_len: int = setting(128, "Tokens per packed training sequence.", flag="--seq-len")
-    mask_prob: float = setting(0.15, "MLM: fraction of tokens selected for prediction.")
-    mask_token_prob: float = setting(0.8, "MLM: of the selected tokens, the fraction replaced by [MASK].")
-    random_token_prob: float = setting(0.1, "MLM: of the selected tokens, the fraction replaced by a random token.")
+    seq_len: int = setting(128, "Tokens per packed training sequence.", flag="--seq-len", minimum=4)
+    mask_prob: float = setting(0.15, "MLM: fraction of tokens selected for prediction.", above=0, maximum=1)
+    mask_token_prob: float = setting(0.8, "MLM: of the selected tokens, the fraction replaced by [MASK].",
+                                    minimum=0, maximum=1)
+    random_token_prob: float = setting(0.1, "MLM: of the selected tokens, the fraction replaced by a random token.",
+                                      minimum=0, maximum=1)
     whole_word: bool = setting(False, "MLM: select whole words (all their sub-tokens) instead of single tokens.")
-    noise_density: float = setting(0.15, "Span corruption: fraction of tokens corrupted.")
-    mean_span: float = setting(3.0, "Span corruption: mean length of a corrupted span.")
+    noise_density: float = setting(0.15, "Span corruption: fraction of tokens corrupted.", above=0, maximum=0.9)
+    mean_span: float = setting(3.0, "Span corruption: mean length of a corrupted span.", minimum=1)
     paragraphs: bool = setting(False, "Text corpora: documents are blank-line-separated paragraphs, not lines.")
     max_tokens_per_char: float = setting(
-        0.0, "Drop documents with more tokens per character than this (cramming's filter; 0: keep all).")
+        0.0, "Drop documents with more tokens per character than this (cramming's filter; 0: keep all).",
+        minimum=0)
     curriculum: str = setting(
         "none", "Order of the training blocks: none (shuffled each epoch) or unigram (cramming's curriculum: "
         "most to least likely under the corpus's token frequencies, the same order every epoch).",
@@ -169,16 +199,16 @@ class PretrainConfig:
 class GenerateConfig:
     """Decoding for the generation task (transformers ``generate()``); ``--generate key=value`` overrides."""
 
-    max_new_tokens: int = setting(64, "Longest output, in tokens.")
-    num_beams: int = setting(1, "Beam width (1: greedy or sampling).")
+    max_new_tokens: int = setting(64, "Longest output, in tokens.", minimum=1)
+    num_beams: int = setting(1, "Beam width (1: greedy or sampling).", minimum=1)
     length_penalty: float = setting(1.0, "Beam search length penalty.")
-    no_repeat_ngram_size: int = setting(0, "Never repeat an n-gram of this size (0: off).")
+    no_repeat_ngram_size: int = setting(0, "Never repeat an n-gram of this size (0: off).", minimum=0)
     do_sample: bool = setting(False, "Sample instead of greedy/beam search.")
-    temperature: float = setting(1.0, "Sampling temperature.")
-    top_k: int = setting(50, "Sample from the k most likely tokens.")
-    top_p: float = setting(1.0, "Sample from the smallest set with this much probability.")
+    temperature: float = setting(1.0, "Sampling temperature.", above=0)
+    top_k: int = setting(50, "Sample from the k most likely tokens.", minimum=0)
+    top_p: float = setting(1.0, "Sample from the smallest set with this much probability.", above=0, maximum=1)
     seed: int = setting(0, "Seed for reproducible sampling.")
-    eval_samples: int = setting(500, "Validation examples decoded at each evaluation during training.")
+    eval_samples: int = setting(500, "Validation examples decoded at each evaluation during training.", minimum=1)
 
 
 @dataclass
@@ -257,13 +287,29 @@ def coerce(key: str, value: Any, where: str = "") -> Any:
         elif kind is list and isinstance(value, tuple):
             value = list(value)
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            choices = f.metadata.get("choices")
-            if choices and value not in choices:
-                raise KilnError(f"setting '{key}' must be one of {', '.join(choices)}, got '{value}'",
-                                where or None)
+            _check(key, value, f.metadata, where)
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
     raise KilnError(f"setting '{key}' expects {names}, got {value!r}", where or None)
+
+
+def _check(key: str, value: Any, meta: dict, where: str) -> None:
+    """A typed value against its declared choices, range and parser."""
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise KilnError(f"setting '{key}' must be one of {', '.join(choices)}, got '{value}'", where or None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, above, high = meta.get("minimum"), meta.get("above"), meta.get("maximum")
+        problem = (f"at least {low}" if low is not None and value < low else
+                   f"above {above}" if above is not None and value <= above else
+                   f"at most {high}" if high is not None and value > high else None)
+        if problem:
+            raise KilnError(f"setting '{key}' must be {problem}, got {value}", where or None)
+    if meta.get("parse") and value:
+        try:
+            meta["parse"](value)
+        except KilnError as err:
+            raise KilnError(f"setting '{key}': {err.message}", where or None) from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -289,10 +335,15 @@ class ConfigBuilder:
             self.values[key] = default
             self.sources[key] = "default"
 
-    def apply(self, tree: dict, source: str, where: str = "") -> None:
-        """Overlay a nested mapping (profile, YAML file)."""
+    def apply(self, tree: dict, source: str, where: str = "", lines: dict[str, int] | None = None) -> None:
+        """Overlay a nested mapping (profile, YAML file); ``lines`` locate its keys for errors."""
         for key, value in flatten(tree).items():
-            self.set(key, value, source, where)
+            try:
+                self.set(key, value, source, where)
+            except KilnError as err:
+                if lines and err.line is None:
+                    err.line = lines.get(key)
+                raise
 
     def set(self, key: str, value: Any, source: str, where: str = "") -> None:
         """Set one dotted key. ``model.config.X`` updates one architecture entry."""
@@ -343,7 +394,8 @@ _FLOAT = "|".join([
 
 
 @functools.cache
-def _yaml_loader() -> Any:
+def yaml_loader() -> Any:
+    """PyYAML's SafeLoader, reading YAML 1.2 floats (see :func:`load_yaml`)."""
     import re
 
     import yaml
@@ -360,7 +412,7 @@ def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that reads ``1e-4`` as a number, as JSON and Python do."""
     import yaml
 
-    return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass: no arbitrary objects
+    return yaml.load(text, Loader=yaml_loader())  # a SafeLoader subclass: no arbitrary objects
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -124,14 +124,17 @@ def estimate(
     import torch
     from transformers import AutoModel
 
-    from kiln.models import hf_config, max_positions
+    from kiln.models import architecture_errors, hf_config, max_positions
     from kiln.profiles import builder_for
+    from kiln.tasks import TASKS
 
     config: Config = builder_for(profile, {}, overrides).build()
+    if task is not None and task not in TASKS:
+        raise KilnError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
     if task is not None and task not in config.tasks:
         raise KilnError(f"profile '{config.name}' does not support task '{task}' ({', '.join(config.tasks)})")
-    architecture = hf_config(config.model.type, config.model.config)
-    with torch.device("meta"):
+    with architecture_errors(config.name), torch.device("meta"):
+        architecture = hf_config(config.model.type, config.model.config)
         model = AutoModel.from_config(architecture)
     counts = parameter_counts(model)
     shape = shape_of(architecture)

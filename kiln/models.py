@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
+
+from kiln.errors import KilnError
 
 # Models whose position ids start after the padding index, so two positions are unusable.
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"}
@@ -25,6 +29,16 @@ def hf_config(model_type: str, architecture: dict, **extra: Any) -> Any:
         # layers with a 128-token sliding window).
         architecture["layer_types"] = ["full_attention"] * architecture.get("num_hidden_layers", 22)
     return AutoConfig.for_model(model_type, **architecture)
+
+
+@contextlib.contextmanager
+def architecture_errors(profile: str) -> Iterator[None]:
+    """Turn transformers' validation of a config or a model's shapes (``hidden_size`` not a multiple
+    of the heads, a bad ``layer_norm_eps`` type) into one-line errors naming the profile."""
+    try:
+        yield
+    except ValueError as exc:
+        raise KilnError(f"profile '{profile}' does not build a valid model: {str(exc).splitlines()[0]}") from None
 
 
 def _is_dropout_name(name: str) -> bool:

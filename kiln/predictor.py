@@ -51,8 +51,12 @@ class Predictor:
         )
         return self.task.decode(outputs, features, dataset), loss_sum, units
 
-    def read(self, path: str | Path, *, labelled: bool, stream: TextIO | None = None) -> Dataset:
-        """Read a data file with this model's task (and check its labels when ``labelled``)."""
+    def read(self, path: str | Path, *, labelled: bool, stream: TextIO | None = None,
+             columns: str | None = None) -> Dataset:
+        """Read a data file with this model's task (and check its labels when ``labelled``);
+        ``columns`` maps roles to columns as ``data.columns`` does (``"text=3,label=1"``)."""
+        if columns is not None:
+            self.task.config.data.columns = columns
         dataset = self.task.read(path, labelled=labelled, stream=stream)
         if labelled:
             self.task.check(dataset)

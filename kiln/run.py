@@ -104,7 +104,7 @@ def train(
     """
     import torch
 
-    from kiln.models import hf_config, max_positions
+    from kiln.models import architecture_errors, hf_config, max_positions
     from kiln.tokenizers import load_tokenizer, train_tokenizer
     from kiln.training.device import resolve_device, resolve_precision
     from kiln.training.trainer import Trainer
@@ -130,6 +130,9 @@ def train(
     if not resume:
         task_obj.fit(train_ds)
     task_obj.check(validation_ds)
+    if config.train.metric and config.train.metric not in task_obj.metric_names():
+        raise KilnError(f"setting 'train.metric': '{config.train.metric}' is not one of this task's metrics "
+                        f"({', '.join(task_obj.metric_names())})")
 
     # Device and precision errors are user errors too: raise them before anything is written.
     resolve_precision(config.train.precision, resolve_device(config.train.device))
@@ -148,14 +151,16 @@ def train(
         if tokenizer:
             tok = load_tokenizer(tokenizer)
         else:
-            arch_positions = max_positions(hf_config(config.model.type, config.model.config))
+            with architecture_errors(config.name):
+                arch_positions = max_positions(hf_config(config.model.type, config.model.config))
             tok, _ = train_tokenizer(config.tokenizer, list(task_obj.texts(train_ds)), arch_positions)
         special = {k: getattr(tok, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
                    if getattr(tok, k, None) is not None}
         special.update({k: getattr(tok, k) for k in ("cls_token_id", "sep_token_id")  # ModernBERT has them
                         if k in config.model.config and getattr(tok, k, None) is not None})
         arch = {**config.model.config, "vocab_size": len(tok), **special}
-        model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
+        with architecture_errors(config.name):
+            model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
     max_length = min(config.train.max_length, max_positions(model.config))
     task_obj.tokenizer = tok
     cap = task_obj.eval_cap()

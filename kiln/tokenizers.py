@@ -197,6 +197,10 @@ def load_tokenizer(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_dir():
         raise KilnError("tokenizer directory not found", path)
+    known = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+             "sentencepiece.bpe.model")
+    if not any((path / name).is_file() for name in known):
+        raise KilnError(f"no tokenizer files here (none of {', '.join(known)})", path)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import kiln
 from kiln.cli import main
 
 
@@ -56,7 +57,8 @@ def test_evaluate_json(trained, capsys):
     run, data = trained
     assert main(["evaluate", str(run), str(data / "dev.tsv"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) >= {"accuracy", "f1", "mcc", "loss", "n"}
+    assert set(metrics) == {"accuracy", "f1", "macro_f1", "mcc", "loss", "n"}
+    assert set(metrics) == {*kiln.load(run).task.metric_names(), "n"}  # what train.metric is checked against
     assert metrics["n"] == 40 and metrics["accuracy"] > 0.9
 
 
@@ -123,6 +125,54 @@ def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, content, line):
     assert result.stderr.startswith(f"{path}:{line}: ")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "5x"], "kiln: setting 'train.budget': cannot read the duration '5x'"),
+    (["--lr", "-1"], "kiln: setting 'optim.lr' must be at least 0, got -1.0"),
+    (["--epochs", "0"], "kiln: setting 'train.epochs' must be above 0, got 0.0"),
+    (["-c", "train.metric=bogus"], "kiln: setting 'train.metric': 'bogus' is not one of this task's metrics"),
+    (["-c", "model.config.hidden_size=33"], "kiln: profile 'test-tiny' does not build a valid model: The hidden size"),
+    (["--output-dir", "{data}/train.tsv"], "{data}/train.tsv/bad: Not a directory"),
+], ids=["budget", "lr", "epochs", "metric", "shape", "output-dir"])
+def test_bad_settings_fail_before_training_in_one_line(trained, tiny_profile, tmp_path, capsys, args, message):
+    """Found by the settings' declarations (ranges, parsers) or before the first step, never after
+    an epoch of training, and never leaving a run directory that blocks the retry."""
+    _, data = trained
+    args = [a.replace("{data}", str(data)) for a in args]
+    output = [] if "--output-dir" in args else ["--output-dir", str(tmp_path / "runs")]
+    code = main(["train", "sequence", str(data), "-n", "bad", "--profile", str(tiny_profile), *output, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(message.replace("{data}", str(data))), err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "bad").exists() and not (data / "train.tsv" / "bad").exists()
+
+
+def test_evaluate_and_predict_take_columns(trained, tmp_path, capsys):
+    run, _ = trained
+    path = tmp_path / "three.tsv"
+    path.write_text("id\tgold\ttext\n1\tpos\tthe film is wonderful .\n2\tneg\tthe film is awful .\n")
+    assert main(["evaluate", str(run), str(path), "--json"]) == 2
+    assert "--columns" in capsys.readouterr().err  # the advice names a flag that exists
+    assert main(["evaluate", str(run), str(path), "--json", "--columns", "text=text,label=gold"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    assert main(["predict", str(run), str(path), "--columns", "text=2", "--json"]) == 0
+    assert [r["label"] for r in json.loads(capsys.readouterr().out)] == ["pos", "neg"]
+
+
+def test_predict_output_errors_and_bad_stdin_are_one_line(trained, tmp_path, capsys, monkeypatch):
+    import io
+
+    run, data = trained
+    assert main(["predict", str(run), str(data / "dev.tsv"), "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"{tmp_path}: is a directory")
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # no temporary file left behind
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"fine\ncaf\xe9 ok\n")))
+    assert main(["predict", str(run)]) == 2
+    assert capsys.readouterr().err.startswith("<stdin>:2: invalid UTF-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "sequence", str(data), "-n", "x", "--resume", "--overwrite"])
+    assert exit_.value.code == 2
 
 
 def test_unseen_label_in_evaluation(trained, tmp_path):

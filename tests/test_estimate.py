@@ -75,6 +75,10 @@ def test_flops_and_time():
 def test_unknown_profile_is_a_clean_error():
     with pytest.raises(KilnError, match="did you mean"):
         estimate("gpt3")
+    with pytest.raises(KilnError, match="unknown task 'bogus'"):
+        estimate("bert-tiny", task="bogus")
+    with pytest.raises(KilnError, match="does not build a valid model: The hidden size"):
+        estimate("bert-tiny", overrides=["model.config.hidden_size=33"])
 
 
 def test_estimate_agrees_with_a_real_training_run():

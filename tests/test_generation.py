@@ -116,6 +116,7 @@ def test_train_evaluate_predict_and_transformers_parity(kind, text, auto, copy_d
                             "perplexity", "n"}
     assert metrics["perplexity"] < 4  # the copy task is being learned (uniform guessing: ~300)
     model = kiln.load(run.path)
+    assert set(metrics) == {*model.task.metric_names(), "n"}  # what train.metric is checked against
     sources = ["red cat runs", "big blue dog"]
     ours = [r["generated_text"] for r in model.predict(sources)]
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_trainer import StopAt
 
 import kiln
-from kiln.config import TokenizerConfig
+from kiln.config import TokenizerConfig, parse_duration
 from kiln.data.corpus import PackedBlocks, corpus_files, iter_documents, tokenize_corpus, unigram_order
 from kiln.errors import KilnError
 from kiln.tasks.pretrain import (
@@ -28,7 +28,6 @@ from kiln.tokenizers import train_tokenizer
 from kiln.training.optim import (
     budget_triangle,
     lr_at_fraction,
-    parse_duration,
     planned_steps,
     ramp_accumulation,
 )
@@ -99,6 +98,10 @@ def test_corpus_files_and_documents(tmp_path):
     with pytest.raises(KilnError, match="'text' field") as err:
         list(iter_documents([tmp_path / "bad.jsonl"]))
     assert str(err.value).startswith(f"{tmp_path / 'bad.jsonl'}:2:")
+    (tmp_path / "cut.jsonl").write_text('{"text": "ok"}\n{"text": "cut sh\n')
+    with pytest.raises(KilnError, match="invalid JSON") as err:
+        list(iter_documents([tmp_path / "cut.jsonl"]))
+    assert str(err.value).startswith(f"{tmp_path / 'cut.jsonl'}:2:")
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -62,6 +62,18 @@ def test_user_yaml_with_unknown_key_names_file(tmp_path):
     assert str(path) in str(err.value) and "train.epochs" in str(err.value)
 
 
+def test_profile_yaml_errors_name_their_line(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: bert-tiny\ntrain:\n  epochs: 2\n  epoch: 3\n")
+    with pytest.raises(KilnError) as err:
+        profiles.load(str(path))
+    assert str(err.value).startswith(f"{path}:4: unknown setting 'train.epoch'")
+    path.write_text("name: x\nbase: nosuch\n")
+    with pytest.raises(KilnError) as err:
+        profiles.load(str(path))
+    assert str(err.value).startswith(f"{path}:2: base: unknown profile 'nosuch'")
+
+
 def test_invalid_yaml_reports_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: x\ntrain: {epochs: [1\n")

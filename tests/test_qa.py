@@ -89,6 +89,10 @@ def test_squad_json_v2_and_mismatch_error(tmp_path):
         task().read(path)
     line = next(i for i, text in enumerate(json.dumps(squad, indent=1).splitlines(), 1) if '"q1"' in text)
     assert str(err.value).startswith(f"{path}:{line}:")
+    del squad["data"][0]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"]
+    path.write_text(json.dumps(squad, indent=1))
+    with pytest.raises(KilnError, match="'Paris' has no answer_start"):
+        task().read(path)
 
 
 def test_classy_tsv_and_jsonl_start_end(tmp_path):
@@ -192,6 +196,7 @@ def test_train_evaluate_predict_and_transformers_parity(qa_dir, tiny_profile, tm
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"exact_match", "f1", "loss", "n"} and metrics["loss"] > 0
     model = kiln.load(run.path)
+    assert set(metrics) == {*model.task.metric_names(), "n"}  # what train.metric is checked against
     context = "it was warm . Anna lives in Vienna . it was sunny ."
     [answer] = model.predict([(context, "Where does Anna live ?")])
     assert set(answer) == {"answer", "score", "start", "end"}

@@ -86,3 +86,13 @@ def test_concurrent_runs_train_a_tokenizer_once(monkeypatch):
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+
+
+def test_a_directory_without_tokenizer_files_is_a_clear_error(tmp_path):
+    from kiln.errors import KilnError
+    from kiln.tokenizers import load_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # a model dir missing its tokenizer
+    with pytest.raises(KilnError, match="no tokenizer files here") as err:
+        load_tokenizer(tmp_path)
+    assert str(err.value).startswith(str(tmp_path))

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as err:  # the environment, not kiln: a path that is a file, no permission, a full disk
+        print(f"{err.filename}: {err.strerror}" if err.filename else f"kiln: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

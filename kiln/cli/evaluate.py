@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from kiln.cli.train import add_setting_flag
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``kiln evaluate``."""
@@ -16,6 +18,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", metavar="PREDICTIONS",
                         help="also write predictions, in DATA's format with predictions appended")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_setting_flag(parser, "data.columns", default="default: the run's own setting")
     parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
                         help="generation: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from kiln.cli.predict import write_predictions
 
     predictor = kiln.load(args.run_dir, device=args.device, generate=args.generate)
-    dataset = predictor.read(args.data, labelled=True)
+    dataset = predictor.read(args.data, labelled=True, columns=getattr(args, "data.columns"))
     metrics, predictions = predictor.evaluate_with_predictions(dataset)
     if args.output:
         write_predictions(predictor, dataset, predictions, args.output, as_json=False)

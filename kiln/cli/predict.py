@@ -10,6 +10,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kiln.cli.train import add_setting_flag
+from kiln.errors import KilnError
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``kiln predict``."""
@@ -23,6 +26,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     parser.add_argument("--json", action="store_true", help='print [{"label": ..., "score": ...}, ...]')
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_setting_flag(parser, "data.columns", default="default: the run's own setting")
     parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
                         help="generation: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
@@ -41,11 +45,17 @@ def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], outp
         emit(sys.stdout)
         return
     target = Path(output)
+    if target.is_dir():
+        raise KilnError("is a directory; -o takes the path of the file to write", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as stream:
-        emit(stream)
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            emit(stream)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data is None and sys.stdin.isatty():
         return _interactive(predictor)
     source = args.data or "<stdin>"
-    dataset = predictor.read(source, labelled=False, stream=sys.stdin if args.data is None else None)
+    dataset = predictor.read(source, labelled=False, stream=sys.stdin if args.data is None else None,
+                             columns=getattr(args, "data.columns"))
     predictions = predictor.predict_dataset(dataset)
     write_predictions(predictor, dataset, predictions, args.output, args.json)
     return 0

@@ -20,6 +20,18 @@ def _flag_type(key: str) -> typing.Any:
     return kinds[0]
 
 
+def add_setting_flag(parser: typing.Any, key: str, default: str | None = None) -> None:
+    """Add the CLI flag a setting declares, with its doc as help (``dest`` is the dotted key);
+    ``default`` says what applies without the flag (else the profile's or the declared default)."""
+    f = dict(iter_settings())[key]
+    kind = _flag_type(key)
+    shown = f.default if f.default not in ("", None) else "none"
+    help_text = f"{f.metadata['doc']} [{key}; {default or f'profile default otherwise {shown}'}]"
+    parser.add_argument(f.metadata["flag"], dest=key, type=kind, default=None, help=help_text.replace("%", "%%"),
+                        choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices")
+                        else kind.__name__.upper().replace("STR", "VALUE"))
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``kiln train``."""
     parser = commands.add_parser(
@@ -39,18 +51,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("training settings (each also settable as -c KEY=VALUE)")
     exclusive = group.add_mutually_exclusive_group()
     for key, f in iter_settings():
-        flag = f.metadata.get("flag")
-        if not flag:
-            continue
-        target = exclusive if key in ("train.batch_tokens", "train.batch_size") else group
-        kind = _flag_type(key)
-        shown = f.default if f.default not in ("", None) else "none"
-        help_text = f"{f.metadata['doc']} [{key}; profile default otherwise {shown}]"
-        target.add_argument(flag, dest=key, type=kind, default=None, help=help_text.replace("%", "%%"),
-                            choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices")
-                            else kind.__name__.upper().replace("STR", "VALUE"))
-    parser.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+        if f.metadata.get("flag"):
+            add_setting_flag(exclusive if key in ("train.batch_tokens", "train.batch_size") else group, key)
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+    start.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting, e.g. -c optim.weight_decay=0 "
                              "-c model.config.num_hidden_layers=2")

@@ -96,7 +96,9 @@ def iter_documents(files: Sequence[Path], paragraphs: bool = False) -> Iterator[
                     continue
                 try:
                     text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except json.JSONDecodeError as exc:
+                    raise KilnError(f"invalid JSON ({exc.msg} at column {exc.colno})", path, number) from None
+                except (KeyError, TypeError):
                     raise KilnError("expected a JSON object with a 'text' field", path, number) from None
                 if not isinstance(text, str):
                     raise KilnError("'text' must be a string", path, number)

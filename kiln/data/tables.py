@@ -38,10 +38,11 @@ class Table:
 
 def decoded_lines(path: str | Path, stream: TextIO | None = None) -> list[tuple[int, str]]:
     """``(line_number, text)`` pairs, BOM stripped, with invalid UTF-8 reported by line."""
-    if stream is not None:
+    buffer = getattr(stream, "buffer", None)  # stdin: decode its bytes here, to report bad UTF-8 by line
+    if stream is not None and buffer is None:  # an in-memory text stream
         return [(i, text.rstrip("\r\n")) for i, text in enumerate(stream, 1)]
     try:
-        raw = Path(path).read_bytes()
+        raw = buffer.read() if buffer is not None else Path(path).read_bytes()
     except FileNotFoundError:
         raise KilnError("file not found", path) from None
     except IsADirectoryError:
@@ -173,14 +174,15 @@ def select_columns(
             if order is None:
                 raise KilnError(
                     f"cannot tell which of the {width} columns is which; name them with --columns "
-                    f"(e.g. --columns {'=0,'.join(roles)}=0)", table.path, table.lines[0]
+                    f"(e.g. --columns {','.join(f'{role}={i}' for i, role in enumerate(roles))})",
+                    table.path, table.lines[0]
                 )
             index = {role: order.index(role) if role in order else None for role in roles}
     missing = [role for role in required if index.get(role) is None]
     if missing:
-        where = "header" if table.header or table.format == "jsonl" else "columns"
+        where = "in the header" if table.header or table.format == "jsonl" else "among the columns"
         raise KilnError(
-            f"no '{missing[0]}' column in the {where}; map one with --columns {missing[0]}=NAME_OR_INDEX",
+            f"no '{missing[0]}' column {where}; map one with --columns {missing[0]}=NAME_OR_INDEX",
             table.path, table.lines[0] - (1 if table.header else 0),
         )
     records = []

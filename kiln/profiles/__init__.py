@@ -38,6 +38,30 @@ def _read_yaml(path: Path) -> dict:
     return tree
 
 
+def key_lines(path: Path) -> dict[str, int]:
+    """The line of every setting in a profile YAML (``train.epochs`` -> 3), for errors that name it."""
+    import yaml
+
+    from kiln.config import SECTIONS, yaml_loader
+
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            if isinstance(value_node, yaml.MappingNode) and (key in SECTIONS or key == "model"):
+                walk(value_node, key + ".")
+
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml_loader())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    if isinstance(root, yaml.MappingNode):
+        walk(root, "")
+    return lines
+
+
 def deep_merge(base: dict, top: dict) -> dict:
     """Merge ``top`` over ``base``: nested mappings merge, other values replace."""
     merged = dict(base)
@@ -114,7 +138,12 @@ def layers(name: str, _seen: tuple[str, ...] = ()) -> list[tuple[dict, str, Path
     base = tree.pop("base", None)
     if base and Path(str(base)).suffix in {".yaml", ".yml"} and (path.parent / str(base)).is_file():
         base = path.parent / str(base)  # a user's YAML names its base relative to itself
-    chain = layers(str(base), (*_seen, str(path))) if base else []
+    try:
+        chain = layers(str(base), (*_seen, str(path))) if base else []
+    except KilnError as err:
+        if err.path is not None:
+            raise
+        raise KilnError(f"base: {err.message}", path, key_lines(path).get("base")) from None
     return [*chain, (tree, source, path)]
 
 
@@ -124,7 +153,7 @@ def builder_for(
     """Merge a profile, CLI flags (``{"train.epochs": 1}``) and ``-c key=value`` overrides."""
     builder = ConfigBuilder()
     for tree, source, path in layers(profile):
-        builder.apply(tree, source, str(path))
+        builder.apply(tree, source, str(path), lines=key_lines(path) if source == "file" else None)
     for key, value in (flags or {}).items():
         if value is not None:
             builder.set(key, value, "flag")

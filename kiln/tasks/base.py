@@ -196,6 +196,11 @@ class Task:
         """Metrics derived from the mean validation loss (perplexity for language tasks)."""
         return {}
 
+    def metric_names(self) -> list[str]:
+        """What :meth:`metrics` and :meth:`loss_metrics` report, with ``loss``: ``train.metric`` is
+        checked against them before training rather than at the first evaluation."""
+        return ["loss", *self.loss_metrics(1.0)]
+
     def greater_is_better(self, metric: str) -> bool:
         """Direction of a metric, for best-checkpoint selection and early stopping."""
         return metric not in {"loss", "mse", "perplexity"}

@@ -318,6 +318,11 @@ class GenerationTask(Task):
             texts[feature["example"]] = tokenizer.decode(ids, skip_special_tokens=True).strip()
         return texts
 
+    def metric_names(self) -> list[str]:
+        from kiln.metrics.generation import ROUGE_KEYS
+
+        return ["bleu", "chrf", *ROUGE_KEYS, "exact_match", *super().metric_names()]
+
     def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
         from kiln.metrics.generation import generation_metrics
 

@@ -64,6 +64,9 @@ class QuestionAnsweringTask(Task):
         if not isinstance(context, str) or not isinstance(question, str):
             raise KilnError("context and question must be strings", path, line)
         for text, start in answers:
+            if start is None:
+                raise KilnError(f"answer {text!r} has no answer_start (its character offset in the context)",
+                                path, line)
             if not isinstance(start, int) or context[start:start + len(text)] != text:
                 found = context[start:start + len(text)] if isinstance(start, int) else start
                 raise KilnError(f"answer {text!r} does not match the context at offset {start} "
@@ -286,6 +289,13 @@ class QuestionAnsweringTask(Task):
                 span = {"answer": "", "score": 0.0, "start": 0, "end": 0}
             predictions.append({**span, "null_margin": margin, "span_answer": candidate["answer"]})
         return predictions
+
+    def metric_names(self) -> list[str]:
+        names = ["exact_match", "f1"]
+        if self.state.get("version") == "2.0":  # the v2.0 script's breakdown and tuned thresholds
+            names += [f"{kind}_{name}" for kind in ("HasAns", "NoAns") for name in ("exact", "f1", "total")]
+            names += [f"best_{name}{suffix}" for name in ("exact", "f1") for suffix in ("", "_threshold")]
+        return [*names, *super().metric_names()]
 
     def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
         from kiln.metrics.squad import squad_metrics

@@ -229,6 +229,10 @@ class SequenceTask(Task):
         gold_ids = [self.labels.index(ex["label"]) for ex in dataset.examples]
         return classification_metrics(gold_ids, [p["id"] for p in predictions], len(self.labels))
 
+    def metric_names(self) -> list[str]:
+        names = ["pearson", "spearman", "mse"] if self.regression else ["accuracy", "f1", "macro_f1", "mcc"]
+        return [*names, *super().metric_names()]
+
     def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
         return [{"label": p["label"], "score": p["score"]} for p in predictions]
 

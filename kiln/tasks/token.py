@@ -269,6 +269,9 @@ class TokenTask(Task):
                 rows[word] = (self.labels[best], float(scores[best]))
         return predictions
 
+    def metric_names(self) -> list[str]:
+        return ["precision", "recall", "f1", "accuracy", *super().metric_names()]
+
     def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
         from kiln.metrics.tagging import tagging_metrics
 

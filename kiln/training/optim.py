@@ -91,22 +91,6 @@ def planned_steps(epoch_sizes: list[int], planned: int, grad_accum: int, ramp: f
     return max(1, steps)
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``45m``, ``2h``, ``1d``, ``90s``, ``1h30m`` or a bare number of seconds (empty: 0)."""
-    import re
-
-    text = str(text).strip().lower()
-    if not text:
-        return 0.0
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", text)
-    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s+", "", text):
-        raise KilnError(f"cannot read the duration '{text}' (use e.g. 45m, 2h, 1d, 1h30m)")
-    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    return sum(float(n) * units[u] for n, u in parts)
-
-
 def lr_multiplier(name: str, step: int, total_steps: int, warmup: int) -> float:
     """Multiplier of the peak LR for the optimizer step ``step`` (0-based) of ``total_steps``."""
     if name == "budget-triangle":

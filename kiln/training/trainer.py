@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.config import Config
+from kiln.config import Config, parse_duration
 from kiln.errors import KilnError
 from kiln.models import set_dropout
 from kiln.training import checkpoint as ckpt
@@ -30,7 +30,6 @@ from kiln.training.optim import (
     build_optimizer,
     lr_at_fraction,
     lr_multiplier,
-    parse_duration,
     planned_steps,
     ramp_accumulation,
     warmup_steps,
@@ -443,7 +442,7 @@ class Trainer:
         self.last_metrics = metrics
         value = metrics.get(self.metric)
         if value is None:
-            raise ValueError(f"metric '{self.metric}' is not one of {sorted(metrics)}")
+            raise KilnError(f"setting 'train.metric': '{self.metric}' is not one of {', '.join(sorted(metrics))}")
         better = self.task.greater_is_better(self.metric)
         best = self.state.best_metric
         # Ties on the metric (common for accuracy on small sets) go to the lower validation loss.
