@@ -128,6 +128,10 @@ def estimate(
     from kiln.profiles import builder_for
     from kiln.tasks import TASKS
 
+    for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--batch-tokens", batch_tokens),
+                        ("--peak-tflops", peak_tflops), ("--mfu", mfu)):
+        if value is not None and value <= 0:
+            raise KilnError(f"{name} must be positive, got {value}")
     config: Config = builder_for(profile, {}, overrides).build()
     if task is not None and task not in TASKS:
         raise KilnError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")

@@ -75,6 +75,8 @@ def test_flops_and_time():
 def test_unknown_profile_is_a_clean_error():
     with pytest.raises(KilnError, match="did you mean"):
         estimate("gpt3")
+    with pytest.raises(KilnError, match="--seq-len must be positive, got -5"):
+        estimate("bert-tiny", seq_len=-5)
     with pytest.raises(KilnError, match="unknown task 'bogus'"):
         estimate("bert-tiny", task="bogus")
     with pytest.raises(KilnError, match="does not build a valid model: The hidden size"):
