@@ -127,9 +127,16 @@ def train(
         raise KilnError(f"profile '{config.name}' does not support task '{task}' "
                         f"(it supports {', '.join(config.tasks)})")
     train_ds, validation_ds = _read_splits(task_obj, data, config)
-    if not resume:
-        task_obj.fit(train_ds)
-    task_obj.check(validation_ds)
+    try:
+        if not resume:
+            task_obj.fit(train_ds)
+        task_obj.check(validation_ds)
+    except KilnError as err:
+        if validation_ds.path == train_ds.path and not resume:  # split from one file: say so
+            err.message += (f" (validation is {len(validation_ds)} of the file's "
+                            f"{len(train_ds) + len(validation_ds)} examples, held out at random; "
+                            "more data or a validation file helps)")
+        raise
     if config.train.metric and config.train.metric not in task_obj.metric_names():
         raise KilnError(f"setting 'train.metric': '{config.train.metric}' is not one of this task's metrics "
                         f"({', '.join(task_obj.metric_names())})")

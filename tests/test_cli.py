@@ -148,6 +148,14 @@ def test_bad_settings_fail_before_training_in_one_line(trained, tiny_profile, tm
     assert not (tmp_path / "runs" / "bad").exists() and not (data / "train.tsv" / "bad").exists()
 
 
+def test_a_split_too_small_for_its_labels_says_it_was_split(tmp_path, capsys):
+    path = tmp_path / "two.tsv"
+    path.write_text("sentence\tlabel\nthe film is great .\tpos\nthe film is awful .\tneg\n")
+    assert main(["train", "sequence", str(path), "-n", "x", "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "single label" in err and "validation is 1 of the file's 2 examples, held out at random" in err
+
+
 def test_evaluate_and_predict_take_columns(trained, tmp_path, capsys):
     run, _ = trained
     path = tmp_path / "three.tsv"
