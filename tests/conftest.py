@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,30 @@ def pair_dir(tmp_path: Path) -> Path:
                 f.write(json.dumps({"sentence1": f"{a} is {w1} .", "sentence2": f"{b} is {w2} .",
                                     "label": round(score + rng.random() * 0.1, 3)}) + "\n")
     return folder
+
+
+def build_once_when_racing(monkeypatch: pytest.MonkeyPatch, module: object, builder: str,
+                           call: Callable[[], object]) -> None:
+    """Run ``call`` in two threads at once while ``module.builder`` (what fills a cache) is slowed
+    down, as torchrun's ranks race for a tokenizer or corpus: the cache is built once, and both
+    threads get the same result."""
+    import threading
+    import time
+
+    real, calls, results = getattr(module, builder), [], []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # both threads are past the first cache check by now
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, builder, slow)
+    threads = [threading.Thread(target=lambda: results.append(call())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, build_once_when_racing
 from safetensors.torch import load_file
 from test_trainer import StopAt
 
@@ -237,30 +237,12 @@ def test_a_huge_document_is_encoded_in_pieces_with_the_same_tokens(tmp_path, tok
 
 def test_concurrent_runs_tokenize_a_corpus_once(tmp_path, tokenizer, monkeypatch):
     """torchrun starts every rank at once: one tokenizes, the others wait for its cache."""
-    import threading
-    import time
-
     import kiln.data.corpus as corpus_module
 
     path = tmp_path / "c.txt"
     path.write_text("\n".join(sentences(50)) + "\n")
-    real, calls = corpus_module._write_streams, []
-
-    def slow_write(*args, **kwargs):
-        calls.append(1)
-        time.sleep(0.5)  # both threads are past the first cache check by now
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(corpus_module, "_write_streams", slow_write)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(tokenize_corpus(
-        [path], tokenizer, tokenizer.sep_token_id, cache=tmp_path / "cache")["all"].tokens.tolist()))
-        for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    build_once_when_racing(monkeypatch, corpus_module, "_write_streams", lambda: tokenize_corpus(
+        [path], tokenizer, tokenizer.sep_token_id, cache=tmp_path / "cache")["all"].tokens.tolist())
 
 
 def test_tokenizing_keeps_memory_bounded(tmp_path, tokenizer):

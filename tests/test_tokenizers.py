@@ -1,4 +1,5 @@
 import pytest
+from conftest import build_once_when_racing
 from transformers import AutoTokenizer
 
 from kiln.config import TokenizerConfig
@@ -64,28 +65,11 @@ def test_vocab_capped_for_small_data_unless_pinned():
 
 def test_concurrent_runs_train_a_tokenizer_once(monkeypatch):
     """torchrun starts every rank at once: one trains the tokenizer, the others wait for its cache."""
-    import threading
-    import time
-
     import kiln.tokenizers as tokenizers_module
 
-    real, calls = tokenizers_module._build_raw, []
-
-    def slow_build(*args):
-        calls.append(1)
-        time.sleep(0.5)  # both threads are past the first cache check by now
-        return real(*args)
-
-    monkeypatch.setattr(tokenizers_module, "_build_raw", slow_build)
     spec = TokenizerConfig(vocab_size=123)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(train_tokenizer(spec, TEXTS, 64)[0].get_vocab()))
-               for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    build_once_when_racing(monkeypatch, tokenizers_module, "_build_raw",
+                           lambda: train_tokenizer(spec, TEXTS, 64)[0].get_vocab())
 
 
 def test_a_directory_without_tokenizer_files_is_a_clear_error(tmp_path):
