@@ -208,3 +208,9 @@ def test_help_is_fast_and_imports_no_torch():
     help_text = kiln_cli("train", "--help")
     assert help_text.returncode == 0 and "--batch-tokens" in help_text.stdout and "--columns" in help_text.stdout
     assert time.perf_counter() - start < 5  # includes interpreter start-up
+    # The --profile help names each task's default without importing the tasks: keep it true.
+    from kiln.tasks import TASKS, task_class
+
+    profile_help = " ".join(help_text.stdout.split()).split("--profile PROFILE")[-1].split("--init DIR")[0]
+    for name in TASKS:
+        assert task_class(name).default_profile in profile_help, name

@@ -42,8 +42,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("task", metavar="TASK", help=TASKS_HELP)
     parser.add_argument("data", metavar="DATA", help="data file or directory")
     parser.add_argument("-n", "--name", help="run name; the run goes to OUTPUT_DIR/NAME")
-    parser.add_argument("--profile", help="profile name or YAML path (default: bert-mini; "
-                                          "with --init, the shared encoder recipe)")
+    parser.add_argument("--profile", help="profile name or YAML path (default: the task's own: bert-mini "
+                                          "for the encoder tasks, t5-tiny for generation, crammed-bert-mini "
+                                          "for mlm, gpt2 for clm, t5-efficient-tiny for span; with --init, "
+                                          "the shared encoder recipe)")
     parser.add_argument("--init", metavar="DIR", help="start from a local HF checkpoint or kiln run")
     parser.add_argument("--tokenizer", metavar="DIR", help="reuse an existing tokenizer directory")
     parser.add_argument("--output-dir", default="runs", metavar="DIR", help="parent of run directories "
