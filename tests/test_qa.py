@@ -1,5 +1,6 @@
 """Extractive QA: readers, windows over long contexts, span decoding, official SQuAD scoring."""
 
+import io
 import itertools
 import json
 import random
@@ -102,6 +103,12 @@ def test_classy_tsv_and_jsonl_start_end(tmp_path):
     path.write_text("Anna lives in Paris.\tWhere?\t14\t99\n")
     with pytest.raises(KilnError, match="outside the context"):
         task().read(path)
+    path.write_text("context\tquestion\tstart\tend\nAnna lives in Paris.\tWhere?\t14\t19\n")  # a header is fine
+    data = task().read(path)
+    assert len(data.examples) == 1 and data.examples[0]["answers"] == [("Paris", 14)]
+    out = io.StringIO()
+    task().write(data, [{"answer": "Paris"}], out)
+    assert out.getvalue().splitlines()[0] == "context\tquestion\tstart\tend\tanswer"
     path = tmp_path / "a.jsonl"
     path.write_text('{"context": "Anna lives in Paris.", "question": "Where?", "answer_start": 14, "answer_end": 19}\n')
     assert task().read(path).examples[0]["answers"] == [("Paris", 14)]

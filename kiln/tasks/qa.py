@@ -45,19 +45,23 @@ class QuestionAnsweringTask(Task):
     # -- reading -----------------------------------------------------------------------------
     def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
         suffix = Path(str(path)).suffix.lower()
+        extras: dict[str, Any] = {}
         if stream is None and suffix == ".json":
-            examples, fmt = self._read_squad(path, labelled), "squad"
+            examples, extras["format"] = self._read_squad(path, labelled), "squad"
         else:
-            lines = decoded_lines(path, stream)
-            if not any(text.strip() for _, text in lines):
-                raise KilnError("file is empty", path, 1 if lines else None)
+            lines = [(n, text) for n, text in decoded_lines(path, stream) if text.strip()]
+            if not lines:
+                raise KilnError("file is empty", path)
             if stream is None and suffix == ".jsonl":
-                examples, fmt = self._read_jsonl(path, lines, labelled), "jsonl"
+                examples, extras["format"] = self._read_jsonl(path, lines, labelled), "jsonl"
             else:
-                examples, fmt = self._read_tsv(path, lines, labelled and stream is None), "tsv"
+                first = [c.strip() for c in lines[0][1].split("\t")]
+                if [c.lower() for c in first[:2]] == ["context", "question"]:  # an optional header row
+                    extras["header"], lines = first, lines[1:]
+                examples, extras["format"] = self._read_tsv(path, lines, labelled and stream is None), "tsv"
         if not examples:
             raise KilnError("no questions found", path)
-        return Dataset(str(path), examples, extras={"format": fmt})
+        return Dataset(str(path), examples, extras=extras)
 
     def _example(self, path: str | Path, line: int, context: Any, question: Any, answers: list,
                  **extra: Any) -> dict:
@@ -316,6 +320,8 @@ class QuestionAnsweringTask(Task):
             answers = {ex["id"]: p["answer"] for ex, p in zip(dataset.examples, predictions, strict=True)}
             stream.write(json.dumps(answers, ensure_ascii=False) + "\n")
             return
+        if dataset.extras.get("header"):
+            stream.write("\t".join([*dataset.extras["header"], "answer"]) + "\n")
         for example, prediction in zip(dataset.examples, predictions, strict=True):
             if fmt == "jsonl":
                 obj = dict(example.get("obj") or {})
