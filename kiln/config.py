@@ -102,7 +102,8 @@ class ScheduleConfig:
 class TrainConfig:
     """The training loop."""
 
-    epochs: float = setting(3, "Epochs to train (fractions allowed).", flag="--epochs", above=0)
+    epochs: float = setting(3, "Epochs to train (fractions allowed; 0 with max_steps or a budget).",
+                            flag="--epochs", minimum=0)
     max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", flag="--max-steps",
                              minimum=0)
     budget: str = setting(
@@ -204,7 +205,7 @@ class GenerateConfig:
     length_penalty: float = setting(1.0, "Beam search length penalty.")
     no_repeat_ngram_size: int = setting(0, "Never repeat an n-gram of this size (0: off).", minimum=0)
     do_sample: bool = setting(False, "Sample instead of greedy/beam search.")
-    temperature: float = setting(1.0, "Sampling temperature.", above=0)
+    temperature: float = setting(1.0, "Sampling temperature.", minimum=0)
     top_k: int = setting(50, "Sample from the k most likely tokens.", minimum=0)
     top_p: float = setting(1.0, "Sample from the smallest set with this much probability.", above=0, maximum=1)
     seed: int = setting(0, "Seed for reproducible sampling.")
@@ -260,8 +261,9 @@ def _owner(key: str) -> type:
     return SECTIONS[key.split(".")[0]] if "." in key else Config
 
 
-def coerce(key: str, value: Any, where: str = "") -> Any:
-    """Check and convert ``value`` to the declared type of setting ``key``."""
+def coerce(key: str, value: Any, where: str = "", ranges: bool = True) -> Any:
+    """Check and convert ``value`` to the declared type of setting ``key`` (and, with ``ranges``,
+    against its declared range and parser)."""
     fields = dict(iter_settings())
     if key not in fields:
         close = difflib.get_close_matches(key, fields, n=3)
@@ -287,17 +289,19 @@ def coerce(key: str, value: Any, where: str = "") -> Any:
         elif kind is list and isinstance(value, tuple):
             value = list(value)
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            _check(key, value, f.metadata, where)
+            _check(key, value, f.metadata, where, ranges)
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
     raise KilnError(f"setting '{key}' expects {names}, got {value!r}", where or None)
 
 
-def _check(key: str, value: Any, meta: dict, where: str) -> None:
+def _check(key: str, value: Any, meta: dict, where: str, ranges: bool = True) -> None:
     """A typed value against its declared choices, range and parser."""
     choices = meta.get("choices")
     if choices and value not in choices:
         raise KilnError(f"setting '{key}' must be one of {', '.join(choices)}, got '{value}'", where or None)
+    if not ranges:
+        return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         low, above, high = meta.get("minimum"), meta.get("above"), meta.get("maximum")
         problem = (f"at least {low}" if low is not None and value < low else
@@ -327,7 +331,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 class ConfigBuilder:
     """Merges layers of settings and remembers where each value came from."""
 
-    def __init__(self) -> None:
+    def __init__(self, ranges: bool = True) -> None:
+        self.ranges = ranges  # off for a saved run's config: it trained (or loads) as it was
         self.values: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
         for key, f in iter_settings():
@@ -352,7 +357,7 @@ class ConfigBuilder:
             self.values["model.config"] = {**self.values["model.config"], sub: value}
             self.sources[key] = source
             return
-        value = coerce(key, value, where)
+        value = coerce(key, value, where, self.ranges)
         if key == "model.config":
             for sub in value:
                 self.sources[f"model.config.{sub}"] = source
@@ -403,13 +408,20 @@ def yaml_loader() -> Any:
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    # YAML 1.2's numbers: drop 1.1's int and float resolvers, which read 1e-4 as text and 1:30 as 90
+    # (base 60) or 010 as 8, and add 1.2's.
+    numbers = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] not in numbers]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+)$"),
+                                 list("-+0123456789"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(f"^(?:{_FLOAT})$"), list("-+0123456789."))
     return Loader
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` that reads ``1e-4`` as a number, as JSON and Python do."""
+    """``yaml.safe_load`` with YAML 1.2 numbers: ``1e-4`` is a number, as in JSON and Python, and
+    ``1:30`` is text (YAML 1.1 read it as 90)."""
     import yaml
 
     return yaml.load(text, Loader=yaml_loader())  # a SafeLoader subclass: no arbitrary objects
@@ -431,7 +443,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a :class:`Config` from its saved ``to_dict()`` form (run directories)."""
-    builder = ConfigBuilder()
+    builder = ConfigBuilder(ranges=False)  # a run saved by an older kiln loads as it was saved
     builder.apply(tree, "file")
     return builder.build()
 

@@ -54,10 +54,15 @@ class Predictor:
     def read(self, path: str | Path, *, labelled: bool, stream: TextIO | None = None,
              columns: str | None = None) -> Dataset:
         """Read a data file with this model's task (and check its labels when ``labelled``);
-        ``columns`` maps roles to columns as ``data.columns`` does (``"text=3,label=1"``)."""
+        ``columns`` maps roles to columns for this file as ``data.columns`` does (``"text=3,label=1"``)."""
+        data = self.task.config.data
+        saved = data.columns
         if columns is not None:
-            self.task.config.data.columns = columns
-        dataset = self.task.read(path, labelled=labelled, stream=stream)
+            data.columns = columns
+        try:
+            dataset = self.task.read(path, labelled=labelled, stream=stream)
+        finally:
+            data.columns = saved  # the next file is read with the run's own mapping
         if labelled:
             self.task.check(dataset)
         return dataset

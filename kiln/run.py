@@ -137,6 +137,8 @@ def train(
                             f"{len(train_ds) + len(validation_ds)} examples, held out at random; "
                             "more data or a validation file helps)")
         raise
+    if not (config.train.epochs or config.train.max_steps or config.train.budget):
+        raise KilnError("setting 'train.epochs' is 0, and neither max_steps nor a budget is set: nothing to train")
     if config.train.metric and config.train.metric not in task_obj.metric_names():
         raise KilnError(f"setting 'train.metric': '{config.train.metric}' is not one of this task's metrics "
                         f"({', '.join(task_obj.metric_names())})")

@@ -60,12 +60,12 @@ def exclusive(lock: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``lock`` (POSIX) while building a cache entry: under torchrun every
     rank asks for the same tokenizer and corpus at once, and one of them should build each while
     the others wait for it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # Windows: concurrent runs each build it; the atomic rename keeps one
         yield
         return
-    lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -93,7 +93,7 @@ def _spec_hash(spec: TokenizerConfig, vocab_size: int, max_length: int, texts: S
     digest = hashlib.sha256()
     settings = {"kind": spec.kind, "style": spec.style, "lowercase": spec.lowercase,
                 "min_frequency": spec.min_frequency, "vocab_size": vocab_size, "max_length": max_length,
-                "version": 2}
+                "version": 3}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
@@ -106,6 +106,8 @@ def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> 
 
     specials = special_tokens(spec.style)
     unk = STYLES[spec.style]["unk_token"]
+    if spec.style == "t5":  # the sentinels appended below count towards the vocabulary, as in T5's 32100
+        vocab_size -= len(T5_SENTINELS)
     if spec.kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token=unk))
         tok.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase, strip_accents=spec.lowercase)

@@ -130,11 +130,12 @@ def test_bad_input_one_line_exit_2_no_run_dir(tmp_path, content, line):
 @pytest.mark.parametrize("args, message", [
     (["--budget", "5x"], "kiln: setting 'train.budget': cannot read the duration '5x'"),
     (["--lr", "-1"], "kiln: setting 'optim.lr' must be at least 0, got -1.0"),
-    (["--epochs", "0"], "kiln: setting 'train.epochs' must be above 0, got 0.0"),
+    (["--epochs", "0"], "kiln: setting 'train.epochs' is 0, and neither max_steps nor a budget is set"),
+    (["--epochs", "-1"], "kiln: setting 'train.epochs' must be at least 0, got -1.0"),
     (["-c", "train.metric=bogus"], "kiln: setting 'train.metric': 'bogus' is not one of this task's metrics"),
     (["-c", "model.config.hidden_size=33"], "kiln: profile 'test-tiny' does not build a valid model: The hidden size"),
     (["--output-dir", "{data}/train.tsv"], "{data}/train.tsv/bad: Not a directory"),
-], ids=["budget", "lr", "epochs", "metric", "shape", "output-dir"])
+], ids=["budget", "lr", "epochs", "negative-epochs", "metric", "shape", "output-dir"])
 def test_bad_settings_fail_before_training_in_one_line(trained, tiny_profile, tmp_path, capsys, args, message):
     """Found by the settings' declarations (ranges, parsers) or before the first step, never after
     an epoch of training, and never leaving a run directory that blocks the retry."""
@@ -157,7 +158,7 @@ def test_a_split_too_small_for_its_labels_says_it_was_split(tmp_path, capsys):
 
 
 def test_evaluate_and_predict_take_columns(trained, tmp_path, capsys):
-    run, _ = trained
+    run, data = trained
     path = tmp_path / "three.tsv"
     path.write_text("id\tgold\ttext\n1\tpos\tthe film is wonderful .\n2\tneg\tthe film is awful .\n")
     assert main(["evaluate", str(run), str(path), "--json"]) == 2
@@ -166,6 +167,9 @@ def test_evaluate_and_predict_take_columns(trained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 2
     assert main(["predict", str(run), str(path), "--columns", "text=2", "--json"]) == 0
     assert [r["label"] for r in json.loads(capsys.readouterr().out)] == ["pos", "neg"]
+    predictor = kiln.load(run)  # the mapping is for that one file, not every later read
+    assert len(predictor.read(path, labelled=True, columns="text=text,label=gold")) == 2
+    assert predictor.task.config.data.columns == "" and len(predictor.read(data / "dev.tsv", labelled=True)) == 40
 
 
 def test_predict_output_errors_and_bad_stdin_are_one_line(trained, tmp_path, capsys, monkeypatch):

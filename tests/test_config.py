@@ -2,7 +2,15 @@ import dataclasses
 
 import pytest
 
-from kiln.config import Config, ConfigBuilder, coerce, iter_settings, parse_override, resolve_key
+from kiln.config import (
+    Config,
+    ConfigBuilder,
+    coerce,
+    config_from_dict,
+    iter_settings,
+    parse_override,
+    resolve_key,
+)
 from kiln.errors import KilnError
 from kiln.profiles import builder_for, load
 
@@ -54,6 +62,8 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("optim.lr=1e-4") == ("optim.lr", 1e-4)
     assert parse_override("model.config.layer_norm_eps=1E-5") == ("model.config.layer_norm_eps", 1e-5)
     assert coerce("train.budget", parse_override("train.budget=90")[1]) == "90"  # text settings take numbers
+    with pytest.raises(KilnError, match="cannot read the duration '1:30'"):  # YAML 1.1 read this as 90 s
+        coerce("train.budget", parse_override("train.budget=1:30")[1])
     with pytest.raises(KilnError):
         parse_override("no-equals-sign")
 
@@ -72,6 +82,12 @@ def test_roundtrip_through_dict():
     builder.apply(config.to_dict(), "file")
     assert builder.build() == config
     assert dataclasses.asdict(Config()) == Config().to_dict()
+    # A run saved before a setting had its range still loads (ranges guard new runs, not old ones).
+    saved = config.to_dict()
+    saved["generate"]["top_p"] = 0.0
+    assert config_from_dict(saved).generate.top_p == 0.0
+    with pytest.raises(KilnError, match="must be above 0"):
+        coerce("generate.top_p", 0.0)
 
 
 def test_a_token_budget_flag_replaces_a_profiles_fixed_batch_size():

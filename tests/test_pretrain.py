@@ -80,13 +80,16 @@ def test_corpus_files_and_documents(tmp_path):
     (tmp_path / "SOURCE.txt").write_text("where the corpus came from\n")
     assert {k: [p.name for p in v] for k, v in corpus_files(tmp_path).items()} == {
         "train": ["a.txt", "b.jsonl.gz"], "validation": ["validation.txt"], "test": ["test.txt"]}
-    # Split names are words of the file name, not prefixes.
-    for name in ("wiki.valid.tokens", "values.txt", "development.txt", "wiki.test.tokens"):
+    # Split names are words of the file name (maybe numbered, or with "set"), not prefixes.
+    extra = ("wiki.valid.tokens", "valid1.txt", "devset.txt", "values.txt", "development.txt", "wiki.test.tokens",
+             "test2.txt", "contest.txt")
+    for name in extra:
         (tmp_path / name).write_text("x\n")
     assert {k: [p.name for p in v] for k, v in corpus_files(tmp_path).items()} == {
-        "train": ["a.txt", "b.jsonl.gz", "development.txt", "values.txt"],
-        "validation": ["validation.txt", "wiki.valid.tokens"], "test": ["test.txt", "wiki.test.tokens"]}
-    for name in ("wiki.valid.tokens", "values.txt", "development.txt", "wiki.test.tokens"):
+        "train": ["a.txt", "b.jsonl.gz", "contest.txt", "development.txt", "values.txt"],
+        "validation": ["devset.txt", "valid1.txt", "validation.txt", "wiki.valid.tokens"],
+        "test": ["test.txt", "test2.txt", "wiki.test.tokens"]}
+    for name in extra:
         (tmp_path / name).unlink()
     splits = corpus_files(tmp_path)
     docs = [(p.name, line, text) for p, line, text in iter_documents(splits["train"])]
@@ -94,6 +97,10 @@ def test_corpus_files_and_documents(tmp_path):
                     ("b.jsonl.gz", 1, "five"), ("b.jsonl.gz", 3, "six")]
     paragraphs = [text for _, _, text in iter_documents([tmp_path / "a.txt"], paragraphs=True)]
     assert paragraphs == ["one", "two three", "four"]
+    (tmp_path / "mac.txt").write_bytes(b"one\rtwo\r\nthree\r\rfour")  # lone \r ends a line too
+    assert [(line, text) for _, line, text in iter_documents([tmp_path / "mac.txt"])] == [
+        (1, "one"), (2, "two"), (3, "three"), (5, "four")]
+    (tmp_path / "mac.txt").unlink()
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(KilnError, match="'text' field") as err:
         list(iter_documents([tmp_path / "bad.jsonl"]))

@@ -31,7 +31,8 @@ def test_train_save_and_load_with_transformers(tmp_path, kind, style, first, las
 def test_t5_and_gpt2_styles():
     t5, _ = train_tokenizer(TokenizerConfig(kind="unigram", style="t5", vocab_size=300, lowercase=False), TEXTS, 64)
     assert (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (0, 1, 2)
-    # T5's layout: the sentinels close the vocabulary, counting down from <extra_id_0>.
+    # T5's layout: the sentinels close the vocabulary, counting down from <extra_id_0>, within vocab_size.
+    assert len(t5) <= 300
     assert [t5.convert_tokens_to_ids(f"<extra_id_{i}>") for i in (0, 1, 99)] == [len(t5) - 1, len(t5) - 2,
                                                                                  len(t5) - 100]
     assert t5.bos_token is None

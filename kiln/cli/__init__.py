@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as err:  # the environment, not kiln: a path that is a file, no permission, a full disk
-        print(f"{err.filename}: {err.strerror}" if err.filename else f"kiln: {err}", file=sys.stderr)
+        paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        print(f"{paths}: {err.strerror or err}" if paths else f"kiln: {err}", file=sys.stderr)
         return 2
 
 

@@ -29,7 +29,10 @@ import numpy as np
 from kiln.errors import KilnError
 
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".raw", ".tokens")
-VALID_NAMES = ("valid", "validation", "dev", "val")  # a word of the file name: valid.txt, wiki.valid.tokens
+# A word of the file name, optionally followed by "set" or a number: valid.txt, wiki.valid.tokens,
+# dev2.txt, validation-00000.jsonl.gz, testset.txt (but not values.txt or development.txt).
+VALID_WORD = re.compile(r"(?:valid|validation|val|dev)(?:set|\d+)?")
+TEST_WORD = re.compile(r"(?:test|testing)(?:set|\d+)?")
 # Documentation shipped beside a corpus (wikitext-2's SOURCE.txt) is not training text.
 NOT_TEXT = ("readme", "license", "licence", "source", "notice", "citation", "changelog")
 # One tokenizer call encodes up to this many documents or characters: enough to keep every core
@@ -42,9 +45,10 @@ def corpus_files(path: str | Path) -> dict[str, list[Path]]:
     """Split a corpus path into ``{"train": [...], "validation": [...], "test": [...]}`` files.
 
     A file is the training corpus. In a directory, files whose name has the word ``valid``,
-    ``validation``, ``val`` or ``dev`` (``valid.txt``, ``wiki.valid.tokens``,
-    ``validation-00000.jsonl.gz``) are validation, those with the word ``test`` are test, and every
-    other corpus file is training data (except README/LICENSE/SOURCE-style documentation).
+    ``validation``, ``val`` or ``dev``, alone or followed by ``set`` or a number (``valid.txt``,
+    ``wiki.valid.tokens``, ``dev2.txt``, ``validation-00000.jsonl.gz``) are validation, those with
+    ``test``/``testing`` likewise are test, and every other corpus file is training data (except
+    README/LICENSE/SOURCE-style documentation).
     """
     path = Path(path)
     if path.is_file():
@@ -56,8 +60,9 @@ def corpus_files(path: str | Path) -> dict[str, list[Path]]:
         name = file.name.lower()
         if not name.endswith(SUFFIXES) or name.startswith(NOT_TEXT):
             continue
-        words = set(re.split(r"[^a-z0-9]+", name))  # "values.txt" and "development.txt" are training text
-        split = ("validation" if words & set(VALID_NAMES) else "test" if "test" in words else "train")
+        words = re.split(r"[^a-z0-9]+", name)
+        split = ("validation" if any(VALID_WORD.fullmatch(w) for w in words) else
+                 "test" if any(TEST_WORD.fullmatch(w) for w in words) else "train")
         splits.setdefault(split, []).append(file)
     if "train" not in splits:
         raise KilnError(f"no training corpus here (files ending in {', '.join(SUFFIXES)})", path)
@@ -66,16 +71,18 @@ def corpus_files(path: str | Path) -> dict[str, list[Path]]:
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of a (gzipped) UTF-8 file, decoded line by line so that a bad byte
-    is reported at its line."""
+    is reported at its line. Lines end in ``\n``, ``\r\n`` or a lone ``\r`` (old Mac files)."""
     raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
     number = 0
     try:
         with raw:
-            for number, line in enumerate(raw, start=1):
-                try:
-                    yield number, line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise KilnError(f"not UTF-8 text ({exc.reason})", path, number) from None
+            for chunk in raw:  # split on \n; a lone \r inside is a line break too
+                for line in chunk.rstrip(b"\n").removesuffix(b"\r").split(b"\r"):
+                    number += 1
+                    try:
+                        yield number, line.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise KilnError(f"not UTF-8 text ({exc.reason})", path, number) from None
     except (OSError, EOFError, zlib.error) as exc:  # not gzip, or cut short
         raise KilnError(f"cannot read this file after line {number}: {exc}", path) from None
 
@@ -189,7 +196,7 @@ def tokenize_corpus(
     from kiln.tokenizers import cache_root, exclusive
 
     settings = {"separator": separator, "paragraphs": paragraphs, "max_tokens_per_char": max_tokens_per_char,
-                "holdout": list(holdout) if holdout else None, "version": 1}
+                "holdout": list(holdout) if holdout else None, "version": 2}  # 2: lone-\r lines
     key = hashlib.blake2b(json.dumps([_files_digest(files), _tokenizer_digest(tokenizer), settings]).encode(),
                           digest_size=12).hexdigest()
     target = (cache or cache_root().parent / "corpora") / key
