@@ -14,6 +14,7 @@ import difflib
 import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,14 +341,16 @@ class ConfigBuilder:
             self.values[key] = default
             self.sources[key] = "default"
 
-    def apply(self, tree: dict, source: str, where: str = "", lines: dict[str, int] | None = None) -> None:
-        """Overlay a nested mapping (profile, YAML file); ``lines`` locate its keys for errors."""
+    def apply(self, tree: dict, source: str, where: str = "",
+              lines: Callable[[], dict[str, int]] | None = None) -> None:
+        """Overlay a nested mapping (profile, YAML file); ``lines()`` locates its keys when one of
+        them is an error (asked only then: it parses the file again)."""
         for key, value in flatten(tree).items():
             try:
                 self.set(key, value, source, where)
             except KilnError as err:
                 if lines and err.line is None:
-                    err.line = lines.get(key)
+                    err.line = lines().get(key)
                 raise
 
     def set(self, key: str, value: Any, source: str, where: str = "") -> None:
@@ -400,7 +403,7 @@ _FLOAT = "|".join([
 
 @functools.cache
 def yaml_loader() -> Any:
-    """PyYAML's SafeLoader, reading YAML 1.2 floats (see :func:`load_yaml`)."""
+    """PyYAML's SafeLoader, reading YAML 1.2 numbers (see :func:`load_yaml`)."""
     import re
 
     import yaml

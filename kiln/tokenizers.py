@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +55,38 @@ def cache_root() -> Path:
     return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "tokenizers"
 
 
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> None:
+    """Make the cache directory ``target`` unless it is complete (has ``marker``): ``build`` fills a
+    temporary sibling, which is renamed into place, so no reader ever sees half an entry.
+
+    Under a lock: torchrun starts every rank at once, and one of them should build (a tokenizer, a
+    tokenized corpus) while the others wait for it.
+    """
+    if (target / marker).is_file():
+        return
+    with exclusive(target.parent / f".{target.name}.lock"):
+        if (target / marker).is_file():  # built by another process while we waited
+            return
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            build(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            tmp.rename(target)
+        except OSError:  # built by another process that had no lock (Windows); theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock`` (POSIX) while building a cache entry: under torchrun every
-    rank asks for the same tokenizer and corpus at once, and one of them should build each while
-    the others wait for it."""
+    """Hold an exclusive lock on ``lock`` (POSIX; elsewhere concurrent builders each build, and the
+    atomic rename in :func:`build_once` keeps one)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
-    except ImportError:  # Windows: concurrent runs each build it; the atomic rename keeps one
+    except ImportError:
         yield
         return
     with open(lock, "a") as handle:
@@ -177,19 +200,9 @@ def train_tokenizer(spec: TokenizerConfig, texts: Sequence[str], max_length: int
     vocab_size = effective_vocab_size(spec, texts)
     key = _spec_hash(spec, vocab_size, max_length, texts)
     target = cache_root() / key
-    if (target / "tokenizer.json").is_file():
-        return load_tokenizer(target), target
-    with exclusive(target.parent / f".{key}.lock"):
-        if (target / "tokenizer.json").is_file():  # trained by another process while we waited
-            return load_tokenizer(target), target
-        tokenizer = wrap(_build_raw(spec, vocab_size, texts), spec.style, max_length)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process (without locks, on Windows) cached it first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer, target
+    build_once(target, "tokenizer.json",
+               lambda tmp: wrap(_build_raw(spec, vocab_size, texts), spec.style, max_length).save_pretrained(tmp))
+    return load_tokenizer(target), target  # as saved, whether trained now or before
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -16,8 +16,6 @@ import gzip
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -193,7 +191,7 @@ def tokenize_corpus(
     ``holdout=(fraction, seed)`` routes a deterministic fraction of documents to validation.
     ``max_tokens_per_char`` (cramming's filter) drops documents that tokenize badly (> cutoff).
     """
-    from kiln.tokenizers import cache_root, exclusive
+    from kiln.tokenizers import build_once, cache_root
 
     settings = {"separator": separator, "paragraphs": paragraphs, "max_tokens_per_char": max_tokens_per_char,
                 "holdout": list(holdout) if holdout else None, "version": 2}  # 2: lone-\r lines
@@ -201,11 +199,8 @@ def tokenize_corpus(
                           digest_size=12).hexdigest()
     target = (cache or cache_root().parent / "corpora") / key
     parts = ["train", "validation"] if holdout else ["all"]
-    if not (target / "meta.json").is_file():
-        with exclusive(target.parent / f".{key}.lock"):
-            if not (target / "meta.json").is_file():  # not written while we waited
-                _write_streams(files, tokenizer, separator, paragraphs, max_tokens_per_char, holdout, parts,
-                               target)
+    build_once(target, "meta.json", lambda tmp: _write_streams(files, tokenizer, separator, paragraphs,
+                                                              max_tokens_per_char, holdout, parts, tmp))
     meta = json.loads((target / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     streams = {}
@@ -219,10 +214,10 @@ def tokenize_corpus(
 
 def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragraphs: bool,
                    max_tokens_per_char: float, holdout: tuple[float, int] | None, parts: list[str],
-                   target: Path) -> None:
+                   tmp: Path) -> None:
+    """Tokenize ``files`` into ``tmp/{part}.bin`` and ``tmp/meta.json`` (written last: it marks the
+    entry complete)."""
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     outputs = {part: open(tmp / f"{part}.bin", "wb") for part in parts}  # noqa: SIM115
     counts = {part: {"tokens": 0, "documents": 0, "dropped": 0} for part in parts}
     # A copy without the padding or truncation a saved tokenizer.json may switch on (they would
@@ -277,19 +272,11 @@ def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragr
                     batch, chars = [], 0
         if batch:
             flush(batch)
+    finally:
         for stream in outputs.values():
             stream.close()
-        (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "parts": counts,
-                                                   "files": [str(f) for f in files]}))
-        try:
-            tmp.rename(target)
-        except OSError:  # another process cached it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        for stream in outputs.values():
-            stream.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "parts": counts,
+                                               "files": [str(f) for f in files]}))
 
 
 def _pieces(text: str, size: int) -> Iterator[tuple[str, bool]]:

@@ -7,6 +7,7 @@ A profile may name a ``base`` profile; mappings merge key by key and everything 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def builder_for(
     """Merge a profile, CLI flags (``{"train.epochs": 1}``) and ``-c key=value`` overrides."""
     builder = ConfigBuilder()
     for tree, source, path in layers(profile):
-        builder.apply(tree, source, str(path), lines=key_lines(path) if source == "file" else None)
+        builder.apply(tree, source, str(path), lines=functools.partial(key_lines, path) if source == "file" else None)
     for key, value in (flags or {}).items():
         if value is not None:
             builder.set(key, value, "flag")
