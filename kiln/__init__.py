@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiln.log import install_default_handler
+
 __version__ = "0.1.0"
+
+install_default_handler()
 
 
 def train(task: str, data: Any, **kwargs: Any) -> Any:

@@ -71,6 +71,46 @@ def set_dropout(model: Any, p: float) -> None:
                 setattr(module, name, nn.Dropout(p))
 
 
+# Modules that transformers computes wrongly in bf16/fp16, kept in fp32 under autocast:
+# model_type -> (module class names, why). The rest of the model still runs in low precision.
+FP32_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
+    # masked_fill(scores, finfo(query.dtype).min): the query is fp32 (fp32 bias added to a bf16
+    # projection) while the scores are bf16, and float32's minimum overflows bf16 ("value cannot be
+    # converted to type c10::BFloat16 without overflow").
+    "deberta": (("DisentangledSelfAttention",), "attention in fp32: transformers' DeBERTa mask overflows bf16/fp16"),
+    "deberta-v2": (("DisentangledSelfAttention",), "attention in fp32: transformers' DeBERTa mask overflows "
+                                                   "bf16/fp16"),
+}
+
+
+def keep_in_fp32(model: Any) -> str | None:
+    """Run the modules of ``model`` that :data:`FP32_MODULES` lists in fp32 even under autocast.
+
+    Each listed module's forward gets autocast switched off and its floating inputs cast to fp32;
+    in an fp32 run that changes nothing. Returns what was done, for the run summary, or None.
+    The weights and the saved model are untouched.
+    """
+    import functools
+
+    names, why = FP32_MODULES.get(getattr(model.config, "model_type", ""), ((), ""))
+    patched = [m for m in model.modules() if type(m).__name__ in names and not getattr(m, "_kiln_fp32", False)]
+    for module in patched:
+        module.forward = functools.partial(_fp32_forward, module.forward)
+        module._kiln_fp32 = True
+    return why if names else None
+
+
+def _fp32_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    import torch
+
+    def up(value: Any) -> Any:
+        return value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+
+    device = next((v.device.type for v in (*args, *kwargs.values()) if torch.is_tensor(v)), "cpu")
+    with torch.autocast(device_type=device, enabled=False):
+        return forward(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
+
+
 def max_positions(config: Any) -> int:
     """Longest input (in tokens) the model's position embeddings allow."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

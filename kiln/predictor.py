@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -10,23 +9,28 @@ from kiln.config import coerce, config_from_dict, parse_override
 from kiln.errors import KilnError
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
-from kiln.training.checkpoint import KILN_FILE
+from kiln.training.checkpoint import KILN_FILE, KILN_KEYS, read_json, verify_model_dir
 
 
 class Predictor:
-    """A kiln-saved model (run directory or model directory) with its task and tokenizer."""
+    """A kiln-saved model (run directory or model directory) with its task and tokenizer.
 
-    def __init__(self, path: str | Path, device: str = "auto", precision: str = "auto",
+    ``precision`` is ``fp32`` unless given (or set by ``KILN_PRECISION``): fp32 predictions agree
+    with plain transformers; ``bf16`` or ``auto`` (the hardware's fast precision) trade that for speed.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None,
                  batch_tokens: int | None = None, generate: list[str] | tuple[str, ...] = ()):
         from kiln.run import model_dir_of
         from kiln.tokenizers import load_tokenizer
-        from kiln.training.device import resolve_device, resolve_precision
+        from kiln.training.device import inference_precision, resolve_device
 
         self.path = model_dir_of(path)
         meta_path = self.path / KILN_FILE
         if not meta_path.is_file():
             raise KilnError(f"no {KILN_FILE}: not a model kiln saved", self.path)
-        self.meta = json.loads(meta_path.read_text())
+        verify_model_dir(self.path)  # every file, before any is loaded: a damaged one is one line
+        self.meta = read_json(meta_path, required=KILN_KEYS)
         self.config = config_from_dict(self.meta["config"])
         for text in generate:  # decoding overrides (--generate key=value), e.g. num_beams=4
             key, value = parse_override(text)
@@ -35,7 +39,7 @@ class Predictor:
         self.tokenizer = load_tokenizer(self.path)
         self.task.tokenizer = self.tokenizer
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = inference_precision(precision, self.device)
         self.model = self.task.load_model(self.path).to(self.device).eval()
         self.max_length = int(self.meta["max_length"])
         self.batch_tokens = batch_tokens or self.config.train.batch_tokens * 2

@@ -498,7 +498,7 @@ def test_mlm_end_to_end_export_parity_and_finetuning(corpus, tmp_path, sentiment
     assert {"loss", "perplexity", "n"} <= set(run.metrics)
     hf = transformers.AutoModelForMaskedLM.from_pretrained(run.model_dir).eval()  # no trust_remote_code
     assert type(hf).__name__ == "ModernBertForMaskedLM"
-    model = kiln.load(run.path)
+    model = kiln.load(run.path, precision="fp32")
     features = model.task.encode(model.task.read(corpus / "valid.txt"), model.tokenizer, 32)
     batch = model.task.collate([features[i] for i in range(4)], model.tokenizer.pad_token_id)
     with torch.no_grad():

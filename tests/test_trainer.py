@@ -20,7 +20,7 @@ class FakeTokenizer:
 
 
 def make_trainer(tiny_profile, grad_accum=1):
-    config = builder_for(str(tiny_profile), {"train.dropout": 0.0, "train.grad_clip": 0.0,
+    config = builder_for(str(tiny_profile), {"train.dropout": 0.0, "train.grad_clip": 0.0, "train.precision": "fp32",
                                              "train.grad_accum": grad_accum}).build()
     task = get_task("sequence", config, {"problem_type": "classification", "labels": ["a", "b", "c"]})
     torch.manual_seed(0)
@@ -199,7 +199,8 @@ def test_two_ranks_train_like_one_process_accumulating_two(tiny_profile, sentime
 
     base = kiln.train("sequence", sentiment_dir, name="base", profile=str(tiny_profile), max_steps=1,
                       output_dir=tmp_path)
-    settings = {"train.max_steps": 3, "train.dropout": 0.0, "train.eval_every": 0, "train.device": "cpu"}
+    settings = {"train.max_steps": 3, "train.dropout": 0.0, "train.eval_every": 0, "train.device": "cpu",
+                "train.precision": "fp32"}  # compared at fp32 tolerances
     single = kiln.train("sequence", sentiment_dir, name="single", profile=str(tiny_profile), init=base.model_dir,
                         output_dir=tmp_path, **{**settings, "train.grad_accum": 2})
     flags = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]

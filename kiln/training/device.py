@@ -40,10 +40,21 @@ def cpu_has_fast_bf16() -> bool:
     return bool(amx or avx512_bf16)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 def resolve_precision(spec: str, device: Any) -> str:
-    """``auto``: bf16 on CUDA with bf16 support or on AMX CPUs, fp16 on older GPUs, else fp32."""
+    """``auto``: bf16 on CUDA with bf16 support and on CPUs with native bf16 (AMX, AVX512-BF16),
+    fp16 on older GPUs, else fp32. The ``KILN_PRECISION`` environment variable, when set, is what
+    ``auto`` means on this machine (``make test PRECISION=bf16`` runs the suite so)."""
+    import os
+
     import torch
 
+    if spec == "auto" and os.environ.get("KILN_PRECISION"):
+        spec = os.environ["KILN_PRECISION"]
+        if spec not in PRECISIONS:
+            raise KilnError(f"KILN_PRECISION={spec}: use one of {', '.join(PRECISIONS)}")
     if spec == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -53,6 +64,17 @@ def resolve_precision(spec: str, device: Any) -> str:
     if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise KilnError("--precision bf16: this GPU does not support bf16; use fp16")
     return spec
+
+
+def inference_precision(spec: str | None, device: Any) -> str:
+    """Precision for ``predict``/``evaluate``: as given, else ``KILN_PRECISION``, else fp32.
+
+    fp32 by default so that kiln's predictions match plain transformers (fp32) on every machine;
+    bf16 is a choice (``--precision bf16`` or ``auto``) that trades agreement for speed.
+    """
+    import os
+
+    return resolve_precision(spec or os.environ.get("KILN_PRECISION") or "fp32", device)
 
 
 def autocast(device: Any, precision: str) -> Any:

@@ -12,6 +12,7 @@ the model is wrapped in DDP, and only rank 0 prints or writes files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -21,9 +22,10 @@ from typing import Any
 
 from kiln.config import Config, parse_duration
 from kiln.errors import KilnError
-from kiln.models import set_dropout
+from kiln.models import keep_in_fp32, set_dropout
 from kiln.training import checkpoint as ckpt
 from kiln.training.batching import TokenBudgetSampler, feature_lengths
+from kiln.training.callbacks import Callback, ProgressCallback, duration
 from kiln.training.device import autocast, resolve_device, resolve_precision
 from kiln.training.inference import run_inference, to_device
 from kiln.training.optim import (
@@ -53,29 +55,7 @@ class TrainerState:
     train_seconds: float = 0.0
 
 
-class Callback:
-    """Hooks into the loop. Set ``trainer.should_stop = True`` to end training gracefully."""
-
-    def on_train_begin(self, trainer: Trainer) -> None:
-        """Called once, after set-up (and after restoring a resumed run)."""
-
-    def on_step_end(self, trainer: Trainer, logs: dict | None) -> None:
-        """Called after every optimizer step; ``logs`` is set on logging steps only."""
-
-    def on_evaluate(self, trainer: Trainer, metrics: dict) -> None:
-        """Called after each evaluation with its metrics."""
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        """Called once when training finishes."""
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+log = logging.getLogger(__name__)
 
 
 class Trainer:
@@ -103,11 +83,12 @@ class Trainer:
         self.eval_features = eval_features or []
         self.eval_dataset = eval_dataset
         self.run_dir = Path(run_dir) if run_dir else None
-        self.callbacks = list(callbacks)
+        self.callbacks = [ProgressCallback(), *callbacks]
         self.kiln_meta = kiln_meta or {}
         self.description = description or {}
         self.state = TrainerState()
         self.should_stop = False
+        self.step_loss: Any = 0.0  # the last step's mean loss (a device tensor: read it rarely)
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.is_main = self.rank == 0
@@ -258,7 +239,6 @@ class Trainer:
         self._print_summary()
         for callback in self.callbacks:
             callback.on_train_begin(self)
-        progress = self._progress()
         train = self.config.train
         window_loss = torch.zeros((), device=self.device)
         window_steps = 0
@@ -280,7 +260,8 @@ class Trainer:
                     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
                                  else b["input_ids"].numel() for b in micro)
                     examples = sum(len(ids) for ids in chunk)
-                    window_loss += self.training_step(micro)
+                    self.step_loss = self.training_step(micro)
+                    window_loss += self.step_loss
                     window_steps += 1
                     window_tokens += tokens
                     window_examples += examples
@@ -308,20 +289,13 @@ class Trainer:
                         window_loss.zero_()
                         window_steps = window_tokens = window_examples = 0
                         window_start = time.perf_counter()
-                    if progress is not None:
-                        progress.update(1)
-                        if self.state.step % 10 == 0 and window_steps:  # a host sync, so not every step
-                            elapsed = max(time.perf_counter() - window_start, 1e-9)
-                            progress.set_postfix(loss=f"{window_loss.item() / window_steps:.4f}",
-                                                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                                 tok_s=f"{window_tokens / elapsed:.0f}")
                     if out_of_time:
-                        self._say(f"  budget    {_duration(self.budget)} spent at step {self.state.step}")
+                        self._say(f"  budget    {duration(self.budget)} spent at step {self.state.step}")
                         self.should_stop = True
                     if not eta_printed and self.state.step == min(10, self.total_steps) and not self.budget:
                         eta_printed = True
                         per_step = self.state.train_seconds / self.state.step
-                        self._say(f"  ETA       {_duration(per_step * (self.total_steps - self.state.step))}"
+                        self._say(f"  ETA       {duration(per_step * (self.total_steps - self.state.step))}"
                                   f" for {self.total_steps} steps (timed over the first {self.state.step})")
                     for callback in self.callbacks:
                         callback.on_step_end(self, logs)
@@ -339,8 +313,8 @@ class Trainer:
             if self.state.last_eval_step != self.state.step:
                 self._evaluate_and_checkpoint()
         except KeyboardInterrupt:
-            if progress is not None:
-                progress.close()
+            for callback in self.callbacks:
+                callback.on_train_end(self)
             if self._interrupt_now:  # mid-step: the weights and the step count may disagree
                 self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
                           "from the last checkpoint")
@@ -351,8 +325,6 @@ class Trainer:
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
-        if progress is not None:
-            progress.close()
         for callback in self.callbacks:
             callback.on_train_end(self)
         return self.best_metrics or self.last_metrics
@@ -523,16 +495,8 @@ class Trainer:
             log.write(json.dumps(record) + "\n")
 
     def _say(self, text: str) -> None:
-        if self.is_main and os.environ.get("KILN_QUIET") != "1":
-            print(text, file=sys.stderr, flush=True)
-
-    def _progress(self) -> Any:
-        if not self.is_main or os.environ.get("KILN_QUIET") == "1" or not sys.stderr.isatty():
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
-                    file=sys.stderr)
+        if self.is_main:
+            log.info(text)
 
     def _print_summary(self) -> None:
         train = self.config.train
@@ -545,11 +509,12 @@ class Trainer:
         lines = [
             f"kiln train {d.get('task', self.task.name)} · {d.get('name', '')}",
             f"  profile   {d.get('profile', self.config.name)} ({d.get('init', 'from scratch')})",
-            f"  model     {params / 1e6:.2f}M parameters on {self.device} in {self.precision}",
+            f"  model     {params / 1e6:.2f}M parameters on {self.device} in {self.precision}"
+            + (f" ({note})" if self.precision != "fp32" and (note := keep_in_fp32(self.model)) else ""),
             f"  train     {len(self.train_features)} examples, {train_tokens} tokens",
             f"  valid     {len(self.eval_features)} examples, {eval_tokens} tokens",
             f"  batch     {batch} x {accumulated} (accumulation x ranks) per step, "
-            f"{'budget ' + _duration(self.budget) if self.budget else f'{self.total_steps} steps'}, "
+            f"{'budget ' + duration(self.budget) if self.budget else f'{self.total_steps} steps'}, "
             f"lr {self.config.optim.lr:g} ({self.config.schedule.name})",
         ]
         if self.run_dir:
