@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 KILN := $(VENV)/bin/kiln
 RUNS ?= runs
+# `make test PRECISION=bf16` (or fp32) runs the whole suite at that precision wherever a test
+# leaves it to kiln (KILN_PRECISION is what `auto` and the inference default then mean).
+PRECISION ?=
 
 .PHONY: quickstart test test-all lint bench clean
 
@@ -26,7 +29,7 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check kiln tests benchmarks
-	$(PY) -m pytest
+	KILN_PRECISION=$(PRECISION) $(PY) -m pytest
 
 # Everything, including slow tests (data tests still skip without ../shared/data).
 test-all: $(VENV)/.installed

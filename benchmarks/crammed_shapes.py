@@ -16,7 +16,6 @@ WordPiece tokenizer (the profiles share it), and one evaluator (``mlm_common.mlm
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
         serve_worker(args.worker, {"kiln": run_kiln, "eval": run_eval})
         return
 
-    os.environ.setdefault("KILN_QUIET", "1")
     results = []
     with tempfile.TemporaryDirectory(prefix="kiln-shapes-") as tmp:
         workdir, data = str((args.keep or Path(tmp)).resolve()), str(args.data.resolve())

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -243,7 +242,6 @@ def main(argv: list[str] | None = None) -> None:
         serve_worker(args.worker, WORKERS)
         return
 
-    os.environ.setdefault("KILN_QUIET", "1")
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         workdir = Path(tmp)
         data = prepare_data(args.data.resolve(), args.limit, workdir)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import sys
 import tempfile
 import time
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    os.environ.setdefault("KILN_QUIET", "1")
+    logging.getLogger("kiln").setLevel(logging.WARNING)
 
     import torch
 

@@ -21,7 +21,6 @@ Target: kiln ≥ 3x HF Trainer tokens/s on 2 CPU cores.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -88,7 +87,6 @@ def main(argv: list[str] | None = None) -> None:
         serve_worker(args.worker, WORKERS)
         return
 
-    os.environ.setdefault("KILN_QUIET", "1")
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         common = {"data": str(args.data.resolve()), "workdir": tmp, "steps": args.steps}
         results = {"kiln": spawn({**common, "contender": "kiln"})}

@@ -22,7 +22,6 @@ Target: kiln at 10 minutes reaches a lower validation MLM loss than HF Trainer a
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -77,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
         serve_worker(args.worker, {"kiln": run_kiln, "hf": run_hf, "eval": run_eval})
         return
 
-    os.environ.setdefault("KILN_QUIET", "1")
     with tempfile.TemporaryDirectory(prefix="kiln-ttl-") as tmp:
         common = {"data": str(args.data.resolve()), "workdir": tmp}
         if args.kiln_run:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,5 +43,6 @@ def run_worker(script: str, spec: dict) -> dict:
 
 def serve_worker(spec_json: str, workers: dict[str, Callable[[dict], dict]]) -> None:
     """The worker side: run the contender named in the spec and print its marked result."""
+    logging.getLogger("kiln").setLevel(logging.WARNING)  # the contender's result is the output, not its log
     spec = json.loads(spec_json)
     print(RESULT_MARKER + json.dumps(workers[spec["contender"]](spec)), flush=True)

@@ -1,4 +1,4 @@
-"""kiln: train, evaluate and serve transformer NLP models, offline, from the command line or Python.
+"""kiln: train and evaluate transformer NLP models and predict with them, offline, from the CLI or Python.
 
 Heavy libraries (torch, transformers) are imported lazily, so importing kiln is instant.
 """

@@ -131,7 +131,8 @@ class TrainConfig:
                                    minimum=0, maximum=1)
     max_length: int = setting(512, "Truncate inputs to this many tokens (capped by the model).", minimum=1)
     precision: str = setting(
-        "auto", "Compute precision; auto picks bf16 on CUDA/AMX CPUs, else fp32.", flag="--precision",
+        "auto", "Compute precision; auto picks bf16 on CUDA and on CPUs with native bf16 (AMX, "
+        "AVX512-BF16), else fp32.", flag="--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
     device: str = setting("auto", "Device: auto, cpu, cuda or cuda:N.", flag="--device")
@@ -267,7 +268,10 @@ def coerce(key: str, value: Any, where: str = "", ranges: bool = True) -> Any:
     against its declared range and parser)."""
     fields = dict(iter_settings())
     if key not in fields:
-        close = difflib.get_close_matches(key, fields, n=3)
+        # The right name in the wrong section (train.lr) is the likeliest slip: suggest the
+        # settings with that leaf name; difflib on the whole key would offer train.metric.
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in fields if k.rsplit(".", 1)[-1] == leaf] or difflib.get_close_matches(key, fields, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KilnError(f"unknown setting '{key}'{hint}", where or None)
     f = fields[key]

@@ -9,10 +9,11 @@ half-written run behind.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
 from typing import Any
 
 from kiln import __version__
@@ -23,6 +24,8 @@ from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
 
 MODEL_FILES_SKIP = {ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE}
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"  # marks a directory as a kiln run: --overwrite deletes nothing without it
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Run:
     path: Path
     metrics: dict
     config: Config
+    test_metrics: dict = field(default_factory=dict)  # on the labelled test split, when DATA has one
 
     @property
     def model_dir(self) -> Path:
@@ -60,6 +64,48 @@ def model_dir_of(path: str | Path) -> Path:
     raise KilnError("not a run or model directory (no config.json or model/config.json)", path)
 
 
+def check_run_name(name: str) -> None:
+    """A run name is one plain directory name: ``output_dir / name`` must never point elsewhere
+    (``..``, ``.``, ``a/b`` or an absolute path would, and --overwrite deletes that directory)."""
+    if (not name or name in (".", "..") or any(c in name for c in "/\\\0")
+            or PurePath(name).name != name):  # the last: Windows drives (C:x)
+        raise KilnError(f"run name {name!r} must be a plain directory name: no '/' or '\\', not '.' "
+                        "or '..'; use --output-dir to choose where runs go")
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def replaceable_run(run_dir: Path, output_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a kiln run for --overwrite to delete (False: it is empty).
+
+    Raises a KilnError for anything else: kiln deletes only a directory that is a kiln run (has
+    ``run.json``), is no symbolic link, and lies directly inside ``output_dir``.
+    """
+    if run_dir.is_symlink():
+        if _is_nonempty_dir(run_dir):
+            raise KilnError(f"is a symbolic link (to {run_dir.resolve()}); kiln will not delete through it, "
+                            "remove the link or choose another name", run_dir)
+        if run_dir.exists():
+            return False  # a link to an empty directory: nothing to delete, training writes there
+        raise KilnError("is a broken symbolic link; remove it or choose another name", run_dir)
+    if not run_dir.exists():
+        return False
+    if not run_dir.is_dir():
+        raise KilnError("exists and is not a directory; kiln will not delete it, choose another name",
+                        run_dir)
+    if not any(run_dir.iterdir()):
+        return False
+    if run_dir.resolve().parent != Path(output_dir).resolve():
+        raise KilnError(f"is not inside the output directory {output_dir}; kiln will not delete it",
+                        run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        raise KilnError(f"is not empty and not a kiln run (no {RUN_FILE}); kiln will not delete it, "
+                        "choose another name or remove it yourself", run_dir)
+    return True
+
+
 def resolve_config(task: str, profile: str | None, init: str | None, flags: dict[str, Any],
                    overrides: list[str] | tuple[str, ...] = ()) -> ConfigBuilder:
     """Merge profile (default ``bert-mini``; with --init, the shared encoder recipe) and overrides."""
@@ -72,14 +118,33 @@ def resolve_config(task: str, profile: str | None, init: str | None, flags: dict
     return builder_for(profile, dotted, overrides)
 
 
-def _read_splits(task: Any, data: str | Path, config: Config) -> tuple[Dataset, Dataset]:
+def _read_splits(task: Any, data: str | Path) -> tuple[Dataset, Dataset, Dataset | None, dict[str, str]]:
+    """``(train, validation, labelled test or None, {split: where it comes from})``."""
     splits = task.find_splits(data)
     train = task.read(splits["train"])
     if "validation" in splits:
         validation = task.read(splits["validation"])
     else:
         train, validation = task.holdout(train)
-    return train, validation
+    test = _read_test(task, splits["test"]) if "test" in splits else None
+    fraction = task.config.data.validation_fraction
+    sources = {name: _shown(splits[name]) for name in ("train", "validation", "test") if name in splits}
+    sources.setdefault("validation", f"{fraction:.0%} of {sources['train']}, held out at random")
+    return train, validation, test, sources
+
+
+def _shown(files: Any) -> str:
+    return ", ".join(map(str, files)) if isinstance(files, list | tuple) else str(files)
+
+
+def _read_test(task: Any, path: Any) -> Dataset | None:
+    """The test split when it has labels (evaluated at the end of training), else None with one line."""
+    try:
+        return task.read(path)
+    except KilnError as err:
+        task.read(path, labelled=False)  # unreadable even without labels: that error is the user's to see
+        log.info(f"{_shown(path)}: test split has no labels, not evaluated ({err.message})")
+        return None
 
 
 def train(
@@ -95,12 +160,16 @@ def train(
     overwrite: bool = False,
     overrides: list[str] | tuple[str, ...] = (),
     callbacks: list | tuple = (),
+    command: str | None = None,
     **flags: Any,
 ) -> Run:
     """Train a model for ``task`` on ``data`` and export it to ``output_dir/name/model``.
 
     ``flags`` are settings by leaf or dotted name (``epochs=1``, ``lr=1e-3``,
     ``**{"model.config.num_hidden_layers": 2}``); ``overrides`` are ``key=value`` strings as ``-c``.
+    ``command`` is what the model card says made the run (the CLI passes its command line; from
+    Python it is this call). A labelled ``test.*`` split in ``data`` is scored at the end
+    (``Run.test_metrics``).
     """
     import torch
 
@@ -109,28 +178,39 @@ def train(
     from kiln.training.device import resolve_device, resolve_precision
     from kiln.training.trainer import Trainer
 
+    check_run_name(name)
     run_dir = Path(output_dir) / name
     saved_meta: dict = {}
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise KilnError("nothing to resume: no config.yaml in the run directory", run_dir)
-        saved_meta = json.loads((run_dir / "run.json").read_text())
+        saved_meta = ckpt.read_json(run_dir / RUN_FILE, required=("task", "data", "config"))
         config = config_from_dict(saved_meta["config"])
         task, data, init = saved_meta["task"], saved_meta["data"], saved_meta.get("init")
+        checkpoints = run_dir / "checkpoints"
+        for saved in (ckpt.last_checkpoint(checkpoints), ckpt.last_checkpoint(checkpoints, "best")):
+            if saved is not None:  # a damaged file is reported now, not after reading the data
+                ckpt.verify_checkpoint(saved)
     else:
         config = resolve_config(task, profile, str(init) if init else None, flags, overrides).build()
-        if is_main_process() and run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-            raise KilnError("run directory already exists; use --resume to continue it or "
-                            "--overwrite to start over", run_dir)
+        if is_main_process() and (run_dir.exists() or run_dir.is_symlink()):
+            if overwrite:
+                replaceable_run(run_dir, output_dir)  # raises for anything kiln must not delete
+            elif not run_dir.is_dir() or any(run_dir.iterdir()):  # an empty directory is reused
+                hint = ("use --resume to continue it or --overwrite to start over"
+                        if (run_dir / RUN_FILE).is_file() else "it is not a kiln run; choose another name")
+                raise KilnError(f"run directory already exists; {hint}", run_dir)
     task_obj = get_task(task, config, saved_meta.get("task_state"))
     if task not in config.tasks:
         raise KilnError(f"profile '{config.name}' does not support task '{task}' "
                         f"(it supports {', '.join(config.tasks)})")
-    train_ds, validation_ds = _read_splits(task_obj, data, config)
+    train_ds, validation_ds, test_ds, sources = _read_splits(task_obj, data)
     try:
         if not resume:
             task_obj.fit(train_ds)
         task_obj.check(validation_ds)
+        if test_ds is not None:
+            task_obj.check(test_ds)
     except KilnError as err:
         if validation_ds.path == train_ds.path and not resume:  # split from one file: say so
             err.message += (f" (validation is {len(validation_ds)} of the file's "
@@ -144,7 +224,7 @@ def train(
                         f"({', '.join(task_obj.metric_names())})")
 
     # Device and precision errors are user errors too: raise them before anything is written.
-    resolve_precision(config.train.precision, resolve_device(config.train.device))
+    precision = resolve_precision(config.train.precision, resolve_device(config.train.device))
 
     torch.manual_seed(config.train.seed)
     init_dir = None
@@ -187,6 +267,9 @@ def train(
         "data": str(data),
         "init": str(init_dir or init) if (init_dir or init) else None,
         "max_length": max_length,
+        "precision": precision,
+        "splits": sources,
+        "command": command or _python_call(task, data, name, profile, init, flags, overrides),
         "config": config.to_dict(),
     }
     description = {"task": task, "name": name, "profile": config.name,
@@ -194,19 +277,56 @@ def train(
     trainer = Trainer(model, task_obj, config, tok, train_features, validation_features, validation_ds,
                       run_dir=run_dir, callbacks=list(callbacks), kiln_meta=meta, description=description)
     if not resume and is_main_process():  # only now: every check above has passed
-        if run_dir.exists():
+        if overwrite and replaceable_run(run_dir, output_dir):  # checked again: the disk may have changed
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(
             {"task": task, "data": str(data), "init": meta["init"], **config.to_dict()}, sort_keys=False))
-        (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     metrics = trainer.train(resume=resume)
+    test_metrics: dict = {}
     if trainer.is_main:
         export(run_dir)
-    return Run(run_dir, metrics, config)
+        if test_ds is not None:
+            test_metrics = evaluate_test(run_dir, test_ds, config.train.device)
+        from kiln.card import write_model_card
+
+        write_model_card(run_dir)
+    return Run(run_dir, metrics, config, test_metrics)
+
+
+def evaluate_test(run_dir: Path, test: Dataset, device: str) -> dict:
+    """Score the exported model on the labelled test split as ``kiln evaluate`` would, and record
+    the result in ``run.json``, ``metrics.jsonl`` and the log."""
+    from kiln.predictor import Predictor
+
+    predictor = Predictor(run_dir / "model", device=device)
+    metrics = predictor.evaluate(test)
+    meta = json.loads((run_dir / RUN_FILE).read_text())
+    meta["test_metrics"] = metrics
+    ckpt.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
+    step = json.loads((run_dir / "model" / ckpt.KILN_FILE).read_text()).get("step")
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as out:
+        out.write(json.dumps({"step": step, "split": "test", **{f"test_{k}": v for k, v in metrics.items()}}) + "\n")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+    log.info(f"  test      {shown} ({metrics['n']} examples, {test.path})")
+    return metrics
+
+
+def _python_call(task: str, data: Any, name: str, profile: str | None, init: Any, flags: dict,
+                 overrides: Any) -> str:
+    """The ``kiln.train(...)`` call of a run started from Python (the CLI records its command line)."""
+    arguments = [repr(task), repr(str(data)), f"name={name!r}"]
+    arguments += [f"{key}={value!r}" for key, value in (("profile", profile), ("init", init and str(init)))
+                  if value]
+    arguments += [f"**{{{key!r}: {value!r}}}" if "." in key else f"{key}={value!r}"
+                  for key, value in flags.items() if value is not None]
+    if overrides:
+        arguments.append(f"overrides={list(overrides)!r}")
+    return f"kiln.train({', '.join(arguments)})"
 
 
 def export(run_dir: Path) -> Path:

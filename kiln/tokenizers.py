@@ -209,6 +209,8 @@ def load_tokenizer(path: str | Path) -> Any:
     """Load a tokenizer directory (kiln run, model dir or HF checkpoint) without network access."""
     from transformers import AutoTokenizer
 
+    from kiln.training.checkpoint import verify_tokenizer_files
+
     path = Path(path)
     if not path.is_dir():
         raise KilnError("tokenizer directory not found", path)
@@ -216,6 +218,7 @@ def load_tokenizer(path: str | Path) -> Any:
              "sentencepiece.bpe.model")
     if not any((path / name).is_file() for name in known):
         raise KilnError(f"no tokenizer files here (none of {', '.join(known)})", path)
+    verify_tokenizer_files(path)  # a damaged file: one line naming it, not the JSON decoder's error
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -31,7 +31,6 @@ SUBJECTS = ["the film", "this movie", "the plot", "the cast", "the ending", "eve
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KILN_CACHE", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
-    monkeypatch.setenv("KILN_QUIET", "1")
 
 
 @pytest.fixture
@@ -108,9 +107,14 @@ def build_once_when_racing(monkeypatch: pytest.MonkeyPatch, module: object, buil
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if SHARED_DATA.is_dir():
-        return
-    skip = pytest.mark.skip(reason=f"{SHARED_DATA} is absent")
+    import torch
+
+    skips = {}
+    if not SHARED_DATA.is_dir():
+        skips["data"] = pytest.mark.skip(reason=f"{SHARED_DATA} is absent")
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "data" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -14,7 +14,7 @@ from kiln.cli import main
 
 
 def kiln_cli(*args, stdin=None):
-    env = {**os.environ, "KILN_QUIET": "1"}
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "kiln", *map(str, args)], capture_output=True, text=True,
                           input=stdin, env=env)
 
@@ -90,7 +90,7 @@ def test_transformers_reproduces_kiln(trained):
 
     run, _ = trained
     texts = ["the plot is wonderful .", "every scene is awful and boring .", "this movie is charming ."]
-    ours = kiln.load(run).predict(texts)
+    ours = kiln.load(run, precision="fp32").predict(texts)
     model = AutoModelForSequenceClassification.from_pretrained(run / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     with torch.no_grad():

@@ -109,7 +109,7 @@ def test_train_evaluate_predict_and_transformers_parity(kind, text, auto, copy_d
     import transformers
 
     run = kiln.train("generation", copy_dir, name=kind, profile=profile(tmp_path, text, kind),
-                     output_dir=tmp_path / "runs")
+                     output_dir=tmp_path / "runs", overrides=["generate.num_beams=2"])
     assert main(["evaluate", str(run.path), str(copy_dir / "dev.tsv"), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "loss",
@@ -127,14 +127,13 @@ def test_train_evaluate_predict_and_transformers_parity(kind, text, auto, copy_d
         ids = tokenizer(source, return_tensors="pt")["input_ids"]
         if kind == "gpt2":
             ids = torch.cat([ids, torch.tensor([[tokenizer.eos_token_id]])], dim=1)
-        with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                              max_new_tokens=model.config.generate.max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():  # decoding settings come from the exported generation_config.json
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids))
         if kind == "gpt2":
             out = out[:, ids.shape[1]:]
         theirs.append(tokenizer.decode(out[0], skip_special_tokens=True).strip())
     assert ours == theirs
+    assert json.loads((run.model_dir / "generation_config.json").read_text())["num_beams"] == 2
 
     # --generate overrides decoding at predict time; a wrong key is a clean error.
     assert main(["predict", str(run.path), str(copy_dir / "dev.tsv"), "--json", "--generate", "max_new_tokens=1"]) == 0

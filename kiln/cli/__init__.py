@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from kiln import __version__
 from kiln.errors import KilnError
+from kiln.log import set_verbosity
 
 COMMANDS = {
     "train": "kiln.cli.train",
@@ -23,20 +25,65 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (each command module adds its own sub-parser)."""
     parser = argparse.ArgumentParser(
-        prog="kiln", description="Train, evaluate and serve transformer NLP models, offline.",
+        prog="kiln", description="Train and evaluate transformer NLP models and predict with them, offline.",
         epilog="Run 'kiln COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(commands)
+    for command in commands.choices.values():
+        output = command.add_argument_group("output")
+        output.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+        output.add_argument("-v", "--verbose", action="count", default=0, help="print debug detail too")
     return parser
+
+
+def join_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Rewrite ``--opt -x`` as ``--opt=-x`` for options that take a value, so that a value that
+    starts with '-' (``--budget -5m``, ``--lr -1e-3``) reaches kiln's own checks instead of
+    argparse's usage block. A next token that is itself an option (or an abbreviation of one, or a
+    short option with its value attached) is left alone: then the value is really missing."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    command = next((token for token in argv if not token.startswith("-")), None)
+    chosen = subparsers[0].choices.get(command) if subparsers and command else None
+    options = dict(parser._option_string_actions)
+    if chosen is not None:
+        options.update(chosen._option_string_actions)
+    takes_value = {name for name, action in options.items() if action.nargs is None}
+
+    def is_option(token: str) -> bool:
+        name = token.split("=", 1)[0]
+        if name in options or token == "--":
+            return True
+        if token.startswith("--"):
+            return any(known.startswith(name) for known in options if known.startswith("--"))
+        return token[:2] in options  # -n5: a short option with its value attached
+
+    result: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":  # everything after it is positional
+            return result + argv[index:]
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if token in takes_value and following is not None and following.startswith("-") \
+                and not is_option(following):
+            result.append(f"{token}={following}")
+            index += 2
+        else:
+            result.append(token)
+            index += 1
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(join_dash_values(parser, argv))
+    set_verbosity(args.quiet, args.verbose)
+    args.command_line = shlex.join(["kiln", *argv])  # what the model card says made the run
     try:
         return int(args.run(args) or 0)
     except KilnError as err:

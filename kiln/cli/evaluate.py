@@ -19,6 +19,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="also write predictions, in DATA's format with predictions appended")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_setting_flag(parser, "data.columns", default="default: the run's own setting")
+    add_setting_flag(parser, "train.precision", default="default: fp32, which agrees with transformers; "
+                                                        "KILN_PRECISION when set")
     parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
                         help="generation: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
@@ -27,9 +29,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics."""
     import kiln
-    from kiln.cli.predict import write_predictions
+    from kiln.cli.predict import check_output, write_predictions
 
-    predictor = kiln.load(args.run_dir, device=args.device, generate=args.generate)
+    check_output(args.output)
+    predictor = kiln.load(args.run_dir, device=args.device, precision=getattr(args, "train.precision"),
+                          generate=args.generate)
     dataset = predictor.read(args.data, labelled=True, columns=getattr(args, "data.columns"))
     metrics, predictions = predictor.evaluate_with_predictions(dataset)
     if args.output:

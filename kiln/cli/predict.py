@@ -27,9 +27,28 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help='print [{"label": ..., "score": ...}, ...]')
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_setting_flag(parser, "data.columns", default="default: the run's own setting")
+    add_setting_flag(parser, "train.precision", default="default: fp32, which agrees with transformers; "
+                                                        "KILN_PRECISION when set")
     parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
                         help="generation: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
+
+
+def check_output(output: str | None) -> None:
+    """Fail now, not after every prediction is computed, when ``-o`` cannot be written: it is a
+    directory, or its nearest existing ancestor is a file or a directory we may not write in."""
+    if not output:
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise KilnError("is a directory; -o takes the path of the file to write", target)
+    ancestor = target.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise KilnError(f"cannot write here: {ancestor} is a file, not a directory", target)
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise KilnError(f"cannot write here: no permission to write in {ancestor}", target)
 
 
 def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], output: str | None,
@@ -62,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     """Predict for a file, piped stdin, or lines typed at a prompt."""
     import kiln
 
-    predictor = kiln.load(args.run_dir, device=args.device, generate=args.generate)
+    check_output(args.output)
+    predictor = kiln.load(args.run_dir, device=args.device, precision=getattr(args, "train.precision"),
+                          generate=args.generate)
     if args.data is None and sys.stdin.isatty():
         return _interactive(predictor)
     source = args.data or "<stdin>"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 import typing
 
 from kiln.config import SECTIONS, iter_settings
@@ -83,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
 
     run_ = kiln.train(args.task, args.data, name=args.name, profile=args.profile, init=args.init,
                       tokenizer=args.tokenizer, output_dir=args.output_dir, resume=args.resume,
-                      overwrite=args.overwrite, overrides=args.overrides, **flags)
+                      overwrite=args.overwrite, overrides=args.overrides, command=args.command_line, **flags)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in run_.metrics.items() if k != "n")
-    print(f"model saved to {run_.model_dir}", file=sys.stderr)
+    log = logging.getLogger("kiln")
+    log.info(f"model saved to {run_.model_dir}")
     if shown:
-        print(f"validation: {shown}", file=sys.stderr)
+        log.info(f"validation: {shown}")
+    if run_.test_metrics:
+        log.info("test: " + ", ".join(f"{k} {v:.4f}" for k, v in run_.test_metrics.items() if k != "n"))
     return 0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kiln.data.tables import Table
 from kiln.errors import KilnError
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
@@ -60,3 +63,36 @@ def holdout(items: Sequence[T], fraction: float, seed: int,
     train = [item for item, key in zip(items, keys, strict=True) if key not in held]
     validation = [item for item, key in zip(items, keys, strict=True) if key in held]
     return train, validation
+
+
+def skip_empty(path: str | Path, examples: list[dict], reason: Callable[[dict], str | None],
+               table: Table | None = None) -> tuple[list[dict], Table | None]:
+    """Drop labelled examples with nothing to learn from: ``reason(example)`` names what is empty
+    (``"an empty text"``) or is None. Returns the kept examples and their rows of ``table``.
+
+    One warning per file counts the skipped rows and names the first; when none is left, it is a
+    ``path:line`` error at the first (a column empty everywhere usually means a wrong --columns).
+    Only labelled reading uses this: predictions must stay aligned with the input rows.
+    """
+    kept: list[int] = []
+    skipped: list[int] = []
+    reasons: dict[str, None] = {}  # distinct reasons, in order of appearance
+    for index, example in enumerate(examples):
+        why = reason(example)
+        if why:
+            skipped.append(index)
+            reasons.setdefault(why)
+        else:
+            kept.append(index)
+    if not skipped:
+        return examples, table
+    what, first = " or ".join(reasons), examples[skipped[0]]["line"]
+    if not kept:
+        raise KilnError(f"no usable rows: all {len(skipped)} have {what} (check the file and --columns)",
+                        path, first)
+    logger.warning("%s: skipped %d %s with %s (first at line %d)", path, len(skipped),
+                   "row" if len(skipped) == 1 else "rows", what, first)
+    if table is not None and len(table.rows) == len(examples):
+        table = Table(table.path, table.format, table.header, [table.rows[i] for i in kept],
+                      [table.lines[i] for i in kept])
+    return [examples[i] for i in kept], table

@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from kiln.errors import KilnError
 
@@ -36,29 +37,106 @@ class Table:
         return len(self.rows)
 
 
-def decoded_lines(path: str | Path, stream: TextIO | None = None) -> list[tuple[int, str]]:
-    """``(line_number, text)`` pairs, BOM stripped, with invalid UTF-8 reported by line."""
+MAX_LINE_BYTES = 64 << 20  # a longer "line" is not text a model can use, and must not fill memory
+SNIFF_BYTES = 8192  # the first read: a binary file is refused before anything else is read
+BLOCK_BYTES = 1 << 20
+_LINE_BREAK = re.compile(rb"\r\n?|\n")  # \n, \r\n and a lone \r (old Mac files) all end a line
+
+
+def iter_lines(path: str | Path, stream: TextIO | None = None) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of a UTF-8 file (or ``stream``), read in bounded blocks.
+
+    Lines end in ``\\n``, ``\\r\\n`` or a lone ``\\r``; a leading BOM is dropped. NUL bytes in the
+    first 8 KiB refuse the file as binary before more is read; NUL or invalid UTF-8 later, or a line
+    over 64 MiB, is a ``path:line`` error.
+    """
     buffer = getattr(stream, "buffer", None)  # stdin: decode its bytes here, to report bad UTF-8 by line
     if stream is not None and buffer is None:  # an in-memory text stream
-        return [(i, text.rstrip("\r\n")) for i, text in enumerate(stream, 1)]
+        yield from _text_lines(path, stream)
+        return
     try:
-        raw = buffer.read() if buffer is not None else Path(path).read_bytes()
+        binary = buffer if buffer is not None else open(path, "rb")  # noqa: SIM115 (closed below)
     except FileNotFoundError:
         raise KilnError("file not found", path) from None
     except IsADirectoryError:
         raise KilnError("is a directory, expected a file", path) from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    lines = []
-    for number, chunk in enumerate(raw.split(b"\n"), 1):
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise KilnError(f"invalid UTF-8 at byte {exc.start} of the line", path, number) from None
-        lines.append((number, text.rstrip("\r")))
-    if lines and lines[-1][1] == "":
-        lines.pop()
-    return lines
+    except OSError as exc:
+        raise KilnError(f"cannot read this file: {exc.strerror or exc}", path) from None
+    try:
+        for number, raw in enumerate(_byte_lines(binary, path), 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise KilnError(f"binary data (a NUL byte at byte {nul} of the line); expected UTF-8 text",
+                                path, number)
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise KilnError(f"invalid UTF-8 at byte {exc.start} of the line", path, number) from None
+    finally:
+        if buffer is None:
+            binary.close()
+
+
+def decoded_lines(path: str | Path, stream: TextIO | None = None) -> list[tuple[int, str]]:
+    """All of :func:`iter_lines` as a list (read streaming: a bad or binary file fails early)."""
+    return list(iter_lines(path, stream))
+
+
+def refuse_binary(head: bytes, path: str | Path) -> None:
+    """A one-line error when ``head`` (a file's first bytes) is not UTF-8 text: NUL bytes or a
+    UTF-16 byte-order mark (UTF-16 text is full of NUL bytes, and deserves a better message)."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise KilnError("UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8", path)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise KilnError(f"binary file (NUL bytes at byte {nul}); expected UTF-8 text", path)
+
+
+def _byte_lines(binary: BinaryIO, path: str | Path) -> Iterator[bytes]:
+    """Lines of ``binary`` without their endings; never buffers more than one block and one line."""
+    head = binary.read(SNIFF_BYTES)
+    refuse_binary(head, path)
+    pending: list[bytes] = []  # pieces of a line that runs across blocks
+    pending_bytes = 0
+    number = 1
+    skip_newline = False  # the last block ended in \r: a \n opening this one completes that \r\n
+    block = head
+    while block:
+        if skip_newline and block.startswith(b"\n"):
+            block = block[1:]
+        skip_newline = block.endswith(b"\r")
+        parts = _LINE_BREAK.split(block)
+        if len(parts) > 1:
+            pending.append(parts[0])
+            yield b"".join(pending)
+            pending, pending_bytes = [], 0
+            yield from parts[1:-1]
+            number += len(parts) - 1
+        if parts[-1]:
+            pending_bytes += len(parts[-1])
+            if pending_bytes > MAX_LINE_BYTES:
+                raise KilnError(f"line longer than {MAX_LINE_BYTES >> 20} MiB; expected text with line breaks",
+                                path, number)
+            pending.append(parts[-1])
+        block = binary.read(BLOCK_BYTES)
+    if pending:
+        yield b"".join(pending)
+
+
+def _text_lines(path: str | Path, stream: TextIO) -> Iterator[tuple[int, str]]:
+    """:func:`iter_lines` for an in-memory text stream (already decoded)."""
+    number = 0
+    for chunk in stream:  # split on \n; a lone \r inside is a line break too
+        for text in chunk.removesuffix("\n").removesuffix("\r").split("\r"):
+            number += 1
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if "\x00" in text:
+                raise KilnError(f"binary data (a NUL character at {text.index(chr(0))} of the line); "
+                                "expected text", path, number)
+            yield number, text
 
 
 def jsonl_objects(path: str | Path, lines: list[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
@@ -91,28 +169,31 @@ def read_table(
     """Read a TSV/CSV/JSONL file. ``is_header(cells) -> bool`` decides about the first row.
 
     TSV fields are split on tabs only: GLUE files contain quote characters that are not CSV quoting.
+    CSV is read with :mod:`csv`, so a quoted field may hold commas, doubled quotes and line breaks;
+    a record's line number is the line where it starts.
     """
     fmt = fmt or file_format(path)
     lines = decoded_lines(path, stream)
-    content = [(n, text) for n, text in lines if text.strip()]
-    if not content:
-        raise KilnError("file is empty", path, 1 if lines else None)
     table = Table(str(path), fmt, None)
     if fmt == "jsonl":
-        for number, obj in jsonl_objects(path, content):
+        for number, obj in jsonl_objects(path, lines):
             table.rows.append(obj)
             table.lines.append(number)
+        if not table.rows:
+            raise KilnError("file is empty", path, 1 if lines else None)
         return table
     if fmt == "csv":
-        parsed = [(n, next(csv.reader([text]), [])) for n, text in content]
+        records = list(_csv_records(path, lines))
     else:
-        parsed = [(n, text.split("\t")) for n, text in content]
-    first_line, first = parsed[0]
+        records = [(n, text.split("\t")) for n, text in lines if text.strip()]
+    if not records:
+        raise KilnError("file is empty", path, 1 if lines else None)
+    first_line, first = records[0]
     if is_header is not None and is_header([c.strip() for c in first]):
         table.header = [c.strip() for c in first]
-        parsed = parsed[1:]
+        records = records[1:]
     width = len(table.header) if table.header else len(first)
-    for number, cells in parsed:
+    for number, cells in records:
         if len(cells) != width:
             what = "the header" if table.header else f"line {first_line}"
             raise KilnError(f"expected {width} columns like {what}, found {len(cells)}", path, number)
@@ -121,6 +202,37 @@ def read_table(
     if not table.rows:
         raise KilnError("no rows after the header", path, first_line)
     return table
+
+
+def _csv_records(path: str | Path, lines: list[tuple[int, str]]) -> Iterator[tuple[int, list[str]]]:
+    """``(start line, cells)`` per CSV record; blank lines between records are skipped."""
+    # The default field limit (128 KiB) would refuse a long document; a line is bounded anyway.
+    if csv.field_size_limit() < MAX_LINE_BYTES:
+        csv.field_size_limit(MAX_LINE_BYTES)
+    # Each line gets its "\n" back, so that a line break inside quotes stays part of the field.
+    reader = csv.reader((text + "\n" for _, text in lines), strict=True)
+    while reader.line_num < len(lines):
+        start = reader.line_num  # index of the record's first line: the reader has consumed the others
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise KilnError(f"bad CSV: {_csv_problem(str(exc))}", path, lines[start][0]) from None
+        if reader.line_num == start + 1 and not "".join(cells).strip() and len(cells) <= 1:
+            continue  # a blank line
+        yield lines[start][0], cells
+
+
+def _csv_problem(message: str) -> str:
+    """The csv module's complaint in words a user can act on."""
+    if "end of data" in message:
+        return "a quoted field that starts in this record is never closed"
+    if "expected after" in message:
+        return 'text after a closing quote; inside a quoted field write a quote twice ("")'
+    if "field limit" in message:
+        return f"a field longer than {MAX_LINE_BYTES >> 20} MiB"
+    return message
 
 
 def parse_columns(spec: str) -> dict[str, str | int]:
@@ -163,7 +275,9 @@ def select_columns(
         width = len(table.header or table.rows[0])
         names = [h.lower() for h in table.header] if table.header else None
         for role, aliases in roles.items():
-            if role in columns:
+            if role in columns and role not in required and _absent(table, columns[role], width):
+                index[role] = None  # e.g. the run's label=NAME when predicting a file without labels
+            elif role in columns:
                 index[role] = _column_position(table, columns[role], width)
             elif names is not None:
                 index[role] = next((names.index(a) for a in aliases if a in names), None)
@@ -199,6 +313,13 @@ def select_columns(
                 record[role] = row[key]
         records.append(record)
     return records
+
+
+def _absent(table: Table, column: str | int, width: int) -> bool:
+    """Whether ``--columns`` names a column this table does not have."""
+    if isinstance(column, int):
+        return not 0 <= column < width
+    return column.lower() not in {name.lower() for name in table.header or []}
 
 
 def _column_position(table: Table, column: str | int, width: int) -> int:

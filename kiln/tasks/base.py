@@ -123,20 +123,27 @@ class Task:
         return self._accepting(getattr(transformers, self.auto_model).from_config(hf_config))
 
     def load_model(self, path: str | Path, **kwargs: Any) -> Any:
-        """Load a local HF checkpoint for this task."""
+        """Load a local HF checkpoint for this task (its files checked first: a damaged one is a
+        KilnError naming it)."""
         import transformers
 
         from kiln.models import quiet_transformers
+        from kiln.training.checkpoint import verify_model_dir
 
+        verify_model_dir(Path(path))
         quiet_transformers()
         model = getattr(transformers, self.auto_model).from_pretrained(path, local_files_only=True, **kwargs)
         return self._accepting(model)
 
     def _accepting(self, model: Any) -> Any:
-        """Remember which inputs ``model.forward`` takes (DistilBERT has no token_type_ids)."""
+        """Remember which inputs ``model.forward`` takes (DistilBERT has no token_type_ids), and keep
+        the modules transformers gets wrong in bf16/fp16 in fp32 (:func:`kiln.models.keep_in_fp32`)."""
         import inspect
 
+        from kiln.models import keep_in_fp32
+
         self.forward_args = set(inspect.signature(model.forward).parameters)
+        keep_in_fp32(model)
         return model
 
     def training_module(self, model: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
-from kiln.data import SPLIT_ALIASES
+from kiln.data import SPLIT_ALIASES, skip_empty
 from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
 from kiln.errors import KilnError
 from kiln.tasks.base import Dataset, Task, pad_inputs
@@ -95,7 +95,19 @@ class GenerationTask(Task):
                 if record.get(key):
                     example[key] = str(record[key])
             examples.append(example)
-        return Dataset(str(path), examples, table)
+        if not labelled:  # predict keeps every row: its output lines up with the input
+            return Dataset(str(path), examples, table)
+        examples, kept = skip_empty(path, examples, self._empty, table)
+        return Dataset(str(path), examples, kept)
+
+    @staticmethod
+    def _empty(example: dict) -> str | None:
+        """Why a labelled example has nothing to learn from: a blank source, or a blank target
+        (a missing target is language modelling on the source, not an empty one)."""
+        if not example["source"].strip():
+            return "an empty source"
+        target = example["target"]
+        return "an empty target" if target is not None and not target.strip() else None
 
     def _read_parallel(self, source_path: Path, labelled: bool) -> Dataset:
         target_path = source_path.with_suffix(f".{self.config.data.pair.partition('-')[2]}")
@@ -112,6 +124,8 @@ class GenerationTask(Task):
         examples = [{"source": text, "target": targets[i][1] if targets else None, "line": number,
                      "source_language": source_language, "target_language": target_language}
                     for i, (number, text) in enumerate(sources)]
+        if labelled:
+            examples, _ = skip_empty(source_path, examples, self._empty)
         return Dataset(str(source_path), examples, extras={"format": "lines"})
 
     def parse_input(self, item: Any, line: int) -> Any:
@@ -145,6 +159,9 @@ class GenerationTask(Task):
     def load_model(self, path: str | Path, **kwargs: Any) -> Any:
         from transformers import AutoConfig
 
+        from kiln.training.checkpoint import verify_model_dir
+
+        verify_model_dir(Path(path))  # before AutoConfig reads config.json (super() checks again)
         self.state["decoder_only"] = not AutoConfig.from_pretrained(path, local_files_only=True).is_encoder_decoder
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_labels", "id2label", "label2id")}
         return self._remember(super().load_model(path, **kwargs))
@@ -158,7 +175,20 @@ class GenerationTask(Task):
             model.generation_config.decoder_start_token_id = config.eos_token_id
         self.state["decoder_start"] = getattr(config, "decoder_start_token_id", None)
         self.state["pad"] = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        model.generation_config = self.generation_config(config)
         return model
+
+    def generation_config(self, config: Any) -> Any:
+        """The run's decoding (``generate.*``) as a transformers ``GenerationConfig``: saved with the
+        model as ``generation_config.json``, so ``generate()`` and pipelines decode as ``kiln predict``
+        does (the decoder-only prompt is the source followed by the end-of-text token)."""
+        from transformers import GenerationConfig
+
+        special = {key: getattr(config, key, None) for key in ("bos_token_id", "eos_token_id")}
+        if config.is_encoder_decoder:
+            special["decoder_start_token_id"] = config.decoder_start_token_id
+        return GenerationConfig(**{k: v for k, v in special.items() if v is not None},
+                                pad_token_id=self.state["pad"], **self.generation_kwargs())
 
     # -- features and batches ----------------------------------------------------------------
     def _languages(self, tokenizer: Any) -> dict[str, int]:

@@ -11,20 +11,24 @@ the tokenizer's offset mapping.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
-from kiln.data.tables import decoded_lines, jsonl_objects
+from kiln.data import skip_empty
+from kiln.data.tables import SNIFF_BYTES, decoded_lines, jsonl_objects, refuse_binary
 from kiln.errors import KilnError
 from kiln.metrics.squad import best_null_threshold
 from kiln.tasks.base import Dataset, Task, pad_inputs
 
 
-def _line_of(text: str, needle: str) -> int:
-    position = text.find(needle)
+def _line_of(text: str, qid: str) -> int:
+    """The line of question ``qid``'s ``"id"`` key (a bare ``"qid"`` string can occur earlier)."""
+    found = re.search(r'"id"\s*:\s*' + re.escape(json.dumps(qid, ensure_ascii=False)), text)
+    position = found.start() if found else text.find(f'"{qid}"')
     return text.count("\n", 0, position) + 1 if position >= 0 else 1
 
 
@@ -61,7 +65,16 @@ class QuestionAnsweringTask(Task):
                 examples, extras["format"] = self._read_tsv(path, lines, labelled and stream is None), "tsv"
         if not examples:
             raise KilnError("no questions found", path)
+        if labelled:  # predict keeps every question: its output lines up with the input
+            examples, _ = skip_empty(path, examples, self._empty)
         return Dataset(str(path), examples, extras=extras)
+
+    @staticmethod
+    def _empty(example: dict) -> str | None:
+        """Why a labelled question has nothing to learn from: a blank context or question."""
+        if not example["context"].strip():
+            return "an empty context"
+        return None if example["question"].strip() else "an empty question"
 
     def _example(self, path: str | Path, line: int, context: Any, question: Any, answers: list,
                  **extra: Any) -> dict:
@@ -79,9 +92,13 @@ class QuestionAnsweringTask(Task):
 
     def _read_squad(self, path: str | Path, labelled: bool) -> list[dict]:
         try:
+            with open(path, "rb") as head:  # refuse a binary file before reading all of it
+                refuse_binary(head.read(SNIFF_BYTES), path)
             text = Path(path).read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise KilnError("file not found", path) from None
+        except IsADirectoryError:
+            raise KilnError("is a directory, expected a file", path) from None
         except UnicodeDecodeError as exc:
             raise KilnError(f"invalid UTF-8 at byte {exc.start}", path) from None
         if not text.strip():
@@ -97,7 +114,7 @@ class QuestionAnsweringTask(Task):
             for paragraph in article.get("paragraphs", []):
                 for qa in paragraph.get("qas", []):
                     qid = str(qa.get("id", len(examples)))
-                    line = _line_of(text, f'"{qid}"')
+                    line = _line_of(text, qid)
                     impossible = bool(qa.get("is_impossible", False))
                     answers = [] if impossible else [
                         (a.get("text"), a.get("answer_start")) for a in qa.get("answers", [])]

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
+from kiln.data import skip_empty
 from kiln.data.tables import parse_columns, read_table, select_columns
 from kiln.errors import KilnError
 from kiln.tasks.base import Dataset, Task, pad_inputs
@@ -29,6 +30,32 @@ def _is_float(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def refuse_mixed_labels(examples: Sequence[dict], path: str | Path, majority: bool = True) -> None:
+    """Under ``problem_type: auto``, refuse labels that mix numbers and non-numbers when the
+    non-numbers look like mistakes in a numeric column, at the first non-numeric label's line.
+
+    - Any fractional number (``3.8``): the column is a regression score, so every label must be one.
+    - Integers only, and they are more than half of the labels: integer classes with a stray value.
+    - Otherwise (non-numbers are at least half) the labels are class names, some of them digits.
+
+    Without this rule one typo silently turns a regression into a many-class classification, or
+    adds a class of one row. ``problem_type: classification`` accepts any mix deliberately.
+    ``majority=False`` applies the first rule only (a part of a file may tip the majority).
+    """
+    numbers = [ex for ex in examples if _is_float(ex["label"])]
+    others = [ex for ex in examples if not _is_float(ex["label"])]
+    if not numbers or not others:
+        return
+    bad = others[0]
+    if any(not _is_int(ex["label"]) for ex in numbers):
+        raise KilnError(f"label '{bad['label']}' is not a number, but the other labels are (regression); "
+                        "fix this row", path, bad["line"])
+    if majority and len(numbers) * 2 > len(examples):
+        raise KilnError(f"label '{bad['label']}' is not a number, but {len(numbers)} of the "
+                        f"{len(examples)} labels are integer classes; fix this row, or set "
+                        "-c data.problem_type=classification if it is a class", path, bad["line"])
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -64,7 +91,9 @@ class SequenceTask(Task):
 
     def _is_header(self, cells: list[str]) -> bool:
         known = {alias for aliases in self._roles().values() for alias in aliases}
-        named = {str(c).lower() for c in parse_columns(self.config.data.columns).values() if isinstance(c, str)}
+        # The --columns names of the texts: an unlabelled file (MRPC's test.tsv) lacks the label's.
+        named = {c.lower() for role, c in parse_columns(self.config.data.columns).items()
+                 if isinstance(c, str) and role != "label"}
         lowered = {c.lower() for c in cells}
         return bool(lowered & known) or bool(named and named <= lowered)
 
@@ -85,6 +114,9 @@ class SequenceTask(Task):
                 if not isinstance(value, str):
                     raise KilnError(f"'{role}' must be a string, got {value!r}", table.path, record["_line"])
                 texts.append(value)
+            if labelled and not all(text.strip() for text in texts):  # skipped below, label unread
+                examples.append({"texts": tuple(texts), "label": None, "line": record["_line"]})
+                continue
             label = record.get("label")
             if label is not None and not isinstance(label, str):
                 label = str(label) if not isinstance(label, float) else repr(label)
@@ -92,7 +124,18 @@ class SequenceTask(Task):
                 raise KilnError("missing label", table.path, record["_line"])
             examples.append({"texts": tuple(texts), "label": label.strip() if label else None,
                              "line": record["_line"]})
-        return Dataset(str(path), examples, table)
+        if not labelled:  # predict keeps every row: its output lines up with the input
+            return Dataset(str(path), examples, table)
+        examples, kept = skip_empty(path, examples, self._empty, table)
+        if self.config.data.problem_type == "auto" and "problem_type" not in self.state:
+            # Before training decides the problem type: a whole file, wherever a hold-out cuts it.
+            refuse_mixed_labels(examples, path)
+        return Dataset(str(path), examples, kept)
+
+    def _empty(self, example: dict) -> str | None:
+        """Why a labelled example has nothing to learn from: a blank text (either one of a pair)."""
+        blank = [role for role, text in zip(self.text_roles, example["texts"], strict=True) if not text.strip()]
+        return f"an empty {blank[0]}" if blank else None
 
     def parse_input(self, item: Any, line: int) -> Any:
         if isinstance(item, dict):
@@ -115,13 +158,16 @@ class SequenceTask(Task):
         raw = [ex["label"] for ex in train.examples]
         problem = self.config.data.problem_type
         if problem == "auto":
+            # read() checked whole files; a hold-out part is checked only for fractions, which a
+            # part cannot gain: the majority of one part may differ from the file's.
+            refuse_mixed_labels(train.examples, train.path, majority=False)
             floats = all(_is_float(v) for v in raw)
             problem = "regression" if floats and not all(_is_int(v) for v in raw) else "classification"
         self.state["problem_type"] = problem
         if problem == "regression":
             for ex in train.examples:
                 if not _is_float(ex["label"]):
-                    raise KilnError(f"regression label '{ex['label']}' is not a number", train.path, ex["line"])
+                    raise KilnError(f"label '{ex['label']}' is not a number (regression)", train.path, ex["line"])
             self.state["labels"] = ["score"]
             return
         distinct = set(raw)
@@ -135,7 +181,8 @@ class SequenceTask(Task):
         if self.regression:
             for ex in dataset.examples:
                 if ex["label"] is not None and not _is_float(ex["label"]):
-                    raise KilnError(f"regression label '{ex['label']}' is not a number", dataset.path, ex["line"])
+                    raise KilnError(f"label '{ex['label']}' is not a number, but the training labels are "
+                                    "(regression)", dataset.path, ex["line"])
             return
         known = set(self.labels)
         for ex in dataset.examples:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
+from kiln.data import skip_empty
 from kiln.data.tables import decoded_lines, jsonl_objects, parse_columns
 from kiln.errors import KilnError
 from kiln.tasks.base import Dataset, Task, pad_inputs
@@ -86,7 +87,14 @@ class TokenTask(Task):
             examples, fmt = self._read_classy(path, lines, labelled), "tsv"
         if not examples:
             raise KilnError("no sentences found", path)
+        if labelled:  # predict keeps every sentence: its output lines up with the input
+            examples, _ = skip_empty(path, examples, self._empty)
         return Dataset(str(path), examples, extras={"format": fmt})
+
+    @staticmethod
+    def _empty(example: dict) -> str | None:
+        """Why a labelled sentence has nothing to learn from: no (non-blank) token."""
+        return None if any(word.strip() for word in example["words"]) else "an empty token sequence"
 
     def _read_conll(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
         column = parse_columns(self.config.data.columns).get("tag", -1)
@@ -94,23 +102,22 @@ class TokenTask(Task):
         words: list[str] = []
         tags: list[str] = []
         raw: list[str] = []
-        start = 0
+        numbers: list[int] = []  # each word's own line, for errors about its tag
 
         def flush() -> None:
             if words:
                 examples.append({"words": list(words), "tags": list(tags) if labelled else None,
-                                 "line": start, "raw": list(raw)})
+                                 "line": numbers[0], "lines": list(numbers), "raw": list(raw)})
             words.clear()
             tags.clear()
             raw.clear()
+            numbers.clear()
 
         for number, text in lines:
             if not text.strip() or text.startswith("-DOCSTART-"):
                 flush()
                 continue
             cells = text.split()
-            if not words:
-                start = number
             if labelled:
                 if len(cells) < 2:
                     raise KilnError("expected a word and a tag separated by whitespace", path, number)
@@ -119,6 +126,7 @@ class TokenTask(Task):
                 tags.append(cells[column])
             words.append(cells[0])
             raw.append(text)
+            numbers.append(number)
         flush()
         return examples
 
@@ -192,9 +200,11 @@ class TokenTask(Task):
     def check(self, dataset: Dataset) -> None:
         known = set(self.labels)
         for ex in dataset.examples:
-            for tag in ex["tags"] or ():
+            for position, tag in enumerate(ex["tags"] or ()):
                 if tag not in known:
-                    raise KilnError(f"tag '{tag}' never appears in the training data", dataset.path, ex["line"])
+                    # CoNLL has a line per word: point at the tag's own line, not the sentence's first.
+                    line = ex["lines"][position] if "lines" in ex else ex["line"]
+                    raise KilnError(f"tag '{tag}' never appears in the training data", dataset.path, line)
 
     # -- model -------------------------------------------------------------------------------
     def model_kwargs(self) -> dict:

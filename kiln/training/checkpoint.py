@@ -9,13 +9,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from kiln.errors import KilnError
+
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 KILN_FILE = "kiln.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# What a kiln.json must hold for kiln.load (kiln.json of a checkpoint also has step and metrics).
+KILN_KEYS = ("task", "task_state", "max_length", "config")
+# The JSON files a transformers tokenizer directory may hold; all are read by AutoTokenizer.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "added_tokens.json")
+DAMAGED = "the file is damaged (an interrupted save or copy?)"
 
 
 def _previous(target: Path) -> Path:
@@ -116,7 +127,8 @@ def load_checkpoint_state(path: Path) -> tuple[dict, dict, dict]:
     """``(trainer_state, optimizer_tensors, rng_tensors)`` of a checkpoint directory."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / STATE_FILE).read_text())
+    verify_checkpoint(path)
+    state = read_json(path / STATE_FILE)
     tensors = load_file(str(path / OPTIMIZER_FILE)) if (path / OPTIMIZER_FILE).exists() else {}
     rng = {k.removeprefix("rng."): v for k, v in tensors.items() if k.startswith("rng.")}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
@@ -128,10 +140,168 @@ def load_weights(model: Any, path: Path) -> None:
     from safetensors.torch import load_file
 
     unwrapped = getattr(model, "module", model)
-    weights = load_file(str(path / "model.safetensors"))
+    verify_safetensors(path / WEIGHTS_FILE)
+    weights = load_file(str(path / WEIGHTS_FILE))
     missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
     tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
     if unexpected or any(key not in tied for key in missing):
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
                            f"unexpected {unexpected}")
     unwrapped.tie_weights()
+
+
+# -- verifying the files kiln loads -------------------------------------------------------------
+# transformers and safetensors report a damaged file with a deep traceback (or not at all: a JSON
+# decoder error names no file). Every file is checked here first, so a damaged one is one line
+# naming it, while a failure inside the loaders stays a traceback: that one is a kiln bug.
+
+
+def read_json(path: Path, required: tuple[str, ...] = ()) -> Any:
+    """Parse a JSON file kiln loads; with ``required``, it must be an object with those keys.
+
+    A missing, empty or damaged file is a :class:`KilnError` naming it (and the line, for bad JSON).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KilnError("file not found", path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KilnError(f"not a text file; {DAMAGED}", path) from None
+    if not text.strip():
+        raise KilnError(f"empty file; {DAMAGED}", path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise KilnError(f"not valid JSON ({err.msg}, column {err.colno}); {DAMAGED}", path, err.lineno) from None
+    if required:
+        if not isinstance(value, dict):
+            raise KilnError(f"expected a JSON object, found {type(value).__name__}; {DAMAGED}", path)
+        missing = [key for key in required if key not in value]
+        if missing:
+            raise KilnError(f"missing {', '.join(repr(k) for k in missing)}; {DAMAGED}", path)
+    return value
+
+
+def verify_safetensors(path: Path) -> None:
+    """Check a safetensors file's header and that the file is exactly as long as the header says.
+
+    The layout is an 8-byte little-endian header length, a JSON header mapping tensor names to
+    ``data_offsets`` within the data that follows, then the data. Recent ``safetensors`` checks the
+    same in ``safe_open``, but only deep inside ``from_pretrained``; no version can see damage inside
+    the tensor data itself (the format has no checksum).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KilnError("file not found", path)
+    size = path.stat().st_size
+    if size == 0:
+        raise KilnError(f"empty file (0 bytes); {DAMAGED}", path)
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        if len(head) < 8:
+            raise KilnError(f"only {size} bytes, too short for a safetensors file; {DAMAGED}", path)
+        (header_length,) = struct.unpack("<Q", head)
+        if header_length > 100_000_000:  # safetensors' own limit: this is not a header length
+            raise KilnError(f"not a safetensors file (no valid header); {DAMAGED}", path)
+        if 8 + header_length > size:
+            raise KilnError(f"truncated: the header alone needs {8 + header_length} bytes, the file has "
+                            f"{size}; {DAMAGED}", path)
+        raw = stream.read(header_length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KilnError(f"not a safetensors file (its header is not JSON); {DAMAGED}", path) from None
+    if not isinstance(header, dict):
+        raise KilnError(f"not a safetensors file (its header is not a JSON object); {DAMAGED}", path)
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise KilnError(f"tensor '{name}' has no valid data_offsets in the header; {DAMAGED}", path)
+        data_end = max(data_end, offsets[1])
+    expected = 8 + header_length + data_end
+    if size < expected:
+        raise KilnError(f"truncated: the header describes {expected} bytes, the file has {size}; {DAMAGED}", path)
+    if size > expected:
+        raise KilnError(f"{size - expected} unexpected bytes after the data the header describes; {DAMAGED}",
+                        path)
+    from safetensors import SafetensorError, safe_open
+
+    try:  # the library's own checks of the header (dtypes, shapes against offsets); reads no data
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except SafetensorError as err:
+        raise KilnError(f"not a valid safetensors file ({err}); {DAMAGED}", path) from None
+
+
+def verify_weights(path: Path) -> None:
+    """Check the weights of a model directory: ``model.safetensors``, or the sharded index and every
+    shard it names. A directory with only PyTorch ``.bin`` weights is left to transformers."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).exists():
+        verify_safetensors(path / WEIGHTS_FILE)
+    elif (path / WEIGHTS_INDEX_FILE).exists():
+        weight_map = read_json(path / WEIGHTS_INDEX_FILE, required=("weight_map",))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise KilnError(f"'weight_map' is not an object of file names; {DAMAGED}", path / WEIGHTS_INDEX_FILE)
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise KilnError(f"shard missing (named in {WEIGHTS_INDEX_FILE})", path / shard)
+            verify_safetensors(path / shard)
+    elif not any((path / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise KilnError(f"no model weights here (no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE})", path)
+
+
+def verify_tokenizer_files(path: Path) -> None:
+    """Check the JSON files of a tokenizer directory (those that are present)."""
+    path = Path(path)
+    for name in TOKENIZER_JSON_FILES:
+        if (path / name).exists():
+            read_json(path / name, required=("model",) if name == "tokenizer.json" else ())
+
+
+def verify_model_dir(path: Path) -> None:
+    """Check an HF model directory before transformers loads it: ``config.json``, the weights, and
+    ``generation_config.json``, ``kiln.json`` and the tokenizer files where present. A damaged file
+    is a KilnError naming it."""
+    path = Path(path)
+    read_json(path / "config.json", required=("model_type",))
+    verify_weights(path)
+    if (path / "generation_config.json").exists():
+        read_json(path / "generation_config.json", required=())
+    if (path / KILN_FILE).exists():
+        read_json(path / KILN_FILE, required=KILN_KEYS)
+    verify_tokenizer_files(path)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """:func:`verify_model_dir` plus the resume state: ``trainer_state.json`` and, when saved,
+    ``optimizer.safetensors``."""
+    path = Path(path)
+    verify_model_dir(path)
+    state = read_json(path / STATE_FILE, required=("step",))
+    if (path / OPTIMIZER_FILE).exists():
+        optimizer = state.get("optimizer")
+        if not (isinstance(optimizer, dict) and {"param_groups", "scalars"} <= set(optimizer)):
+            raise KilnError(f"no valid 'optimizer' entry for {OPTIMIZER_FILE}; {DAMAGED}", path / STATE_FILE)
+        verify_safetensors(path / OPTIMIZER_FILE)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling renamed into place: a reader (or a crash) never
+    sees half a file. The file gets the permissions of any new file (not mkstemp's 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

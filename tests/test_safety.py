@@ -1,0 +1,295 @@
+"""kiln deletes only its own runs, and a damaged file is one line naming it (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+import kiln
+from kiln.cli import build_parser, join_dash_values, main
+from kiln.errors import KilnError
+from kiln.training.checkpoint import verify_safetensors
+
+
+def one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
+    """The captured stderr, asserted to be one line (no traceback, no usage block) holding ``needles``."""
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and "usage:" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """One tiny sequence run: ``(run_dir, data_dir, profile)``; tests copy it before damaging it."""
+    from conftest import TINY_PROFILE, sentiment_rows
+
+    base = tmp_path_factory.mktemp("safety")
+    profile = base / "tiny.yaml"
+    profile.write_text(TINY_PROFILE)
+    data = base / "data"
+    data.mkdir()
+    for name, rows in (("train.tsv", sentiment_rows(160, 1)), ("dev.tsv", sentiment_rows(40, 2))):
+        (data / name).write_text("sentence\tlabel\n" + "".join(f"{t}\t{label}\n" for t, label in rows))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KILN_CACHE", str(base / "cache"))
+        code = main(["train", "sequence", str(data), "-n", "run", "--profile", str(profile),
+                     "--output-dir", str(base / "runs"), "--epochs", "1", "-c", "train.keep_checkpoints=true"])
+    assert code == 0
+    return base / "runs" / "run", data, profile
+
+
+@pytest.fixture
+def run_copy(trained: tuple[Path, Path, Path], tmp_path: Path) -> Path:
+    """A private copy of the trained run, free to damage."""
+    copy = tmp_path / "runs" / "run"
+    shutil.copytree(trained[0], copy)
+    return copy
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+# -- run names and --overwrite -------------------------------------------------------------------
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user's working directory holding their own file and another kiln run under ``runs/``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.tex").write_text("years of work")
+    other = tmp_path / "runs" / "other"
+    other.mkdir(parents=True)
+    (other / "run.json").write_text("{}")
+    return tmp_path
+
+
+def survivors_intact(workdir: Path) -> None:
+    assert (workdir / "thesis.tex").read_text() == "years of work"
+    assert (workdir / "runs" / "other" / "run.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "other/..", "a/b", "a\\b", "../runs", "x\0y"])
+def test_run_name_must_be_a_plain_name(name, workdir, sentiment_dir, tiny_profile, capsys):
+    code = main(["train", "sequence", str(sentiment_dir), "-n", name, "--profile", str(tiny_profile),
+                 "--overwrite"])  # the default --output-dir runs: `-n ..` would be the cwd
+    assert code == 2
+    one_line_error(capsys, "plain directory name")
+    survivors_intact(workdir)
+    assert sorted(p.name for p in (workdir / "runs").iterdir()) == ["other"]  # nothing written
+
+
+def test_run_name_may_not_be_absolute(workdir, sentiment_dir, tiny_profile, tmp_path_factory, capsys):
+    victim = tmp_path_factory.mktemp("victim")
+    (victim / "data.csv").write_text("precious")
+    code = main(["train", "sequence", str(sentiment_dir), "-n", str(victim), "--profile", str(tiny_profile),
+                 "--overwrite"])
+    assert code == 2
+    one_line_error(capsys, "plain directory name")
+    assert (victim / "data.csv").read_text() == "precious"
+
+
+def test_api_checks_the_name_too(workdir, sentiment_dir, tiny_profile):
+    with pytest.raises(KilnError, match="plain directory name"):
+        kiln.train("sequence", sentiment_dir, name="..", profile=str(tiny_profile), overwrite=True)
+    survivors_intact(workdir)
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(workdir, sentiment_dir, tiny_profile, capsys):
+    notes = workdir / "runs" / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    code = main(["train", "sequence", str(sentiment_dir), "-n", "notes", "--profile", str(tiny_profile),
+                 "--overwrite"])
+    assert code == 2
+    one_line_error(capsys, "not a kiln run", "will not delete")
+    assert (notes / "todo.txt").read_text() == "keep me"
+    # Without --overwrite, the hint does not suggest it either.
+    assert main(["train", "sequence", str(sentiment_dir), "-n", "notes", "--profile", str(tiny_profile)]) == 2
+    assert "--overwrite" not in one_line_error(capsys, "not a kiln run")
+
+
+def test_overwrite_refuses_a_symlinked_run_dir(workdir, sentiment_dir, tiny_profile, tmp_path_factory, capsys):
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "run.json").write_text("{}")  # even a kiln run: it lies outside --output-dir
+    (elsewhere / "results.txt").write_text("keep")
+    (workdir / "runs" / "link").symlink_to(elsewhere, target_is_directory=True)
+    code = main(["train", "sequence", str(sentiment_dir), "-n", "link", "--profile", str(tiny_profile),
+                 "--overwrite"])
+    assert code == 2
+    one_line_error(capsys, "symbolic link", "will not delete")
+    assert (elsewhere / "results.txt").read_text() == "keep"
+
+
+def test_empty_dir_is_reused_and_overwrite_replaces_a_run(workdir, sentiment_dir, tiny_profile, capsys):
+    run = workdir / "runs" / "fresh"
+    run.mkdir()  # e.g. made by a job script: empty, so not in the way
+    args = ["train", "sequence", str(sentiment_dir), "-n", "fresh", "--profile", str(tiny_profile),
+            "--epochs", "1"]
+    assert main(args) == 0
+    assert (run / "run.json").is_file() and (run / "model" / "model.safetensors").is_file()
+    (run / "stale.txt").write_text("from the old run")
+    capsys.readouterr()  # the training's own report
+    assert main(args) == 2  # a run is there: --resume or --overwrite
+    one_line_error(capsys, "--overwrite")
+    assert main([*args, "--overwrite"]) == 0
+    assert not (run / "stale.txt").exists() and (run / "model" / "model.safetensors").is_file()
+    survivors_intact(workdir)
+
+
+# -- damaged files -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", [truncate, empty])
+@pytest.mark.parametrize("command", ["predict", "evaluate", "init"])
+def test_damaged_weights_are_one_line(command, damage, trained, run_copy, tmp_path, capsys):
+    data = trained[1]
+    damage(run_copy / "model" / "model.safetensors")
+    argv = {"predict": ["predict", str(run_copy), str(data / "dev.tsv")],
+            "evaluate": ["evaluate", str(run_copy), str(data / "dev.tsv")],
+            "init": ["train", "sequence", str(data), "-n", "again", "--init", str(run_copy),
+                     "--output-dir", str(tmp_path / "out"), "--epochs", "1"]}[command]
+    assert main(argv) == 2
+    one_line_error(capsys, str(run_copy / "model" / "model.safetensors"))
+    assert not (tmp_path / "out").exists()  # --init: nothing written
+
+
+@pytest.mark.parametrize("name, damage, needle", [
+    ("config.json", truncate, "not valid JSON"),
+    ("config.json", lambda p: p.write_text("[]"), "expected a JSON object"),
+    ("tokenizer.json", empty, "empty file"),
+    ("tokenizer.json", truncate, "not valid JSON"),
+    ("tokenizer_config.json", truncate, "not valid JSON"),
+    ("kiln.json", truncate, "not valid JSON"),
+    ("kiln.json", lambda p: p.write_text("{}"), "missing 'task'"),
+    ("model.safetensors", lambda p: p.write_bytes(b"not a model" * 10), "not a safetensors file"),
+])
+def test_damaged_model_files_are_one_line(name, damage, needle, trained, run_copy, capsys):
+    damage(run_copy / "model" / name)
+    assert main(["predict", str(run_copy), str(trained[1] / "dev.tsv")]) == 2
+    one_line_error(capsys, str(run_copy / "model" / name), needle)
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("checkpoints/last/trainer_state.json", truncate),
+    ("checkpoints/last/trainer_state.json", empty),
+    ("checkpoints/last/trainer_state.json", lambda p: p.write_text('{"step": 3}')),  # no optimizer entry
+    ("checkpoints/last/optimizer.safetensors", truncate),
+    ("checkpoints/last/model.safetensors", empty),
+    ("checkpoints/best/model.safetensors", truncate),
+    ("run.json", truncate),
+])
+def test_damaged_resume_files_are_one_line(name, damage, run_copy, capsys):
+    damage(run_copy / name)
+    before = sorted(str(p) for p in run_copy.rglob("*"))
+    code = main(["train", "sequence", "unused", "-n", "run", "--output-dir", str(run_copy.parent), "--resume"])
+    assert code == 2
+    one_line_error(capsys, str(run_copy / name))
+    assert sorted(str(p) for p in run_copy.rglob("*")) == before
+
+
+def test_sharded_weights_are_checked(trained, run_copy, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = run_copy / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    (model_dir / "model.safetensors").unlink()
+    model.save_pretrained(model_dir, max_shard_size="40KB")
+    shards = sorted(model_dir.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (model_dir / "model.safetensors.index.json").is_file()
+    dev = str(trained[1] / "dev.tsv")
+    assert main(["evaluate", str(run_copy), dev, "--json"]) == 0
+    capsys.readouterr()
+    truncate(shards[-1])
+    assert main(["evaluate", str(run_copy), dev]) == 2
+    one_line_error(capsys, str(shards[-1]), "truncated")
+    shards[-1].unlink()
+    assert main(["evaluate", str(run_copy), dev]) == 2
+    one_line_error(capsys, str(shards[-1]), "shard missing")
+
+
+def test_verify_safetensors_checks_header_and_length(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(4, 4), "b": torch.ones(3)}, str(good))
+    verify_safetensors(good)
+    raw = good.read_bytes()
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+
+    def header(text: bytes) -> bytes:
+        return struct.pack("<Q", len(text)) + text
+
+    cases = {
+        "empty file": b"",
+        "too short": raw[:5],
+        "header alone needs": raw[: header_end - 3],
+        "describes": raw[:-1],  # the header is intact: only the length shows the damage
+        "unexpected bytes": raw + b"\0\0",
+        "no valid header": b"\xff" * 64,
+        "header is not JSON": struct.pack("<Q", 4) + b"abcd",
+        "data_offsets": header(json.dumps({"a": {"dtype": "F32", "shape": [1]}}).encode()),
+        "not a valid safetensors file": header(json.dumps(  # consistent length, impossible shape
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode()) + b"\0" * 4,
+    }
+    for needle, data in cases.items():
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(data)
+        with pytest.raises(KilnError, match=needle) as info:
+            verify_safetensors(bad)
+        assert info.value.path == str(bad)
+
+
+# -- rough edges ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--budget", "-5m"], "train.budget"),
+    (["--lr", "-1"], "optim.lr"),
+    (["--lr", "-1e-3"], "optim.lr"),  # not a plain negative number: argparse took it for an option
+])
+def test_values_starting_with_a_dash(flags, needle, sentiment_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["train", "sequence", str(sentiment_dir), "-n", "x", "--output-dir", str(out), *flags])
+    assert code == 2
+    one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_join_dash_values_leaves_options_alone():
+    parser = build_parser()
+    assert join_dash_values(parser, ["train", "t", "d", "--budget", "--lr", "-1", "--", "-n", "-x"]) == [
+        "train", "t", "d", "--budget", "--lr=-1", "--", "-n", "-x"]
+    assert join_dash_values(parser, ["train", "t", "d", "--budget", "--epo", "3", "-n", "-r"]) == [
+        "train", "t", "d", "--budget", "--epo", "3", "-n=-r"]  # --epo abbreviates --epochs
+
+
+def test_setting_in_the_wrong_section_suggests_the_right_one(sentiment_dir, tmp_path, capsys):
+    code = main(["train", "sequence", str(sentiment_dir), "-n", "x", "--output-dir", str(tmp_path),
+                 "-c", "train.lr=abc"])
+    assert code == 2
+    err = one_line_error(capsys, "did you mean optim.lr")
+    assert "train.metric" not in err
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_unwritable_output_fails_before_loading(command, trained, tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before -o was checked")
+
+    monkeypatch.setattr(kiln, "load", no_loading)
+    data = str(trained[1] / "dev.tsv")
+    (tmp_path / "file.txt").write_text("a file")
+    assert main([command, str(trained[0]), data, "-o", str(tmp_path / "file.txt" / "sub" / "out.tsv")]) == 2
+    one_line_error(capsys, "file.txt is a file, not a directory")
+    assert main([command, str(trained[0]), data, "-o", str(tmp_path)]) == 2
+    one_line_error(capsys, "is a directory")
