@@ -33,7 +33,7 @@ test: $(VENV)/.installed
 
 # Everything, including slow tests (data tests still skip without ../shared/data).
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -m "not gpu and not browser"
+	KILN_PRECISION=$(PRECISION) $(PY) -m pytest -m "not browser"
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-# kiln task -> (Hugging Face pipeline tag, transformers Auto class)
+# kiln task -> Hugging Face pipeline tag (decoder-only generation is text-generation, below)
 PIPELINES = {
     "sequence": "text-classification",
     "sentence-pair": "text-classification",
@@ -60,12 +60,15 @@ def model_card(run_dir: Path) -> str:
     saved = json.loads((model_dir / "kiln.json").read_text())
     config = json.loads((model_dir / "config.json").read_text())
     task = run["task"]
-    auto = task_class(task).auto_model
-    if task == "generation":
-        auto = "AutoModelForSeq2SeqLM" if config.get("is_encoder_decoder") else "AutoModelForCausalLM"
+    auto, pipeline = task_class(task).auto_model, PIPELINES[task]
+    if task == "generation" and not config.get("is_encoder_decoder"):
+        auto, pipeline = "AutoModelForCausalLM", "text-generation"
+    elif task == "generation":
+        auto = "AutoModelForSeq2SeqLM"
     params = parameter_count(model_dir)
+    regression = config.get("problem_type") == "regression"
     labels = [config["id2label"][k] for k in sorted(config.get("id2label", {}), key=int)] \
-        if task in ("sequence", "sentence-pair", "token") else []
+        if task in ("sequence", "sentence-pair", "token") and not regression else []
     splits = run.get("splits", {})
     rows = {"validation": saved.get("metrics", {})}
     if run.get("test_metrics"):
@@ -74,7 +77,7 @@ def model_card(run_dir: Path) -> str:
     lines = [
         "---",
         "library_name: transformers",
-        f"pipeline_tag: {PIPELINES[task]}",
+        f"pipeline_tag: {pipeline}",
         "tags: [kiln]",
         "---",
         "",
@@ -82,8 +85,8 @@ def model_card(run_dir: Path) -> str:
         "",
         f"A {config.get('model_type', 'transformer')} model ({params / 1e6:.2f}M parameters) for the kiln task "
         f"`{task}`, {start} with the profile `{run['profile']}` (kiln {run['kiln_version']}, "
-        f"{run.get('precision', 'fp32')}). It is the checkpoint of step {saved.get('step', '?')}, the best on "
-        "the validation split.",
+        f"{run.get('precision', 'fp32')}). It is the checkpoint of step {saved.get('step', '?')}"
+        + (", the best on the validation split." if saved.get("metrics") else ", the last one."),
         "",
         "## Data",
         "",

@@ -23,3 +23,8 @@ class KilnError(Exception):
         if self.line is None:
             return f"{self.path}: {self.message}"
         return f"{self.path}:{self.line}: {self.message}"
+
+
+class MissingLabels(KilnError):
+    """A file read as labelled has no labels at all (no label column, key or tag column): an error
+    for training data, but a file to skip when it is an optional test split."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -10,6 +11,8 @@ from kiln.errors import KilnError
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training.checkpoint import KILN_FILE, KILN_KEYS, read_json, verify_model_dir
+
+log = logging.getLogger(__name__)
 
 
 class Predictor:
@@ -43,6 +46,7 @@ class Predictor:
         self.model = self.task.load_model(self.path).to(self.device).eval()
         self.max_length = int(self.meta["max_length"])
         self.batch_tokens = batch_tokens or self.config.train.batch_tokens * 2
+        log.debug(f"loaded {self.path} ({self.meta['task']}) on {self.device} in {self.precision}")
 
     def _run(self, dataset: Dataset) -> tuple[list[Any], float, int]:
         from kiln.training.inference import run_inference

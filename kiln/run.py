@@ -18,7 +18,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key
-from kiln.errors import KilnError
+from kiln.errors import KilnError, MissingLabels
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
@@ -67,7 +67,9 @@ def model_dir_of(path: str | Path) -> Path:
 def check_run_name(name: str) -> None:
     """A run name is one plain directory name: ``output_dir / name`` must never point elsewhere
     (``..``, ``.``, ``a/b`` or an absolute path would, and --overwrite deletes that directory)."""
-    if (not name or name in (".", "..") or any(c in name for c in "/\\\0")
+    if not isinstance(name, str) or not name:
+        raise KilnError("a run needs a name (-n NAME): its directory inside --output-dir")
+    if (name in (".", "..") or any(c in name for c in "/\\\0")
             or PurePath(name).name != name):  # the last: Windows drives (C:x)
         raise KilnError(f"run name {name!r} must be a plain directory name: no '/' or '\\', not '.' "
                         "or '..'; use --output-dir to choose where runs go")
@@ -138,12 +140,13 @@ def _shown(files: Any) -> str:
 
 
 def _read_test(task: Any, path: Any) -> Dataset | None:
-    """The test split when it has labels (evaluated at the end of training), else None with one line."""
+    """The test split when it has labels (evaluated at the end of training), else None with one line.
+    A labelled file with a bad row is an error like any other data file."""
     try:
         return task.read(path)
-    except KilnError as err:
+    except MissingLabels:
         task.read(path, labelled=False)  # unreadable even without labels: that error is the user's to see
-        log.info(f"{_shown(path)}: test split has no labels, not evaluated ({err.message})")
+        log.info(f"{_shown(path)}: test split has no labels, not evaluated")
         return None
 
 
@@ -192,7 +195,10 @@ def train(
             if saved is not None:  # a damaged file is reported now, not after reading the data
                 ckpt.verify_checkpoint(saved)
     else:
-        config = resolve_config(task, profile, str(init) if init else None, flags, overrides).build()
+        builder = resolve_config(task, profile, str(init) if init else None, flags, overrides)
+        log.debug("settings not at their defaults: " + ", ".join(
+            f"{key}={value!r} ({source})" for key, value, source in builder.described() if source != "default"))
+        config = builder.build()
         if is_main_process() and (run_dir.exists() or run_dir.is_symlink()):
             if overwrite:
                 replaceable_run(run_dir, output_dir)  # raises for anything kiln must not delete
@@ -212,7 +218,7 @@ def train(
         if test_ds is not None:
             task_obj.check(test_ds)
     except KilnError as err:
-        if validation_ds.path == train_ds.path and not resume:  # split from one file: say so
+        if validation_ds.path == train_ds.path == err.path and not resume:  # split from one file: say so
             err.message += (f" (validation is {len(validation_ds)} of the file's "
                             f"{len(train_ds) + len(validation_ds)} examples, held out at random; "
                             "more data or a validation file helps)")
@@ -258,6 +264,8 @@ def train(
 
     train_features = task_obj.encode(train_ds, tok, max_length)
     validation_features = task_obj.encode(validation_ds, tok, max_length)
+    log.debug(f"data: {sources}; {len(train_features)} training and {len(validation_features)} validation "
+              f"features of at most {max_length} tokens; tokenizer of {len(tok)} tokens")
 
     meta = {
         "kiln_version": __version__,
@@ -287,8 +295,10 @@ def train(
         (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     metrics = trainer.train(resume=resume)
+    is_main = trainer.is_main
+    del trainer, model  # the test split loads the exported model: free the training copy first
     test_metrics: dict = {}
-    if trainer.is_main:
+    if is_main:
         export(run_dir)
         if test_ds is not None:
             test_metrics = evaluate_test(run_dir, test_ds, config.train.device)

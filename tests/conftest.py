@@ -30,7 +30,10 @@ SUBJECTS = ["the film", "this movie", "the plot", "the cast", "the ending", "eve
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
     monkeypatch.setenv("KILN_CACHE", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
+    logging.getLogger("kiln").setLevel(logging.INFO)  # what a test's --quiet or setLevel left behind
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def test_glue_trains_and_evaluates(task, folder, columns, metric, tiny_profile, 
     run = kiln.train(task, GLUE / folder, name=folder, profile=str(tiny_profile), max_steps=6,
                      columns=columns or None, output_dir=tmp_path, precision="fp32")  # as evaluate's default
     assert metric in run.metrics
-    assert main(["evaluate", str(run.path), str(GLUE / folder / "dev.tsv"), "--json"]) == 0
+    assert main(["evaluate", str(run.path), str(GLUE / folder / "dev.tsv"), "--json", "--precision", "fp32"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metric in metrics
     # Six steps leave near-constant predictions, whose correlation is float noise; the loss is not.

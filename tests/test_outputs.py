@@ -29,8 +29,8 @@ def test_labelled_test_split_is_scored_and_recorded(sentiment_dir, tiny_profile,
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["split"] == "test" and logged[-1]["test_accuracy"] == recorded["accuracy"]
     assert f"test: accuracy {recorded['accuracy']:.4f}" in capsys.readouterr().err
-    # The same figures as `kiln evaluate` on the exported model (fp32 both).
-    assert kiln.load(run, precision="fp32").evaluate(sentiment_dir / "test.tsv") == pytest.approx(recorded)
+    # The same figures as `kiln evaluate` on the exported model (its default precision both).
+    assert kiln.load(run).evaluate(sentiment_dir / "test.tsv") == pytest.approx(recorded)
 
 
 def test_unlabelled_test_split_is_skipped_with_one_line(sentiment_dir, tiny_profile, tmp_path, capsys):
@@ -40,6 +40,13 @@ def test_unlabelled_test_split_is_skipped_with_one_line(sentiment_dir, tiny_prof
     assert run.test_metrics == {} and "test_metrics" not in json.loads((run.path / "run.json").read_text())
     said = [line for line in capsys.readouterr().err.splitlines() if "test.tsv" in line]
     assert len(said) == 1 and "no labels, not evaluated" in said[0]
+
+
+def test_a_bad_row_in_a_labelled_test_split_is_an_error_not_a_skip(sentiment_dir, tiny_profile, tmp_path):
+    write_split(sentiment_dir / "test.tsv", [("a fine film .", "pos"), ("an odd film .", "")])
+    assert main(["train", "sequence", str(sentiment_dir), "-n", "bad", "--profile", str(tiny_profile),
+                 "--output-dir", str(tmp_path)]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_an_unseen_label_in_the_test_split_is_refused_before_training(sentiment_dir, tiny_profile, tmp_path):
@@ -107,8 +114,9 @@ def test_kiln_precision_sets_what_auto_and_the_inference_default_mean(monkeypatc
     assert resolve_precision("auto", cpu) == "bf16" and inference_precision(None, cpu) == "bf16"
     assert resolve_precision("fp32", cpu) == "fp32"  # a pinned precision stays pinned
     monkeypatch.setenv("KILN_PRECISION", "fp8")
-    with pytest.raises(KilnError, match="KILN_PRECISION=fp8"):
-        resolve_precision("auto", cpu)
+    for resolve in (lambda: resolve_precision("auto", cpu), lambda: inference_precision(None, cpu)):
+        with pytest.raises(KilnError, match="KILN_PRECISION=fp8"):
+            resolve()
 
 
 def test_auto_follows_the_cpu(monkeypatch):

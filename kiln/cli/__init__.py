@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import shlex
 import sys
 
@@ -82,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(join_dash_values(parser, argv))
-    set_verbosity(args.quiet, args.verbose)
     args.command_line = shlex.join(["kiln", *argv])  # what the model card says made the run
+    level = logging.getLogger("kiln").level
+    set_verbosity(args.quiet, args.verbose)
     try:
         return int(args.run(args) or 0)
     except KilnError as err:
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
         print(f"{paths}: {err.strerror or err}" if paths else f"kiln: {err}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("kiln").setLevel(level)  # main() called from Python leaves no trace
 
 
 if __name__ == "__main__":

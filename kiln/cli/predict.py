@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +66,10 @@ def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], outp
     if target.is_dir():
         raise KilnError("is a directory; -o takes the path of the file to write", target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            emit(stream)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from kiln.training.checkpoint import atomic_file
+
+    with atomic_file(target) as stream:
+        emit(stream)
 
 
 def run(args: argparse.Namespace) -> int:

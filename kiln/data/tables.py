@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, MissingLabels
 
+# Roles that hold what a model learns to predict: a file without any of them is unlabelled.
+TARGET_ROLES = frozenset({"label", "target"})
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json", ".txt")
 
 
@@ -277,6 +279,9 @@ def select_columns(
         for role, aliases in roles.items():
             if role in columns and role not in required and _absent(table, columns[role], width):
                 index[role] = None  # e.g. the run's label=NAME when predicting a file without labels
+            elif role in columns and role in TARGET_ROLES and _absent(table, columns[role], width):
+                raise MissingLabels(f"--columns {role}={columns[role]}: this file has no such column",
+                                    table.path, max(table.lines[0] - (1 if table.header else 0), 1))
             elif role in columns:
                 index[role] = _column_position(table, columns[role], width)
             elif names is not None:
@@ -295,7 +300,7 @@ def select_columns(
     missing = [role for role in required if index.get(role) is None]
     if missing:
         where = "in the header" if table.header or table.format == "jsonl" else "among the columns"
-        raise KilnError(
+        raise (MissingLabels if missing[0] in TARGET_ROLES else KilnError)(
             f"no '{missing[0]}' column {where}; map one with --columns {missing[0]}=NAME_OR_INDEX",
             table.path, table.lines[0] - (1 if table.header else 0),
         )

@@ -19,7 +19,7 @@ import numpy as np
 
 from kiln.data import SPLIT_ALIASES, skip_empty
 from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
-from kiln.errors import KilnError
+from kiln.errors import KilnError, MissingLabels
 from kiln.tasks.base import Dataset, Task, pad_inputs
 
 ROLES = {"source": ("source", "source_sequence", "src", "input", "text"),
@@ -116,7 +116,7 @@ class GenerationTask(Task):
             raise KilnError("file is empty", source_path, 1)
         targets = decoded_lines(target_path) if target_path.is_file() else None
         if targets is None and labelled:
-            raise KilnError("no target file beside it", target_path)
+            raise MissingLabels("no target file beside it", target_path)
         if targets is not None and len(targets) != len(sources):
             raise KilnError(f"{len(sources)} source lines but {len(targets)} target lines in {target_path}",
                             source_path, min(len(sources), len(targets)) + 1)
@@ -172,23 +172,22 @@ class GenerationTask(Task):
             # Training and generate() must start the decoder alike; generate() would fall back to
             # bos. </s> is BART's and mBART-50's choice, and saving it keeps transformers in step.
             config.decoder_start_token_id = config.eos_token_id
-            model.generation_config.decoder_start_token_id = config.eos_token_id
         self.state["decoder_start"] = getattr(config, "decoder_start_token_id", None)
         self.state["pad"] = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        model.generation_config = self.generation_config(config)
+        self.set_generation_config(model)
         return model
 
-    def generation_config(self, config: Any) -> Any:
-        """The run's decoding (``generate.*``) as a transformers ``GenerationConfig``: saved with the
-        model as ``generation_config.json``, so ``generate()`` and pipelines decode as ``kiln predict``
-        does (the decoder-only prompt is the source followed by the end-of-text token)."""
-        from transformers import GenerationConfig
-
-        special = {key: getattr(config, key, None) for key in ("bos_token_id", "eos_token_id")}
+    def set_generation_config(self, model: Any) -> None:
+        """Write the run's decoding (``generate.*``) into the model's ``GenerationConfig``, which is
+        saved as ``generation_config.json``: ``generate()`` and pipelines then decode as ``kiln
+        predict`` does (greedy or beam search; the decoder-only prompt is the source followed by the
+        end-of-text token). What a loaded checkpoint's config says beyond kiln's settings (BART's
+        forced BOS/EOS, say) stays, and applies to both alike."""
+        config = model.config
+        settings = {"pad_token_id": self.state["pad"], **self.generation_kwargs()}
         if config.is_encoder_decoder:
-            special["decoder_start_token_id"] = config.decoder_start_token_id
-        return GenerationConfig(**{k: v for k, v in special.items() if v is not None},
-                                pad_token_id=self.state["pad"], **self.generation_kwargs())
+            settings["decoder_start_token_id"] = config.decoder_start_token_id
+        model.generation_config.update(**settings)
 
     # -- features and batches ----------------------------------------------------------------
     def _languages(self, tokenizer: Any) -> dict[str, int]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from kiln.data import skip_empty
 from kiln.data.tables import SNIFF_BYTES, decoded_lines, jsonl_objects, refuse_binary
-from kiln.errors import KilnError
+from kiln.errors import KilnError, MissingLabels
 from kiln.metrics.squad import best_null_threshold
 from kiln.tasks.base import Dataset, Task, pad_inputs
 
@@ -141,7 +141,8 @@ class QuestionAnsweringTask(Task):
                     raise KilnError("answer_start/answer_end must be integers with start <= end", path, number)
                 answers = [(obj["context"][start:end], start)] if isinstance(obj.get("context"), str) else []
             elif labelled and "answers" not in obj:
-                raise KilnError("no answers: expected 'answers' or 'answer_start'/'answer_end'", path, number)
+                raise (KilnError if examples else MissingLabels)(
+                    "no answers: expected 'answers' or 'answer_start'/'answer_end'", path, number)
             examples.append(self._example(path, number, obj.get("context"), obj.get("question"), answers,
                                           id=str(obj.get("id", number)), title=str(obj.get("title", "")),
                                           impossible=labelled and not answers, obj=obj))
@@ -155,7 +156,9 @@ class QuestionAnsweringTask(Task):
             cells = text.split("\t")
             if len(cells) < 2 or (labelled and len(cells) != 4):
                 want = "context, question, char_start, char_end" if labelled else "context and question"
-                raise KilnError(f"expected {want} separated by tabs, found {len(cells)} columns", path, number)
+                unlabelled = labelled and len(cells) == 2 and not examples  # context and question alone
+                raise (MissingLabels if unlabelled else KilnError)(
+                    f"expected {want} separated by tabs, found {len(cells)} columns", path, number)
             answers = []
             if len(cells) == 4:
                 try:

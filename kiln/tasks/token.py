@@ -16,7 +16,7 @@ import numpy as np
 
 from kiln.data import skip_empty
 from kiln.data.tables import decoded_lines, jsonl_objects, parse_columns
-from kiln.errors import KilnError
+from kiln.errors import KilnError, MissingLabels
 from kiln.tasks.base import Dataset, Task, pad_inputs
 
 CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
@@ -119,8 +119,9 @@ class TokenTask(Task):
                 continue
             cells = text.split()
             if labelled:
-                if len(cells) < 2:
-                    raise KilnError("expected a word and a tag separated by whitespace", path, number)
+                if len(cells) < 2:  # on the first word: a file of words alone, i.e. without tags
+                    raise (KilnError if examples or words else MissingLabels)(
+                        "expected a word and a tag separated by whitespace", path, number)
                 if not isinstance(column, int) or not -len(cells) <= column < len(cells):
                     raise KilnError(f"--columns tag={column}: no such column (0-based)", path, number)
                 tags.append(cells[column])
@@ -140,7 +141,8 @@ class TokenTask(Task):
             tags = parts[1].split() if len(parts) > 1 else None
             if labelled:
                 if tags is None:
-                    raise KilnError("expected tokens, a tab, then labels", path, number)
+                    raise (KilnError if examples else MissingLabels)("expected tokens, a tab, then labels",
+                                                                     path, number)
                 if len(tags) != len(words):
                     raise KilnError(f"{len(words)} tokens but {len(tags)} labels", path, number)
             examples.append({"words": words, "tags": tags if labelled else None, "line": number})
@@ -160,7 +162,8 @@ class TokenTask(Task):
                 if len(tags) != len(words):
                     raise KilnError(f"{len(words)} tokens but {len(tags)} {key}", path, number)
             elif labelled:
-                raise KilnError(f"no labels: expected one of {', '.join(TAG_KEYS)}", path, number)
+                raise (KilnError if examples else MissingLabels)(f"no labels: expected one of {', '.join(TAG_KEYS)}",
+                                                                 path, number)
             examples.append({"words": words, "tags": tags if labelled else None, "line": number, "obj": obj})
         return examples
 

@@ -6,13 +6,16 @@ sees a half-written one. Nothing here unpickles: tensors are safetensors, state 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kiln.errors import KilnError
 
@@ -45,9 +48,7 @@ def atomic_dir(target: Path) -> tuple[Path, Any]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     # mkdtemp makes it private (0700); the renamed directory (an exported model/) should have the
     # permissions any new directory gets, so that a service account can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(0o777 & ~umask())
 
     def commit() -> None:
         old = _previous(target)
@@ -256,6 +257,25 @@ def verify_weights(path: Path) -> None:
         raise KilnError(f"no model weights here (no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE})", path)
 
 
+def _once_per_version(check: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Run a directory check once per version of the directory's files (names, sizes, mtimes):
+    one load passes several entry points (the predictor, the task, the tokenizer) that each check,
+    and re-parsing a large tokenizer.json each time costs seconds."""
+    seen: dict[Path, tuple] = {}
+
+    @functools.wraps(check)
+    def checked(path: Path) -> None:
+        path = Path(path).resolve()
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+        version = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        if seen.get(path) != version:
+            check(path)
+            seen[path] = version
+
+    return checked
+
+
+@_once_per_version
 def verify_tokenizer_files(path: Path) -> None:
     """Check the JSON files of a tokenizer directory (those that are present)."""
     path = Path(path)
@@ -264,6 +284,7 @@ def verify_tokenizer_files(path: Path) -> None:
             read_json(path / name, required=("model",) if name == "tokenizer.json" else ())
 
 
+@_once_per_version
 def verify_model_dir(path: Path) -> None:
     """Check an HF model directory before transformers loads it: ``config.json``, the weights, and
     ``generation_config.json``, ``kiln.json`` and the tokenizer files where present. A damaged file
@@ -278,6 +299,7 @@ def verify_model_dir(path: Path) -> None:
     verify_tokenizer_files(path)
 
 
+@_once_per_version
 def verify_checkpoint(path: Path) -> None:
     """:func:`verify_model_dir` plus the resume state: ``trainer_state.json`` and, when saved,
     ``optimizer.safetensors``."""
@@ -291,17 +313,30 @@ def verify_checkpoint(path: Path) -> None:
         verify_safetensors(path / OPTIMIZER_FILE)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary sibling renamed into place: a reader (or a crash) never
-    sees half a file. The file gets the permissions of any new file (not mkstemp's 0600)."""
+def umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[TextIO]:
+    """A text stream whose content appears at ``path`` only when the block ends without an error:
+    it is written to a temporary sibling that is then renamed, so a reader (or a crash) never sees
+    half a file. The file gets the permissions of any new file, not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+            yield out
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as out:
+        out.write(text)

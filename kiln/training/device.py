@@ -47,20 +47,16 @@ def resolve_precision(spec: str, device: Any) -> str:
     """``auto``: bf16 on CUDA with bf16 support and on CPUs with native bf16 (AMX, AVX512-BF16),
     fp16 on older GPUs, else fp32. The ``KILN_PRECISION`` environment variable, when set, is what
     ``auto`` means on this machine (``make test PRECISION=bf16`` runs the suite so)."""
-    import os
-
     import torch
 
-    if spec == "auto" and os.environ.get("KILN_PRECISION"):
-        spec = os.environ["KILN_PRECISION"]
-        if spec not in PRECISIONS:
-            raise KilnError(f"KILN_PRECISION={spec}: use one of {', '.join(PRECISIONS)}")
+    if spec == "auto":
+        spec = _environment_precision() or spec
     if spec == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if spec == "fp16" and device.type != "cuda":
-        raise KilnError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        raise KilnError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if spec == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise KilnError("--precision bf16: this GPU does not support bf16; use fp16")
     return spec
@@ -72,9 +68,17 @@ def inference_precision(spec: str | None, device: Any) -> str:
     fp32 by default so that kiln's predictions match plain transformers (fp32) on every machine;
     bf16 is a choice (``--precision bf16`` or ``auto``) that trades agreement for speed.
     """
+    return resolve_precision(spec or _environment_precision() or "fp32", device)
+
+
+def _environment_precision() -> str | None:
+    """``KILN_PRECISION``, checked; None when unset or empty."""
     import os
 
-    return resolve_precision(spec or os.environ.get("KILN_PRECISION") or "fp32", device)
+    spec = os.environ.get("KILN_PRECISION") or None
+    if spec is not None and spec not in PRECISIONS:
+        raise KilnError(f"KILN_PRECISION={spec}: use one of {', '.join(PRECISIONS)}")
+    return spec
 
 
 def autocast(device: Any, precision: str) -> Any:

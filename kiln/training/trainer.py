@@ -139,6 +139,9 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.warmup = warmup_steps(self.config.schedule, self.total_steps)
         self.metric = self.config.train.metric or self.task.main_metric
+        log.debug(f"set-up: {self.total_steps} steps ({self.warmup} warmup), {len(self._epoch_sizes)} epochs of "
+                  f"{self._epoch_sizes} micro-batches, {type(self.optimizer).__name__}, best by {self.metric}, "
+                  f"rank {self.rank} of {self.world_size}")
 
     def _planned_micro_batches(self) -> tuple[list[int], int]:
         """Micro-batches in each epoch that ``train.epochs`` covers, and how many of them to train."""
@@ -317,10 +320,10 @@ class Trainer:
                 callback.on_train_end(self)
             if self._interrupt_now:  # mid-step: the weights and the step count may disagree
                 self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
-                          "from the last checkpoint")
+                          "from the last checkpoint", logging.WARNING)
             else:
                 self._save("last")
-                self._say(f"interrupted at step {self.state.step}; continue with --resume")
+                self._say(f"interrupted at step {self.state.step}; continue with --resume", logging.WARNING)
             raise
         finally:
             if previous_handler is not None:
@@ -494,9 +497,9 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, level: int = logging.INFO) -> None:
         if self.is_main:
-            log.info(text)
+            log.log(level, text)
 
     def _print_summary(self) -> None:
         train = self.config.train
