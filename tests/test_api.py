@@ -32,7 +32,7 @@ def test_single_file_is_split_90_10(sentiment_dir, tiny_profile, tmp_path):
     assert run.metrics["n"] == 16  # 10% of 160
 
 
-def test_init_from_a_local_hf_checkpoint(sentiment_dir, tiny_profile, tmp_path):
+def test_init_from_a_local_hf_checkpoint(sentiment_dir, tiny_profile, tmp_path, caplog, capfd):
     """--init takes any local HF directory (here a random BertForMaskedLM), never a hub."""
     donor = kiln.train("sequence", sentiment_dir, name="donor", profile=str(tiny_profile), max_steps=1,
                        output_dir=tmp_path)
@@ -44,8 +44,14 @@ def test_init_from_a_local_hf_checkpoint(sentiment_dir, tiny_profile, tmp_path):
     mlm = BertForMaskedLM(config)
     mlm.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
-    run = kiln.train("sentence-pair", sentiment_dir, name="from-init", init=checkpoint, max_steps=2, lr=0.0,
-                     columns="sentence1=sentence,sentence2=sentence", output_dir=tmp_path)
+    capfd.readouterr()
+    with caplog.at_level("INFO", logger="kiln"):
+        run = kiln.train("sentence-pair", sentiment_dir, name="from-init", init=checkpoint, max_steps=2, lr=0.0,
+                         columns="sentence1=sentence,sentence2=sentence", output_dir=tmp_path)
+    # One line of kiln's own about the fresh weights, instead of transformers' load-report table.
+    assert ("new       classification head: 2 labels, 4 tensors initialised at random (bert.pooler.dense.bias, "
+            "bert.pooler.dense.weight, classifier.bias, classifier.weight)") in caplog.text
+    assert "LOAD REPORT" not in capfd.readouterr().err
     saved = json.loads((run.model_dir / "kiln.json").read_text())
     assert saved["init"] == str(checkpoint)
     loaded = kiln.load(run.path).model

@@ -8,6 +8,7 @@ into metrics and output files.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any, ClassVar, TextIO
 
 from kiln.config import Config
 from kiln.data.tables import Table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Task:
     tokenizer: Any = None  # set by the pipeline; tasks that decode text need it
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
     outputs_need_forward: ClassVar[bool] = True  # False: unlabelled inference skips model.forward
+    load_note: str | None = None  # what the last load_model initialised afresh (a new head), for the summary
 
     def __init__(self, config: Config, state: dict | None = None):
         self.config = config
@@ -132,8 +136,22 @@ class Task:
 
         verify_model_dir(Path(path))
         quiet_transformers()
-        model = getattr(transformers, self.auto_model).from_pretrained(path, local_files_only=True, **kwargs)
+        # transformers reports new and unused weights as a multi-line table; kiln says it in one line.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model, info = getattr(transformers, self.auto_model).from_pretrained(
+                path, local_files_only=True, output_loading_info=True, **kwargs)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        new = sorted({*info.get("missing_keys", ()), *(key for key, *_ in info.get("mismatched_keys", ()))})
+        self.load_note = (f"{self.head_description(model)}, {len(new)} tensors initialised at random "
+                          f"({', '.join(new[:4])}{', …' if len(new) > 4 else ''})") if new else None
         return self._accepting(model)
+
+    def head_description(self, model: Any) -> str:
+        """What a fresh head on a pretrained body is, in a few words, for the start-of-run line."""
+        return "new weights"
 
     def _accepting(self, model: Any) -> Any:
         """Remember which inputs ``model.forward`` takes (DistilBERT has no token_type_ids), and keep

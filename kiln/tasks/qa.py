@@ -46,6 +46,9 @@ class QuestionAnsweringTask(Task):
     main_metric: ClassVar[str] = "f1"
     target_keys: ClassVar[tuple[str, ...]] = ("start_positions", "end_positions")
 
+    def head_description(self, model: Any) -> str:
+        return "answer-span head (start and end of the answer)"
+
     # -- reading -----------------------------------------------------------------------------
     def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
         suffix = Path(str(path)).suffix.lower()

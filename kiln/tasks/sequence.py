@@ -196,6 +196,9 @@ class SequenceTask(Task):
         return self.labels.index(label) if label in self.labels else -100
 
     # -- model -------------------------------------------------------------------------------
+    def head_description(self, model: Any) -> str:
+        return "regression head" if self.regression else f"classification head: {len(self.labels)} labels"
+
     def model_kwargs(self) -> dict:
         if self.regression:
             return {"num_labels": 1, "problem_type": "regression",

@@ -210,6 +210,9 @@ class TokenTask(Task):
                     raise KilnError(f"tag '{tag}' never appears in the training data", dataset.path, line)
 
     # -- model -------------------------------------------------------------------------------
+    def head_description(self, model: Any) -> str:
+        return f"tagging head: {len(self.labels)} tags"
+
     def model_kwargs(self) -> dict:
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                 "label2id": {label: i for i, label in enumerate(self.labels)}}

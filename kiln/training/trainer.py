@@ -520,6 +520,8 @@ class Trainer:
             f"{'budget ' + duration(self.budget) if self.budget else f'{self.total_steps} steps'}, "
             f"lr {self.config.optim.lr:g} ({self.config.schedule.name})",
         ]
+        if d.get("head"):
+            lines.insert(2, f"  new       {d['head']}")
         if self.run_dir:
             lines.append(f"  run       {self.run_dir}")
         self._say("\n".join(lines))
