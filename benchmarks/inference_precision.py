@@ -48,6 +48,8 @@ def run_hf(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = texts_of(spec["data"], spec["repeat"])
     results = []
+    with torch.inference_mode():  # warm-up, as kiln's: thread pools, first-call allocations
+        model(**tokenizer(texts[:32], padding=True, truncation=True, return_tensors="pt"))
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(texts), 32):
@@ -70,7 +72,7 @@ def run_kiln(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="a trained kiln sequence run (runs/NAME)")
+    parser.add_argument("--run", help="a trained kiln sequence run (runs/NAME); required")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="a TSV with a 'sentence' column")
     parser.add_argument("--repeat", type=int, default=3, help="pass over the texts this many times")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         serve_worker(args.worker, {"hf-fp32": run_hf, "kiln-fp32": run_kiln, "kiln-bf16": run_kiln})
         return
+    if not args.run:
+        parser.error("--run is required")
     common = {"run": args.run, "data": args.data, "repeat": args.repeat}
     results = {name: run_worker(__file__, {**common, "contender": name, "precision": name.split("-")[1]})
                for name in ("hf-fp32", "kiln-fp32", "kiln-bf16")}

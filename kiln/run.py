@@ -110,12 +110,13 @@ def replaceable_run(run_dir: Path, output_dir: str | Path) -> bool:
 
 def resolve_config(task: str, profile: str | None, init: str | None, flags: dict[str, Any],
                    overrides: list[str] | tuple[str, ...] = ()) -> ConfigBuilder:
-    """Merge profile (default ``bert-mini``; with --init, the shared encoder recipe) and overrides."""
+    """Merge profile (default: the task's own; with --init, the fine-tuning recipe for pretrained
+    starts, ``_finetune``, or ``_generation``) and overrides."""
     from kiln.profiles import builder_for
     from kiln.tasks import task_class
 
     default = task_class(task).default_profile
-    profile = profile or (("_generation" if task == "generation" else "_encoder") if init else default)
+    profile = profile or (("_generation" if task == "generation" else "_finetune") if init else default)
     dotted = {resolve_key(k): v for k, v in flags.items() if v is not None}
     return builder_for(profile, dotted, overrides)
 

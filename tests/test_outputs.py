@@ -141,3 +141,21 @@ def test_predict_and_evaluate_take_a_precision(sentiment_dir, tiny_profile, tmp_
     # bf16 keeps about 3 significant digits: close to fp32, but not equal.
     assert scores["bf16"] == pytest.approx(scores["fp32"], abs=0.05) and scores["bf16"] != scores["fp32"]
     assert os.environ.get("KILN_PRECISION") or kiln.load(run.path).precision == "fp32"
+
+
+def test_a_csv_with_quoted_newlines_trains_and_predicts_back(tiny_profile, tmp_path):
+    import csv
+
+    rows = sentiment_rows(60, seed=3)
+    rows[5] = ('the film, "in short",\nis wonderful .', "pos")  # a comma, doubled quotes, a newline
+    with open(tmp_path / "reviews.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    run = kiln.train("sequence", tmp_path / "reviews.csv", name="csv", profile=str(tiny_profile), max_steps=2,
+                     output_dir=tmp_path / "runs")
+    assert run.metrics["n"] == 6  # 10 % of 60 records (not of the 61 physical lines)
+    assert main(["predict", str(run.path), str(tmp_path / "reviews.csv"), "-o", str(tmp_path / "out.csv")]) == 0
+    with open(tmp_path / "out.csv", newline="") as back:
+        written = list(csv.reader(back))
+    assert written[0] == ["text", "label", "prediction"] and written[6][0] == rows[5][0] and len(written) == 61

@@ -20,6 +20,7 @@ COMMANDS = {
     "predict": "kiln.cli.predict",
     "profiles": "kiln.cli.profiles",
     "estimate": "kiln.cli.estimate",
+    "suite": "kiln.cli.suite",
 }
 
 

@@ -45,7 +45,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--profile", help="profile name or YAML path (default: the task's own: bert-mini "
                                           "for the encoder tasks, t5-tiny for generation, crammed-bert-mini "
                                           "for mlm, gpt2 for clm, t5-efficient-tiny for span; with --init, "
-                                          "the shared encoder recipe)")
+                                          "the recipe for pretrained starts)")
     parser.add_argument("--init", metavar="DIR", help="start from a local HF checkpoint or kiln run")
     parser.add_argument("--tokenizer", metavar="DIR", help="reuse an existing tokenizer directory")
     parser.add_argument("--output-dir", default="runs", metavar="DIR", help="parent of run directories "

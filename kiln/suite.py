@@ -1,0 +1,151 @@
+"""Benchmark suites: one start fine-tuned and scored on every task of a suite, as one command.
+
+A suite is data (``kiln/suites/NAME.yaml``, or a YAML path): its tasks, each a data folder with the
+kiln task, columns, the metric that picks the best checkpoint and the scores to report, and named
+recipes (settings for every task, plus settings for the large sets). :func:`run_suite` trains each
+task into ``OUTPUT_DIR/TASK`` (an ordinary kiln run), records every score and time in
+``OUTPUT_DIR/results.json`` and lays the table out as cramming reports GLUE. A task already in
+``results.json`` is not trained again; one that was stopped resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import KilnError
+
+log = logging.getLogger(__name__)
+SUITES = Path(__file__).parent / "suites"
+RESULTS = "results.json"
+
+
+@dataclass
+class SuiteTask:
+    """One task of a suite."""
+
+    name: str
+    folder: str
+    task: str
+    metric: str
+    report: list[str]
+    columns: str = ""
+    large: bool = False
+
+
+@dataclass
+class Suite:
+    """A suite's tasks and recipes, as its YAML declares them."""
+
+    name: str
+    tasks: dict[str, SuiteTask]
+    default_tasks: list[str]
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def settings(self, recipe: str, task: SuiteTask) -> dict[str, Any]:
+        """The recipe's settings for ``task`` (its large-set settings on top for a large set)."""
+        if recipe not in self.recipes:
+            raise KilnError(f"suite '{self.name}' has no recipe '{recipe}' (it has {', '.join(self.recipes)})")
+        chosen = self.recipes[recipe]
+        return {**chosen.get("settings", {}), **(chosen.get("large", {}) if task.large else {})}
+
+    def select(self, names: str | None) -> list[SuiteTask]:
+        """The tasks ``--tasks`` names (comma-separated; default: the suite's default set), in suite order."""
+        wanted = [n.strip().lower() for n in names.split(",") if n.strip()] if names else self.default_tasks
+        unknown = [n for n in wanted if n not in self.tasks]
+        if unknown:
+            raise KilnError(f"suite '{self.name}' has no task '{unknown[0]}' (it has {', '.join(self.tasks)})")
+        return [task for name, task in self.tasks.items() if name in wanted]
+
+
+def available() -> list[str]:
+    """Names of the shipped suites."""
+    return sorted(p.stem for p in SUITES.glob("*.yaml"))
+
+
+def load_suite(name: str) -> Suite:
+    """A shipped suite by name, or a suite YAML by path."""
+    from kiln.config import load_yaml
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else SUITES / f"{name}.yaml"
+    if not path.is_file():
+        raise KilnError(f"no suite '{name}' (shipped: {', '.join(available())}; or give a YAML path)")
+    tree = load_yaml(path.read_text(encoding="utf-8"))
+    try:
+        tasks = {key: SuiteTask(name=key, **value) for key, value in tree["tasks"].items()}
+        suite = Suite(tree.get("name", path.stem), tasks, list(tree.get("default_tasks") or tasks),
+                      dict(tree.get("recipes") or {}))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise KilnError(f"not a suite: {err}", path) from None
+    suite.select(",".join(suite.default_tasks))  # the defaults must exist
+    return suite
+
+
+def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: str | None = None,
+              init: str | None = None, profile: str | None = None, recipe: str = "sane",
+              budget: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Fine-tune and score every selected task; returns (and writes) ``results.json``'s content."""
+    import kiln
+    from kiln.run import RUN_FILE
+    from kiln.training.checkpoint import last_checkpoint, write_text_atomic
+
+    data, output_dir = Path(data), Path(output_dir)
+    selected = suite.select(tasks)
+    for task in selected:  # every folder and setting is checked before the first task trains
+        if not (data / task.folder).is_dir():
+            raise KilnError(f"no {task.folder} folder for suite task '{task.name}'", data)
+        suite.settings(recipe, task)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results_path = output_dir / RESULTS
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    start_key = {"init": str(init) if init else None, "profile": profile, "recipe": recipe, "budget": budget}
+    if results.get("start") not in (None, start_key):
+        raise KilnError(f"holds results of another start or recipe ({results['start']}); "
+                        "use another --output-dir", results_path)
+    results = {"suite": suite.name, "data": str(data), "start": start_key, "tasks": results.get("tasks", {})}
+    for task in selected:
+        if task.name in results["tasks"]:
+            log.info(f"{task.name}: done before, not trained again ({output_dir / task.name})")
+            continue
+        run_dir = output_dir / task.name
+        resume = last_checkpoint(run_dir / "checkpoints") is not None and (run_dir / RUN_FILE).is_file()
+        settings = {**suite.settings(recipe, task), "train.metric": task.metric}
+        if budget:
+            settings["train.budget"] = budget
+        log.info(f"{task.name}: {task.task} on {data / task.folder}" + (" (resumed)" if resume else ""))
+        began = time.perf_counter()
+        if resume:
+            run = kiln.train(task.task, data / task.folder, name=task.name, output_dir=output_dir, resume=True)
+        else:
+            run = kiln.train(task.task, data / task.folder, name=task.name, init=init, profile=profile,
+                             output_dir=output_dir, overwrite=True, columns=task.columns or None,
+                             overrides=list(overrides), **settings)
+        results["tasks"][task.name] = {"metrics": run.metrics, "score": 100 * run.metrics[task.report[0]],
+                                       "reported": {k: 100 * run.metrics[k] for k in task.report},
+                                       "seconds": round(time.perf_counter() - began, 1)}
+        write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")  # a stop keeps what is done
+    done = [results["tasks"][t.name]["score"] for t in selected if t.name in results["tasks"]]
+    results["average"] = sum(done) / len(done) if done else None
+    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def table(suite: Suite, results: dict) -> str:
+    """The results as cramming lays GLUE out: one column per task (its first reported score, with
+    the second after a slash: MRPC's F1/accuracy, STS-B's Pearson/Spearman), then the average."""
+    names = [name for name in suite.tasks if name in results["tasks"]]
+    header = [*(suite.tasks[name].folder for name in names), "Avg"]  # the folder is the task's usual name
+    cells = []
+    for name in names:
+        reported = list(results["tasks"][name]["reported"].values())
+        cells.append("/".join(f"{value:.1f}" for value in reported))
+    cells.append(f"{results['average']:.1f}" if results.get("average") is not None else "")
+    widths = [max(len(h), len(c)) for h, c in zip(header, cells, strict=True)]
+    line = lambda row: "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |"  # noqa: E731
+    minutes = sum(results["tasks"][n]["seconds"] for n in names) / 60
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", line(cells),
+                      f"({minutes:.0f} minutes of training and evaluation)"])

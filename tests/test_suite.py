@@ -1,0 +1,108 @@
+"""``kiln suite``: one start on every task of a suite, a table and a JSON of the scores, resumable."""
+
+import json
+import random
+
+import pytest
+from conftest import SUBJECTS, sentiment_rows
+from test_trainer import StopAt
+
+import kiln
+import kiln.suite
+from kiln.cli import main
+from kiln.errors import KilnError
+from kiln.suite import load_suite, run_suite
+
+
+@pytest.fixture
+def glue_dir(tmp_path):
+    """Tiny RTE-like (header, string labels) and CoLA-like (no header, four columns) folders."""
+    rng = random.Random(0)
+    root = tmp_path / "glue"
+    for split, n in (("train", 80), ("dev", 20)):
+        (root / "RTE").mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            a, b = rng.choice(SUBJECTS), rng.choice(SUBJECTS)
+            rows.append(f"{i}\t{a} is here .\t{b} is here .\t{'entailment' if a == b else 'not_entailment'}")
+        (root / "RTE" / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+        (root / "CoLA").mkdir(exist_ok=True)
+        cola = [f"src\t{1 if label == 'pos' else 0}\t\t{text}" for text, label in sentiment_rows(n, seed=n)]
+        (root / "CoLA" / f"{split}.tsv").write_text("\n".join(cola) + "\n")
+    return root
+
+
+def suite_args(glue_dir, tiny_profile, out, *extra):
+    return ["suite", "glue", str(glue_dir), "--profile", str(tiny_profile), "--tasks", "rte,cola", "--recipe",
+            "fast", "--output-dir", str(out), "-c", "train.epochs=1", *extra]
+
+
+def test_suite_trains_each_task_prints_the_table_and_writes_json(glue_dir, tiny_profile, tmp_path, capsys,
+                                                                monkeypatch):
+    out = tmp_path / "suite"
+    assert main(suite_args(glue_dir, tiny_profile, out)) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [cell.strip() for cell in printed[0].split("|")[1:-1]] == ["CoLA", "RTE", "Avg"]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"rte", "cola"} and results["start"]["recipe"] == "fast"
+    for name, metric in (("rte", "accuracy"), ("cola", "mcc")):
+        entry = results["tasks"][name]
+        assert entry["score"] == pytest.approx(100 * entry["metrics"][metric]) and entry["seconds"] > 0
+        assert json.loads((out / name / "run.json").read_text())["config"]["train"]["metric"] == metric
+    scores = [results["tasks"][n]["score"] for n in ("cola", "rte")]
+    assert results["average"] == pytest.approx(sum(scores) / 2)
+    assert f"{results['average']:.1f}" in printed[2] and (out / "results.md").read_text().startswith(printed[0])
+    # The fast recipe's settings reached the runs (and -c overrides them).
+    config = json.loads((out / "rte" / "run.json").read_text())["config"]
+    assert config["optim"]["lr"] == 5e-5 and config["train"]["batch_tokens"] == 1024
+    assert config["train"]["epochs"] == 1
+
+    # Done tasks are not trained again.
+    monkeypatch.setattr(kiln, "train", lambda *a, **k: pytest.fail("a finished task was trained again"))
+    assert main(suite_args(glue_dir, tiny_profile, out)) == 0
+
+
+def test_a_stopped_task_resumes_and_another_start_is_refused(glue_dir, tiny_profile, tmp_path):
+    out = tmp_path / "suite"
+    suite = load_suite("glue")
+    real_train = kiln.train
+    with pytest.raises(KeyboardInterrupt):
+        real_train("sentence-pair", glue_dir / "RTE", name="rte", profile=str(tiny_profile), output_dir=out,
+                   callbacks=[StopAt(1)], **{**suite.settings("fast", suite.tasks["rte"]), "train.metric": "accuracy"})
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("resume", False))
+        return real_train(*args, **kwargs)
+
+    kiln.train, saved = spy, kiln.train
+    try:
+        run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="fast")
+    finally:
+        kiln.train = saved
+    assert calls == [True]
+    with pytest.raises(KilnError, match="another start or recipe"):
+        run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="sane")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--tasks", "rte,nope"], "suite 'glue' has no task 'nope'"),
+    (["--tasks", "sst2"], "no SST-2 folder for suite task 'sst2'"),
+    (["--recipe", "slow"], "suite 'glue' has no recipe 'slow'"),
+])
+def test_bad_suite_requests_are_one_line(glue_dir, tiny_profile, tmp_path, capsys, extra, message):
+    args = suite_args(glue_dir, tiny_profile, tmp_path / "s")
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        args[args.index(flag) + 1] = value
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s" / "rte").exists()
+
+
+def test_shipped_suites_load():
+    for name in kiln.suite.available():
+        suite = load_suite(name)
+        for task in suite.tasks.values():
+            for recipe in suite.recipes:
+                assert suite.settings(recipe, task)
