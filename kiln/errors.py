@@ -25,6 +25,12 @@ class KilnError(Exception):
         return f"{self.path}:{self.line}: {self.message}"
 
 
+class ColumnsMismatch(KilnError):
+    """A file whose columns do not fit the ``--columns`` mapping (a position past its last column, a
+    header without the named column): an error for training data, but an optional test split laid
+    out otherwise (GLUE's test files: ``index, sentence``) is skipped."""
+
+
 class MissingLabels(KilnError):
     """A file read as labelled has no labels at all (no label column, key or tag column): an error
     for training data, but a file to skip when it is an optional test split."""

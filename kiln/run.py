@@ -18,7 +18,7 @@ from typing import Any
 
 from kiln import __version__
 from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key
-from kiln.errors import KilnError, MissingLabels
+from kiln.errors import ColumnsMismatch, KilnError, MissingLabels
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
@@ -141,14 +141,18 @@ def _shown(files: Any) -> str:
 
 
 def _read_test(task: Any, path: Any) -> Dataset | None:
-    """The test split when it has labels (evaluated at the end of training), else None with one line.
-    A labelled file with a bad row is an error like any other data file."""
+    """The test split when it has labels (evaluated at the end of training), else None with one line:
+    a file without labels, or laid out unlike the training data (GLUE's test files). A labelled file
+    with a bad row is an error like any other data file."""
     try:
         return task.read(path)
+    except ColumnsMismatch as err:
+        log.info(f"{_shown(path)}: test split not evaluated: its columns do not fit the training data's "
+                 f"({err.message})")
     except MissingLabels:
         task.read(path, labelled=False)  # unreadable even without labels: that error is the user's to see
         log.info(f"{_shown(path)}: test split has no labels, not evaluated")
-        return None
+    return None
 
 
 def train(

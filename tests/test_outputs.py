@@ -42,6 +42,18 @@ def test_unlabelled_test_split_is_skipped_with_one_line(sentiment_dir, tiny_prof
     assert len(said) == 1 and "no labels, not evaluated" in said[0]
 
 
+def test_a_test_split_laid_out_otherwise_is_skipped_with_one_line(tmp_path, tiny_profile, capsys):
+    folder = tmp_path / "cola"
+    folder.mkdir()
+    for split, rows in (("train", sentiment_rows(60)), ("dev", sentiment_rows(20, seed=1))):
+        (folder / f"{split}.tsv").write_text("".join(f"src\t{label}\t\t{text}\n" for text, label in rows))
+    (folder / "test.tsv").write_text("index\tsentence\n0\tthe film is dull .\n")  # GLUE CoLA's test file
+    run = kiln.train("sequence", folder, name="cola", profile=str(tiny_profile), columns="text=3,label=1",
+                     max_steps=1, output_dir=tmp_path / "runs")
+    said = [line for line in capsys.readouterr().err.splitlines() if "test.tsv" in line]
+    assert run.test_metrics == {} and len(said) == 1 and "columns do not fit" in said[0]
+
+
 def test_a_bad_row_in_a_labelled_test_split_is_an_error_not_a_skip(sentiment_dir, tiny_profile, tmp_path):
     write_split(sentiment_dir / "test.tsv", [("a fine film .", "pos"), ("an odd film .", "")])
     assert main(["train", "sequence", str(sentiment_dir), "-n", "bad", "--profile", str(tiny_profile),

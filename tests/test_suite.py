@@ -29,6 +29,7 @@ def glue_dir(tmp_path):
         (root / "CoLA").mkdir(exist_ok=True)
         cola = [f"src\t{1 if label == 'pos' else 0}\t\t{text}" for text, label in sentiment_rows(n, seed=n)]
         (root / "CoLA" / f"{split}.tsv").write_text("\n".join(cola) + "\n")
+    (root / "CoLA" / "test.tsv").write_text("index\tsentence\n0\tthe film is dull .\n")  # GLUE's test layout
     return root
 
 

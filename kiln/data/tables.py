@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from kiln.errors import KilnError, MissingLabels
+from kiln.errors import ColumnsMismatch, KilnError, MissingLabels
 
 # Roles that hold what a model learns to predict: a file without any of them is unlabelled.
 TARGET_ROLES = frozenset({"label", "target"})
@@ -330,8 +330,8 @@ def _absent(table: Table, column: str | int, width: int) -> bool:
 def _column_position(table: Table, column: str | int, width: int) -> int:
     if isinstance(column, int):
         if not 0 <= column < width:
-            raise KilnError(f"--columns: position {column} is outside the {width} columns (0-based)",
-                            table.path, table.lines[0])
+            raise ColumnsMismatch(f"--columns: position {column} is outside the {width} columns (0-based)",
+                                  table.path, table.lines[0])
         return column
     names = table.header or []
     if column in names:
@@ -339,8 +339,8 @@ def _column_position(table: Table, column: str | int, width: int) -> int:
     lowered = [n.lower() for n in names]
     if column.lower() in lowered:
         return lowered.index(column.lower())
-    raise KilnError(f"--columns: no column named '{column}' in the header", table.path,
-                    max(table.lines[0] - 1, 1))
+    raise ColumnsMismatch(f"--columns: no column named '{column}' in the header", table.path,
+                          max(table.lines[0] - 1, 1))
 
 
 def write_table(table: Table, added: dict[str, list[Any]], out: TextIO | None = None) -> None:
