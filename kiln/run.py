@@ -146,8 +146,8 @@ def _read_test(task: Any, path: Any) -> Dataset | None:
     with a bad row is an error like any other data file."""
     try:
         return task.read(path)
-    except ColumnsMismatch as err:
-        log.info(f"{_shown(path)}: test split not evaluated: its columns do not fit the training data's "
+    except ColumnsMismatch as err:  # a warning: a misspelt header column would hide here
+        log.warning(f"{_shown(path)}: test split not evaluated: its columns do not fit the training data's "
                  f"({err.message})")
     except MissingLabels:
         task.read(path, labelled=False)  # unreadable even without labels: that error is the user's to see

@@ -74,12 +74,28 @@ def load_suite(name: str) -> Suite:
     path = Path(name) if name.endswith((".yaml", ".yml")) else SUITES / f"{name}.yaml"
     if not path.is_file():
         raise KilnError(f"no suite '{name}' (shipped: {', '.join(available())}; or give a YAML path)")
-    tree = load_yaml(path.read_text(encoding="utf-8"))
+    import yaml
+
+    from kiln.tasks import TASKS
+
+    try:
+        tree = load_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise KilnError(f"invalid YAML: {getattr(err, 'problem', None) or err}", path,
+                        mark.line + 1 if mark else None) from None
     try:
         tasks = {key: SuiteTask(name=key, **value) for key, value in tree["tasks"].items()}
         suite = Suite(tree.get("name", path.stem), tasks, list(tree.get("default_tasks") or tasks),
                       dict(tree.get("recipes") or {}))
-    except (KeyError, TypeError, AttributeError) as err:
+        for name, recipe in suite.recipes.items():
+            if not isinstance(recipe, dict) or not all(isinstance(recipe.get(k, {}), dict)
+                                                      for k in ("settings", "large")):
+                raise TypeError(f"recipe '{name}' must map 'settings' (and 'large') to settings")
+        for task in tasks.values():
+            if task.task not in TASKS or not task.report or not isinstance(task.report, list):
+                raise TypeError(f"task '{task.name}' needs a kiln task ({', '.join(TASKS)}) and a 'report' list")
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise KilnError(f"not a suite: {err}", path) from None
     suite.select(",".join(suite.default_tasks))  # the defaults must exist
     return suite
@@ -91,27 +107,41 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
     """Fine-tune and score every selected task; returns (and writes) ``results.json``'s content."""
     import kiln
     from kiln.run import RUN_FILE
-    from kiln.training.checkpoint import last_checkpoint, write_text_atomic
+    from kiln.training.checkpoint import last_checkpoint, read_json, write_text_atomic
 
     data, output_dir = Path(data), Path(output_dir)
     selected = suite.select(tasks)
-    for task in selected:  # every folder and setting is checked before the first task trains
+    for task in selected:  # every folder, setting and metric is checked before the first task trains
         if not (data / task.folder).is_dir():
             raise KilnError(f"no {task.folder} folder for suite task '{task.name}'", data)
         suite.settings(recipe, task)
+        unknown = [m for m in (task.metric, *task.report) if m not in _metric_names(task.task)]
+        if unknown:
+            raise KilnError(f"suite task '{task.name}': {task.task} reports no metric '{unknown[0]}' "
+                            f"({', '.join(sorted(_metric_names(task.task)))})")
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / RESULTS
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    start_key = {"init": str(init) if init else None, "profile": profile, "recipe": recipe, "budget": budget}
+    results = read_json(results_path, required=("start", "tasks")) if results_path.is_file() else {}
+    local = init is not None and Path(init).expanduser().exists()
+    start_key = {"init": str(Path(init).expanduser().resolve()) if local else init, "profile": profile,
+                 "recipe": recipe, "budget": budget, "data": str(data.resolve()), "overrides": sorted(overrides)}
     if results.get("start") not in (None, start_key):
-        raise KilnError(f"holds results of another start or recipe ({results['start']}); "
+        raise KilnError(f"holds results of another start, recipe or data ({results['start']}); "
                         "use another --output-dir", results_path)
-    results = {"suite": suite.name, "data": str(data), "start": start_key, "tasks": results.get("tasks", {})}
+    results = {"suite": suite.name, "start": start_key, "tasks": results.get("tasks", {}),
+               "started": results.get("started", [])}
+    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")  # the start is fixed from now on
     for task in selected:
         if task.name in results["tasks"]:
             log.info(f"{task.name}: done before, not trained again ({output_dir / task.name})")
             continue
         run_dir = output_dir / task.name
+        if run_dir.exists() and task.name not in results["started"]:
+            raise KilnError("holds a run this suite did not start; kiln will not take it over or replace it: "
+                            "use another --output-dir", run_dir)
+        if task.name not in results["started"]:
+            results["started"].append(task.name)
+        write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
         resume = last_checkpoint(run_dir / "checkpoints") is not None and (run_dir / RUN_FILE).is_file()
         settings = {**suite.settings(recipe, task), "train.metric": task.metric}
         if budget:
@@ -128,10 +158,19 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
                                        "reported": {k: 100 * run.metrics[k] for k in task.report},
                                        "seconds": round(time.perf_counter() - began, 1)}
         write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")  # a stop keeps what is done
-    done = [results["tasks"][t.name]["score"] for t in selected if t.name in results["tasks"]]
+    done = [entry["score"] for entry in results["tasks"].values()]  # every task the table shows
     results["average"] = sum(done) / len(done) if done else None
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _metric_names(kiln_task: str) -> set[str]:
+    """Every metric a kiln task can report (classification's and regression's, for sequence tasks)."""
+    from kiln.config import Config
+    from kiln.tasks import get_task
+
+    return {name for state in ({}, {"problem_type": "regression"})
+            for name in get_task(kiln_task, Config(), state).metric_names()}
 
 
 def table(suite: Suite, results: dict) -> str:

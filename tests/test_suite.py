@@ -63,27 +63,37 @@ def test_suite_trains_each_task_prints_the_table_and_writes_json(glue_dir, tiny_
     assert main(suite_args(glue_dir, tiny_profile, out)) == 0
 
 
-def test_a_stopped_task_resumes_and_another_start_is_refused(glue_dir, tiny_profile, tmp_path):
+def test_a_stopped_task_resumes_and_another_start_is_refused(glue_dir, tiny_profile, tmp_path, monkeypatch):
     out = tmp_path / "suite"
     suite = load_suite("glue")
-    real_train = kiln.train
-    with pytest.raises(KeyboardInterrupt):
-        real_train("sentence-pair", glue_dir / "RTE", name="rte", profile=str(tiny_profile), output_dir=out,
-                   callbacks=[StopAt(1)], **{**suite.settings("fast", suite.tasks["rte"]), "train.metric": "accuracy"})
-    calls = []
+    real_train, calls = kiln.train, []
+
+    def stopping(*args, **kwargs):  # the first task is interrupted after one step, as by Ctrl-C
+        return real_train(*args, callbacks=[StopAt(1)], **kwargs)
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("resume", False))
         return real_train(*args, **kwargs)
 
-    kiln.train, saved = spy, kiln.train
-    try:
+    monkeypatch.setattr(kiln, "train", stopping)
+    with pytest.raises(KeyboardInterrupt):
         run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="fast")
-    finally:
-        kiln.train = saved
-    assert calls == [True]
-    with pytest.raises(KilnError, match="another start or recipe"):
+    # Another recipe may not take over the stopped run, even before any task finished.
+    with pytest.raises(KilnError, match="another start, recipe or data"):
         run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="sane")
+    monkeypatch.setattr(kiln, "train", spy)
+    run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="fast")
+    assert calls == [True]
+
+
+def test_a_run_the_suite_did_not_start_is_neither_adopted_nor_replaced(glue_dir, tiny_profile, tmp_path):
+    out = tmp_path / "runs"
+    mine = kiln.train("sentence-pair", glue_dir / "RTE", name="rte", profile=str(tiny_profile), max_steps=1,
+                      output_dir=out)
+    before = (mine.path / "run.json").read_text()
+    with pytest.raises(KilnError, match="holds a run this suite did not start"):
+        run_suite(load_suite("glue"), glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="fast")
+    assert (mine.path / "run.json").read_text() == before
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -99,6 +109,20 @@ def test_bad_suite_requests_are_one_line(glue_dir, tiny_profile, tmp_path, capsy
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s" / "rte").exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("tasks: {a: [unclosed\n", "invalid YAML"),
+    ("tasks: {a: {folder: A, task: nope, metric: accuracy, report: [accuracy]}}\n", "task 'a' needs a kiln task"),
+    ("tasks: {a: {folder: A, task: sequence, metric: accuracy, report: [accuracy]}}\nrecipes: {r: [1]}\n",
+     "recipe 'r' must map"),
+])
+def test_a_bad_suite_file_is_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    assert main(["suite", str(path), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and len(err.strip().splitlines()) == 1
 
 
 def test_shipped_suites_load():
