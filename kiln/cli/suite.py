@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     output = args.output_dir or f"runs/suite-{suite.name}-{args.recipe}"
     results = run_suite(suite, args.data, output, tasks=args.tasks, init=args.init, profile=args.profile,
                         recipe=args.recipe, budget=args.budget, overrides=args.overrides)
-    print(json.dumps(results, indent=2) if args.json else table(suite, results))
-    (Path(output) / "results.md").write_text(table(suite, results) + "\n")
+    text = table(suite, results)
+    (Path(output) / "results.md").write_text(text + "\n")
+    print(json.dumps(results, indent=2) if args.json else text)
     return 0
