@@ -196,6 +196,8 @@ class PretrainConfig:
         "none", "Order of the training blocks: none (shuffled each epoch) or unigram (cramming's curriculum: "
         "most to least likely under the corpus's token frequencies, the same order every epoch).",
         choices=("none", "unigram"))
+    fill_mask_top_k: int = setting(5, "MLM predict: candidates returned per mask (the fill-mask pipeline's top_k).",
+                                   minimum=1)
 
 
 @dataclass
@@ -211,6 +213,8 @@ class GenerateConfig:
     top_k: int = setting(50, "Sample from the k most likely tokens.", minimum=0)
     top_p: float = setting(1.0, "Sample from the smallest set with this much probability.", above=0, maximum=1)
     seed: int = setting(0, "Seed for reproducible sampling.")
+    return_full_text: bool = setting(
+        True, "Decoder-only (clm) predict: the answer starts with the prompt, as the text-generation pipeline's.")
     eval_samples: int = setting(500, "Validation examples decoded at each evaluation during training.", minimum=1)
 
 

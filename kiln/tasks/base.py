@@ -54,6 +54,14 @@ def pad_inputs(features: Sequence[dict], pad_id: int, per_token: dict[str, int] 
     return batch
 
 
+def generate_parameters() -> dict[str, str]:
+    """Every decoding setting as a per-call parameter (``max_new_tokens`` -> ``generate.max_new_tokens``)."""
+    from kiln.config import iter_settings
+
+    return {key.split(".", 1)[1]: key for key, _ in iter_settings()
+            if key.startswith("generate.") and key != "generate.eval_samples"}
+
+
 class Task:
     """Base class. Subclasses set the class attributes and implement the abstract methods."""
 
@@ -111,6 +119,11 @@ class Task:
     def parse_input(self, item: Any, line: int) -> Any:
         """One unlabelled example from a stdin line or a Python value (str, tuple, dict)."""
         raise NotImplementedError
+
+    def parameters(self) -> dict[str, str]:
+        """Per-call prediction parameters (``kiln serve``'s ``parameters``, HF pipeline names) and the
+        setting each one overrides, e.g. ``{"num_beams": "generate.num_beams"}``."""
+        return {}
 
     # -- model -------------------------------------------------------------------------------
     def model_kwargs(self) -> dict:

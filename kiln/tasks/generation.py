@@ -20,7 +20,7 @@ import numpy as np
 from kiln.data import SPLIT_ALIASES, skip_empty
 from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
 from kiln.errors import KilnError, MissingLabels
-from kiln.tasks.base import Dataset, Task, pad_inputs
+from kiln.tasks.base import Dataset, Task, generate_parameters, pad_inputs
 
 ROLES = {"source": ("source", "source_sequence", "src", "input", "text"),
          "target": ("target", "target_sequence", "tgt", "output", "summary"),
@@ -146,6 +146,9 @@ class GenerationTask(Task):
             yield example["source"]
             if example["target"]:
                 yield example["target"]
+
+    def parameters(self) -> dict[str, str]:
+        return generate_parameters()
 
     def eval_cap(self) -> int:
         """Decoding is slow: evaluate on at most this many validation examples during training."""
