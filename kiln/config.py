@@ -205,14 +205,15 @@ class GenerateConfig:
     """Decoding for the generation task (transformers ``generate()``); ``--generate key=value`` overrides."""
 
     max_new_tokens: int = setting(64, "Longest output, in tokens.", minimum=1)
-    num_beams: int = setting(1, "Beam width (1: greedy or sampling).", minimum=1)
-    length_penalty: float = setting(1.0, "Beam search length penalty.")
+    num_beams: int = setting(1, "Beam width (1: greedy or sampling).", minimum=1, maximum=64)
+    length_penalty: float = setting(1.0, "Beam search length penalty (the score is divided by length ** this).",
+                                    minimum=-10, maximum=10)  # a long output's length ** 100 overflows
     no_repeat_ngram_size: int = setting(0, "Never repeat an n-gram of this size (0: off).", minimum=0)
     do_sample: bool = setting(False, "Sample instead of greedy/beam search.")
-    temperature: float = setting(1.0, "Sampling temperature.", minimum=0)
+    temperature: float = setting(1.0, "Sampling temperature.", above=0)  # transformers refuses 0
     top_k: int = setting(50, "Sample from the k most likely tokens.", minimum=0)
     top_p: float = setting(1.0, "Sample from the smallest set with this much probability.", above=0, maximum=1)
-    seed: int = setting(0, "Seed for reproducible sampling.")
+    seed: int = setting(0, "Seed for reproducible sampling.", minimum=0, maximum=2**63 - 1)  # torch's range
     return_full_text: bool = setting(
         True, "Decoder-only (clm) predict: the answer starts with the prompt, as the text-generation pipeline's.")
     eval_samples: int = setting(500, "Validation examples decoded at each evaluation during training.", minimum=1)
@@ -302,6 +303,12 @@ def coerce(key: str, value: Any, where: str = "", ranges: bool = True) -> Any:
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed if k is not type(None))
     raise KilnError(f"setting '{key}' expects {names}, got {value!r}", where or None)
+
+
+def check_declared(key: str, value: Any, declared: dataclasses.Field) -> None:
+    """Check a typed value against the choices, range and parser a :func:`setting` declares, for
+    settings declared outside :class:`Config` (``kiln serve``'s); ``key`` names it in the error."""
+    _check(key, value, declared.metadata, "")
 
 
 def _check(key: str, value: Any, meta: dict, where: str, ranges: bool = True) -> None:

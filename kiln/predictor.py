@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from kiln.config import coerce, config_from_dict, parse_override
+from kiln.config import Config, coerce, config_from_dict, parse_override
 from kiln.errors import KilnError
 from kiln.tasks import get_task
-from kiln.tasks.base import Dataset
+from kiln.tasks.base import Dataset, Task
 from kiln.training.checkpoint import KILN_FILE, KILN_KEYS, read_json, verify_model_dir
 
 log = logging.getLogger(__name__)
@@ -20,6 +23,10 @@ class Predictor:
 
     ``precision`` is ``fp32`` unless given (or set by ``KILN_PRECISION``): fp32 predictions agree
     with plain transformers; ``bf16`` or ``auto`` (the hardware's fast precision) trade that for speed.
+
+    Thread-safe: the shared task and config are never changed after loading (a call's own settings,
+    ``parameters`` or ``columns``, go to a per-call copy), and inferences run one at a time, since
+    the tokenizer and the model are shared and torch already uses every core for one.
     """
 
     def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None,
@@ -46,44 +53,81 @@ class Predictor:
         self.model = self.task.load_model(self.path).to(self.device).eval()
         self.max_length = int(self.meta["max_length"])
         self.batch_tokens = batch_tokens or self.config.train.batch_tokens * 2
+        self._inference = threading.Lock()
         log.debug(f"loaded {self.path} ({self.meta['task']}) on {self.device} in {self.precision}")
 
-    def _run(self, dataset: Dataset) -> tuple[list[Any], float, int]:
+    def parameters(self) -> dict[str, Any]:
+        """The task's per-call parameters (HF pipeline names) and the value each has without an override."""
+        return {name: _setting(self.config, key) for name, key in self.task.parameters().items()}
+
+    def check_parameters(self, parameters: dict[str, Any] | None) -> dict[str, Any]:
+        """``parameters`` checked against the task's and converted to their settings' types (a
+        KilnError naming the first that is unknown or out of range)."""
+        allowed = self.task.parameters()
+        checked = {}
+        for name, value in (parameters or {}).items():
+            if name not in allowed:
+                known = ", ".join(sorted(allowed)) if allowed else "none"
+                raise KilnError(f"unknown parameter '{name}' (this {self.task.name} model takes: {known})")
+            checked[name] = coerce(allowed[name], value)
+        return checked
+
+    def _task_for(self, settings: dict[str, Any] | None = None) -> Task:
+        """A per-call copy of the task, its config with ``settings`` (dotted key -> value) applied;
+        the shared task and config stay as loaded, so other threads may use them meanwhile."""
+        task = copy.copy(self.task)  # shares the read-only state, tokenizer and model facts
+        if settings:
+            task.config = _with_settings(self.config, settings)
+        return task
+
+    def _task_with_parameters(self, parameters: dict[str, Any] | None) -> Task:
+        allowed = self.task.parameters()
+        checked = self.check_parameters(parameters)
+        return self._task_for({allowed[name]: value for name, value in checked.items()})
+
+    def _run(self, dataset: Dataset, task: Task | None = None) -> tuple[list[Any], float, int]:
         from kiln.training.inference import run_inference
 
-        features = self.task.encode(dataset, self.tokenizer, self.max_length)
-        outputs, loss_sum, units = run_inference(
-            self.model, self.task, features, device=self.device, precision=self.precision,
-            batch_tokens=self.batch_tokens, max_batch_size=self.config.train.max_batch_size * 2,
-            pad_id=self.tokenizer.pad_token_id or 0,
-        )
-        return self.task.decode(outputs, features, dataset), loss_sum, units
+        task = task or self._task_for()
+        with self._inference:
+            features = task.encode(dataset, self.tokenizer, self.max_length)
+            outputs, loss_sum, units = run_inference(
+                self.model, task, features, device=self.device, precision=self.precision,
+                batch_tokens=self.batch_tokens, max_batch_size=self.config.train.max_batch_size * 2,
+                pad_id=self.tokenizer.pad_token_id or 0,
+            )
+            return task.decode(outputs, features, dataset), loss_sum, units
 
     def read(self, path: str | Path, *, labelled: bool, stream: TextIO | None = None,
              columns: str | None = None) -> Dataset:
         """Read a data file with this model's task (and check its labels when ``labelled``);
         ``columns`` maps roles to columns for this file as ``data.columns`` does (``"text=3,label=1"``)."""
-        data = self.task.config.data
-        saved = data.columns
-        if columns is not None:
-            data.columns = columns
-        try:
-            dataset = self.task.read(path, labelled=labelled, stream=stream)
-        finally:
-            data.columns = saved  # the next file is read with the run's own mapping
+        task = self._task_for({"data.columns": columns} if columns is not None else None)
+        dataset = task.read(path, labelled=labelled, stream=stream)
         if labelled:
-            self.task.check(dataset)
+            task.check(dataset)
         return dataset
 
-    def predict(self, inputs: list[Any]) -> list[dict]:
-        """Predict raw inputs (strings, or pairs for sentence-pair); HF-pipeline-style results."""
-        dataset = Dataset("<input>", [self.task.parse_input(item, i + 1) for i, item in enumerate(inputs)])
-        predictions, _, _ = self._run(dataset)
-        return self.task.format(predictions, dataset)
+    def predict(self, inputs: list[Any], parameters: dict[str, Any] | None = None) -> list[Any]:
+        """Predict raw inputs (strings, or pairs for sentence-pair); HF-pipeline-style results, as
+        ``kiln predict --json`` prints them. ``parameters`` override settings for this call only, by
+        the names :meth:`parameters` lists (generation: ``{"num_beams": 4}``)."""
+        task = self._task_with_parameters(parameters)
+        dataset = Dataset("<input>", [task.parse_input(item, i + 1) for i, item in enumerate(inputs)])
+        predictions, _, _ = self._run(dataset, task)
+        return task.format(predictions, dataset)
 
-    def predict_dataset(self, dataset: Dataset) -> list[Any]:
+    def predict_examples(self, examples: list[Any], parameters: dict[str, Any] | None = None) -> list[Any]:
+        """:meth:`predict` for examples the task's ``parse_input`` already made (``kiln serve``
+        parses each request as it arrives, then predicts a batch of them at once)."""
+        task = self._task_with_parameters(parameters)
+        dataset = Dataset("<input>", list(examples))
+        predictions, _, _ = self._run(dataset, task)
+        return task.format(predictions, dataset)
+
+    def predict_dataset(self, dataset: Dataset, parameters: dict[str, Any] | None = None) -> list[Any]:
         """Task-level predictions for a dataset, in its order."""
-        return self._run(dataset)[0]
+        return self._run(dataset, self._task_with_parameters(parameters))[0]
 
     def evaluate(self, data: str | Path | Dataset) -> dict:
         """The task's metrics plus ``loss`` and ``n`` on a labelled file."""
@@ -98,6 +142,30 @@ class Predictor:
         metrics.update(self.task.loss_metrics(metrics["loss"]))
         metrics["n"] = len(dataset)
         return metrics, predictions
+
+
+def _setting(config: Config, key: str) -> Any:
+    """The value of a dotted setting (``generate.num_beams``)."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _with_settings(config: Config, settings: dict[str, Any]) -> Config:
+    """A copy of ``config`` with ``settings`` (dotted keys) applied; only the sections they touch are
+    copied, and ``config`` itself is untouched."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        section, _, name = key.partition(".")
+        if name:
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[section] = value
+    for section, values in sections.items():
+        top[section] = dataclasses.replace(getattr(config, section), **values)
+    return dataclasses.replace(config, **top)
 
 
 def load(path: str | Path, **kwargs: Any) -> Predictor:

@@ -265,6 +265,8 @@ def train(
             model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
     max_length = min(config.train.max_length, max_positions(model.config))
     task_obj.tokenizer = tok
+    # A few validation inputs, as kiln serve's /predict takes them, for its demo page (kiln.json).
+    examples = task_obj.example_inputs(validation_ds)
     cap = task_obj.eval_cap()
     if cap and len(validation_ds) > cap:  # e.g. generation: decode a fixed sample at each evaluation
         validation_ds = Dataset(validation_ds.path, validation_ds.examples[:cap], extras=validation_ds.extras)
@@ -284,6 +286,7 @@ def train(
         "max_length": max_length,
         "precision": precision,
         "splits": sources,
+        "examples": examples,
         "command": command or _python_call(task, data, name, profile, init, flags, overrides),
         "config": config.to_dict(),
     }

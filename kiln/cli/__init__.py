@@ -21,6 +21,7 @@ COMMANDS = {
     "profiles": "kiln.cli.profiles",
     "estimate": "kiln.cli.estimate",
     "suite": "kiln.cli.suite",
+    "serve": "kiln.cli.serve",
 }
 
 

@@ -29,7 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_setting_flag(parser, "train.precision", default="default: fp32, which agrees with transformers; "
                                                         "KILN_PRECISION when set")
     parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
-                        help="generation: override a decoding setting, e.g. --generate num_beams=4")
+                        help="generation, clm, span: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
 
 

@@ -54,6 +54,19 @@ def pad_inputs(features: Sequence[dict], pad_id: int, per_token: dict[str, int] 
     return batch
 
 
+# A demo example (kiln.json's "examples", the page's chips) stays readable in a text box.
+EXAMPLE_CHARS = 300
+
+
+def shorten(text: str, limit: int = EXAMPLE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary (a long text, not a broken word)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit + 1)
+    return text[:cut if cut > 0 else limit]
+
+
 def generate_parameters() -> dict[str, str]:
     """Every decoding setting as a per-call parameter (``max_new_tokens`` -> ``generate.max_new_tokens``)."""
     from kiln.config import iter_settings
@@ -74,6 +87,7 @@ class Task:
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
     outputs_need_forward: ClassVar[bool] = True  # False: unlabelled inference skips model.forward
     load_note: str | None = None  # what the last load_model initialised afresh (a new head), for the summary
+    example_fields: ClassVar[tuple[str, ...]] = ()  # an example's text fields that make a request item
 
     def __init__(self, config: Config, state: dict | None = None):
         self.config = config
@@ -119,6 +133,45 @@ class Task:
     def parse_input(self, item: Any, line: int) -> Any:
         """One unlabelled example from a stdin line or a Python value (str, tuple, dict)."""
         raise NotImplementedError
+
+    def example_inputs(self, dataset: Dataset, count: int = 5) -> list[Any]:
+        """Up to ``count`` distinct request items (:meth:`example_input`) from ``dataset``, spread over
+        it, deterministic: the examples a saved model offers (``kiln.json``'s ``examples``)."""
+        import json
+
+        found: list[Any] = []
+        seen: set[str] = set()
+        for example in self.example_candidates(dataset, count):
+            item = self.example_input(example)
+            key = json.dumps(item, sort_keys=True, ensure_ascii=False)  # also proves it is JSON
+            if item is None or key in seen:
+                continue
+            seen.add(key)
+            found.append(item)
+            if len(found) == count:
+                break
+        return found
+
+    def example_candidates(self, dataset: Dataset, count: int) -> Iterator[Any]:
+        """Examples to take :meth:`example_inputs` from: ``count`` spread evenly over the dataset first
+        (different labels and articles rather than the first few rows), then all in order, for
+        when some of those make no item."""
+        examples = dataset.examples
+        yield from (examples[i * len(examples) // count] for i in range(min(count, len(examples))))
+        yield from examples
+
+    def example_input(self, example: Any) -> Any:
+        """``example`` as a request item of ``kiln serve``'s ``/predict`` (a form :meth:`parse_input`
+        takes), shortened for a demo; None when it makes none (a blank text).
+
+        Default: the example's ``example_fields``, cut to :data:`EXAMPLE_CHARS`; a single field is a
+        plain string, several are an object keyed by field name."""
+        texts = {key: example.get(key) for key in self.example_fields} if isinstance(example, dict) else {}
+        if not texts or not all(isinstance(text, str) and text.strip() for text in texts.values()):
+            return None
+        if len(texts) == 1:
+            return shorten(next(iter(texts.values())))
+        return {key: shorten(text) for key, text in texts.items()}
 
     def parameters(self) -> dict[str, str]:
         """Per-call prediction parameters (``kiln serve``'s ``parameters``, HF pipeline names) and the

@@ -20,7 +20,7 @@ import numpy as np
 from kiln.data import SPLIT_ALIASES, skip_empty
 from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
 from kiln.errors import KilnError, MissingLabels
-from kiln.tasks.base import Dataset, Task, generate_parameters, pad_inputs
+from kiln.tasks.base import Dataset, Task, generate_parameters, pad_inputs, shorten
 
 ROLES = {"source": ("source", "source_sequence", "src", "input", "text"),
          "target": ("target", "target_sequence", "tgt", "output", "summary"),
@@ -134,6 +134,18 @@ class GenerationTask(Task):
                     "line": line, **{k: str(item[k]) for k in ("source_language", "target_language") if k in item}}
         return {"source": str(item), "target": None, "line": line}
 
+    def example_input(self, example: dict) -> Any:
+        """The source text; ``{"source", "source_language", "target_language"}`` when the model uses
+        language codes (mBART) and the example's differ from the run's defaults (``fit``)."""
+        if not example["source"].strip():
+            return None
+        source = shorten(example["source"])
+        keys = ("source_language", "target_language")
+        coded = self.tokenizer is not None and self._languages(self.tokenizer)
+        if coded and any(example.get(key) and example[key] != self.state.get(key) for key in keys):
+            return {"source": source, **{key: example[key] for key in keys if example.get(key)}}
+        return source
+
     def fit(self, train: Dataset) -> None:
         """Remember the most common source/target language: the default for inputs without one."""
         for key in ("source_language", "target_language"):
@@ -246,7 +258,10 @@ class GenerationTask(Task):
                     ids, labels = cut + answer, [-100] * len(cut) + answer
                 else:  # no target: plain language modelling on the text
                     ids, labels = prompt, prompt
-                feature = {"input_ids": ids, "prompt_ids": prompt, "example": i}
+                # The prompt leaves room in the positions for the answer (max_new_tokens, up to
+                # half of them), as training leaves a target at least half.
+                room = min(self.config.generate.max_new_tokens, max_length // 2)
+                feature = {"input_ids": ids, "prompt_ids": [*source[:max_length - 1 - room], eos], "example": i}
                 if dataset.examples[i]["target"] is not None or not has_targets:
                     feature["labels"] = labels
             elif codes:
@@ -327,17 +342,24 @@ class GenerationTask(Task):
     def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
         import torch
 
+        from kiln.models import max_positions
+
         if self.config.generate.do_sample:
             torch.manual_seed(self.config.generate.seed)
         pad = self.state.get("pad")
+        # Past its position embeddings a model fails (GPT-2, BART: an IndexError) or, with relative
+        # positions (T5), writes on: the output stops where the positions end.
+        positions = max_positions(model.config)
+        kwargs = self.generation_kwargs()
         if self.state.get("decoder_only"):
             prompts = batch["prompt_ids"]
+            kwargs["max_new_tokens"] = max(1, min(kwargs["max_new_tokens"], positions - prompts.shape[1]))
             generated = model.generate(input_ids=prompts, attention_mask=batch["prompt_mask"], pad_token_id=pad,
-                                       **self.generation_kwargs())[:, prompts.shape[1]:]
+                                       **kwargs)[:, prompts.shape[1]:]
         else:
             prefix = batch["decoder_prefix"]  # (B, 1 + forced): max_new_tokens counts a forced code, as
-            kwargs = self.generation_kwargs()  # forced_bos_token_id does in transformers
-            kwargs["max_new_tokens"] = max(1, kwargs["max_new_tokens"] - prefix.shape[1] + 1)
+            # forced_bos_token_id does in transformers
+            kwargs["max_new_tokens"] = max(1, min(kwargs["max_new_tokens"], positions) - prefix.shape[1] + 1)
             generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                        decoder_input_ids=prefix, pad_token_id=pad, **kwargs)[:, prefix.shape[1]:]
         return [row.tolist() for row in generated.cpu()]

@@ -4,13 +4,19 @@ All three read a corpus (:mod:`kiln.data.corpus`), tokenize it once into a cache
 token stream and train on packed fixed-length blocks (``pretrain.seq_len``) with no padding. The
 corruption (masking, span noise) is drawn in ``collate`` from a generator seeded by the batch's block
 indices, so a batch is the same whenever it is drawn: evaluation is fixed and ``--resume`` is exact.
+
+A trained run predicts for raw inputs as the matching transformers pipeline does on the exported
+model: ``mlm`` fills masks (fill-mask), ``clm`` continues prompts (text-generation) and ``span`` fills
+sentinels (text2text), the last two through the generation task's decoding.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from collections.abc import Iterator, Sequence
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar, TextIO
@@ -19,7 +25,29 @@ import numpy as np
 
 from kiln.data.corpus import PackedBlocks, corpus_files, sample_texts, tokenize_corpus, unigram_order
 from kiln.errors import KilnError
-from kiln.tasks.base import Dataset, Task
+from kiln.tasks.base import Dataset, Task, generate_parameters, pad_inputs
+
+log = logging.getLogger(__name__)
+
+# Demo examples (kiln.json's "examples") come from the first documents of the corpus, cut to a few words.
+EXAMPLE_DOCUMENTS = 5000
+EXAMPLE_WORDS = 20
+
+
+def _is_word(token: str) -> bool:
+    """Letters, perhaps with punctuation around them: a sentence mostly of these is plain prose
+    (not a WikiText heading ``= = Title = =`` or a table row)."""
+    return token.strip(".,;:!?'\"()").isalpha()
+
+
+def replace_longest_word(words: list[str], replacement: str) -> str:
+    """The sentence with its longest word (the first of equals; punctuation around it kept) replaced,
+    e.g. by a mask token: a content word rather than "the"."""
+    cores = [word.strip(".,;:!?'\"()") for word in words]
+    index = max(range(len(words)), key=lambda i: (len(cores[i]) if cores[i].isalpha() else 0, -i))
+    replaced = list(words)
+    replaced[index] = words[index].replace(cores[index], replacement, 1)
+    return " ".join(replaced)
 
 
 class PretrainTask(Task):
@@ -32,6 +60,9 @@ class PretrainTask(Task):
         return corpus_files(data)
 
     def read(self, path: Any, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
+        """A corpus to evaluate on (``labelled``), or inputs to predict for, one per line."""
+        if not labelled:
+            return self.read_inputs(path, stream)
         if stream is not None:
             raise KilnError(f"{self.name} models are evaluated on corpus files, not stdin")
         files = [Path(p) for p in path] if isinstance(path, list | tuple) else corpus_files(path)["train"]
@@ -49,8 +80,56 @@ class PretrainTask(Task):
     def texts(self, dataset: Dataset) -> Iterator[str]:
         yield from sample_texts(dataset.extras["files"], self.config.pretrain.paragraphs)
 
+    def read_inputs(self, path: str | Path, stream: TextIO | None = None) -> Dataset:
+        """Inputs to predict for: lines of stdin or of a text file (blank ones skipped), or a JSONL
+        file's ``text`` field (``--columns text=KEY`` for another), every row kept for the output."""
+        from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
+
+        if stream is None and Path(str(path)).suffix.lower() == ".jsonl":
+            table = read_table(path, fmt="jsonl")
+            records = select_columns(table, {"text": ("text", "inputs", "prompt", "sentence")}, ["text"],
+                                     parse_columns(self.config.data.columns))
+            for record in records:
+                if not isinstance(record["text"], str):
+                    raise KilnError("the text must be a string", path, record["_line"])
+            examples = [{"text": r["text"], "line": r["_line"]} for r in records]
+            return Dataset(str(path), examples, table, extras={"format": "jsonl"})
+        examples = [{"text": text, "line": n} for n, text in decoded_lines(path, stream) if text.strip()]
+        if not examples:
+            raise KilnError("no input lines", path)
+        return Dataset(str(path), examples, extras={"format": "lines"})
+
     def parse_input(self, item: Any, line: int) -> Any:
-        raise KilnError(f"{self.name} models do not predict; evaluate them on a corpus")
+        """A text (or ``{"text": ...}``): with the mask token (mlm), a prompt (clm), sentinels (span)."""
+        text = item.get("text", item.get("inputs")) if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise KilnError(f"expected a text, got {type(text).__name__}", "<input>", line)
+        return {"text": text, "line": line}
+
+    # -- demo examples -----------------------------------------------------------------------
+    def example_candidates(self, dataset: Dataset, count: int) -> Iterator[list[str]]:
+        """The words of one plain short sentence per document of the dataset's corpus part (held-out
+        documents when validation was split off), from the first few thousand documents only."""
+        import re
+
+        from kiln.data.corpus import holdout_document, iter_documents
+
+        holdout, validation = dataset.extras.get("holdout"), dataset.extras.get("part") == "validation"
+        documents = iter_documents(dataset.extras["files"], self.config.pretrain.paragraphs)
+        for index, (_, _, text) in enumerate(documents):
+            if index == EXAMPLE_DOCUMENTS:
+                return
+            if holdout and holdout_document(index, *holdout) != validation:
+                continue
+            for sentence in re.split(r"(?<=[.!?])\s+", text[:10_000]):  # a whole book may be one line
+                words = sentence.split()
+                if 6 <= len(words) <= 40 and sum(map(_is_word, words)) >= 0.8 * len(words):
+                    yield words[:EXAMPLE_WORDS]
+                    break
+
+    def example_input(self, example: list[str]) -> str | None:
+        """A prompt made from a sentence's words (each objective its own); None: none."""
+        return None
 
     # -- blocks ------------------------------------------------------------------------------
     def separator(self, tokenizer: Any) -> int:
@@ -65,6 +144,28 @@ class PretrainTask(Task):
         return seq_len, [], []
 
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
+        """Packed blocks of a corpus (training, evaluation), or one feature per input (predict)."""
+        if "files" not in dataset.extras:
+            return self.encode_inputs(dataset, tokenizer, max_length)
+        return self.encode_corpus(dataset, tokenizer, max_length)
+
+    def encode_inputs(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+        """``{"input_ids", "example"}`` per input, tokenized as the matching HF pipeline does (with the
+        tokenizer's special tokens, no truncation): too long an input is an error naming its line."""
+        encoded = tokenizer([ex["text"] for ex in dataset.examples])
+        features = []
+        for i, (example, ids) in enumerate(zip(dataset.examples, encoded["input_ids"], strict=True)):
+            if len(ids) > max_length:
+                raise KilnError(f"the input is {len(ids)} tokens, longer than the model's {max_length}; "
+                                "shorten it", dataset.path, example["line"])
+            feature = {"input_ids": ids, "example": i}
+            if "token_type_ids" in encoded:
+                feature["token_type_ids"] = encoded["token_type_ids"][i]
+            features.append(feature)
+        return features
+
+    def encode_corpus(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
+        """The corpus part's packed blocks, tokenized once into the on-disk cache."""
         p = self.config.pretrain
         # Settings errors first: tokenizing a large corpus takes a while.
         if p.seq_len > max_length:
@@ -90,8 +191,23 @@ class PretrainTask(Task):
             return unigram_order(features, self.vocab_size)
         return None
 
+    def collate(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
+        """Corrupt packed blocks (seeded by the blocks, and by ``epoch`` in training), or pad inputs to
+        predict for (features with an ``example``)."""
+        if "example" in features[0]:
+            return self.collate_inputs(features, pad_id)
+        return self.collate_blocks(features, pad_id, epoch)
+
+    def collate_blocks(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
+        """A batch of packed blocks with the objective's corruption and targets."""
+        raise NotImplementedError
+
+    def collate_inputs(self, features: Sequence[dict], pad_id: int) -> dict:
+        """A batch of inputs to predict for; it holds no ``target_keys[0]``, so no loss is computed."""
+        raise NotImplementedError
+
     def collate_training(self, features: Sequence[dict], pad_id: int, epoch: int) -> dict:
-        return self.collate(features, pad_id, epoch=epoch)
+        return self.collate_blocks(features, pad_id, epoch=epoch)
 
     def _rng(self, features: Sequence[dict], epoch: int | None = None) -> np.random.Generator:
         """A generator fixed by the batch's blocks (and, in training, the epoch).
@@ -106,10 +222,25 @@ class PretrainTask(Task):
 
     # -- predictions and metrics -------------------------------------------------------------
     def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
-        return [None] * len(batch["input_ids"])
+        if self.target_keys[0] in batch:  # evaluation on a corpus: the loss is all there is
+            return [None] * len(batch["input_ids"])
+        return self.predict_outputs(outputs, batch, model)
+
+    def predict_outputs(self, outputs: Any, batch: dict, model: Any) -> list[Any]:
+        """Per-input outputs of a predict batch (top candidates, generated ids)."""
+        raise NotImplementedError
 
     def decode(self, outputs: list[Any], features: list[dict], dataset: Dataset) -> list[Any]:
-        return []
+        if "files" in dataset.extras:  # a corpus: no per-example predictions
+            return []
+        predictions: list[Any] = [None] * len(dataset.examples)
+        for output, feature in zip(outputs, features, strict=True):
+            predictions[feature["example"]] = self.decode_input(output, feature, dataset.examples[feature["example"]])
+        return predictions
+
+    def decode_input(self, output: Any, feature: dict, example: dict) -> Any:
+        """One input's prediction from its output."""
+        raise NotImplementedError
 
     def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
         return {}
@@ -120,10 +251,20 @@ class PretrainTask(Task):
         return {"perplexity": math.exp(min(loss, 700))}
 
     def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
-        return []
+        return predictions
 
-    def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
-        return {}
+    def write(self, dataset: Dataset, predictions: list[Any], stream: TextIO) -> None:
+        """One line per input (the filled-in or generated text), or the JSONL rows with it added."""
+        from kiln.data.tables import write_table
+
+        if not predictions:  # a corpus (``evaluate -o``): nothing per example to write
+            return
+        columns = self.output_columns(predictions, dataset.table.format if dataset.table else "lines")
+        if dataset.table is not None:
+            write_table(dataset.table, columns, stream)
+            return
+        (texts,) = columns.values()
+        stream.write("".join(text + "\n" for text in texts))
 
 
 def _stack(features: Sequence[dict]) -> np.ndarray:
@@ -263,16 +404,21 @@ class MaskedLMTask(PretrainTask):
             raise KilnError("mlm needs a tokenizer with a mask token (BERT or RoBERTa style)")
         return seq_len, [start] if start is not None else [], [end]
 
-    def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
-        blocks = super().encode(dataset, tokenizer, max_length)
+    def encode_corpus(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
+        blocks = super().encode_corpus(dataset, tokenizer, max_length)
         self.mask_id = tokenizer.mask_token_id
         self.continues = word_continuations(tokenizer) if self.config.pretrain.whole_word else None
         return blocks
 
+    def example_input(self, example: list[str]) -> str | None:
+        """The sentence with its longest word replaced by the tokenizer's mask token (fill-mask)."""
+        mask = getattr(self.tokenizer, "mask_token", None)
+        return replace_longest_word(example, mask) if mask else None
+
     def training_module(self, model: Any) -> Any:
         return sparse_mlm_module(model)
 
-    def collate(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
+    def collate_blocks(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
         import torch
 
         p = self.config.pretrain
@@ -286,7 +432,9 @@ class MaskedLMTask(PretrainTask):
                 "labels": torch.from_numpy(ids.reshape(-1)[positions])}
 
     def model_inputs(self, batch: dict) -> dict:
-        return {"input_ids": batch["input_ids"], "masked_positions": batch["masked_positions"]}
+        # Packed blocks have input_ids only; padded predict batches add attention_mask (and
+        # token_type_ids for a model that takes them).
+        return {**super().model_inputs(batch), "masked_positions": batch["masked_positions"]}
 
     def loss(self, outputs: Any, batch: dict) -> Any:
         import torch.nn.functional as F
@@ -296,9 +444,121 @@ class MaskedLMTask(PretrainTask):
     def loss_units(self, batch: dict) -> int:
         return int(batch["labels"].numel())
 
+    # -- fill-mask prediction ----------------------------------------------------------------
+    def parameters(self) -> dict[str, str]:
+        return {"top_k": "pretrain.fill_mask_top_k"}
+
+    def encode_inputs(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+        if tokenizer.mask_token_id is None:
+            raise KilnError("this model's tokenizer has no mask token, so it cannot fill masks")
+        self.mask_id = tokenizer.mask_token_id
+        features = super().encode_inputs(dataset, tokenizer, max_length)
+        for feature in features:
+            if self.mask_id not in feature["input_ids"]:
+                raise KilnError(f"no {tokenizer.mask_token} token in the input; put one where a word is to be "
+                                "filled in", dataset.path, dataset.examples[feature["example"]]["line"])
+        return features
+
+    def collate_inputs(self, features: Sequence[dict], pad_id: int) -> dict:
+        import torch
+
+        batch = pad_inputs(features, pad_id)
+        # The head runs at the mask tokens only, as in training: (M,) into the flattened (B*T,) batch.
+        positions = np.flatnonzero(batch["input_ids"].numpy() == self.mask_id)
+        batch["masked_positions"] = torch.from_numpy(positions)
+        return batch
+
+    def predict_outputs(self, outputs: Any, batch: dict, model: Any) -> list[Any]:
+        """Per input, ``(scores, token ids)`` of the top ``pretrain.fill_mask_top_k`` tokens at each
+        mask, from the softmax over the vocabulary in fp32 (what the fill-mask pipeline computes)."""
+        probabilities = outputs.logits.float().softmax(dim=-1)  # (M, V), masks in batch order
+        top_k = min(self.config.pretrain.fill_mask_top_k, probabilities.shape[-1])
+        scores, tokens = (t.cpu().tolist() for t in probabilities.topk(top_k))
+        counts = (batch["input_ids"] == self.mask_id).sum(dim=1).tolist()  # masks per input
+        bounds = np.cumsum([0, *counts]).tolist()
+        return [list(zip(scores[a:b], tokens[a:b], strict=True)) for a, b in pairwise(bounds)]
+
+    def decode_input(self, output: Any, feature: dict, example: dict) -> dict:
+        """``{"masks": [candidates per mask], "filled": text}``: each candidate as the fill-mask
+        pipeline writes it (its ``sequence`` fills that mask only, and keeps the special tokens when
+        there are other masks); ``filled`` puts every mask's top token in (the plain output)."""
+        tokenizer = self.tokenizer
+        ids = np.asarray(feature["input_ids"])
+        positions = np.flatnonzero(ids == self.mask_id)
+        single = len(positions) == 1
+
+        def text(tokens: np.ndarray, skip_special: bool) -> str:
+            return tokenizer.decode(tokens[tokens != tokenizer.pad_token_id].tolist(), skip_special_tokens=skip_special)
+
+        masks = []
+        for position, (scores, tokens) in zip(positions, output, strict=True):
+            candidates = []
+            for score, token in zip(scores, tokens, strict=True):
+                filled = ids.copy()
+                filled[position] = token
+                candidates.append({"score": score, "token": token, "token_str": tokenizer.decode([token]),
+                                   "sequence": text(filled, single)})
+            masks.append(candidates)
+        best = ids.copy()
+        best[positions] = [tokens[0] for _, tokens in output]
+        return {"masks": masks, "filled": text(best, True)}
+
+    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
+        """The fill-mask pipeline's answer per input: the candidates, or a list per mask for several."""
+        return [p["masks"][0] if len(p["masks"]) == 1 else p["masks"] for p in predictions]
+
+    def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
+        return {"sequence": [p["filled"] for p in predictions]}
+
+
+# -- prediction by generation (clm, span) ----------------------------------------------------
+class GenerativePretrainTask(PretrainTask):
+    """clm and span predict by generating text. The decoding is the generation task's, reused as it
+    is: the ``generate.*`` settings as ``generate()`` arguments, the prompt batching and the call."""
+
+    # Predict batches go to generate(); a corpus batch is labelled, so evaluation still runs forward.
+    outputs_need_forward: ClassVar[bool] = False
+    decoding_state: dict
+
+    def parameters(self) -> dict[str, str]:
+        return generate_parameters()
+
+    def build_model(self, hf_config: Any) -> Any:
+        return self._remember_decoding(super().build_model(hf_config))
+
+    def load_model(self, path: str | Path, **kwargs: Any) -> Any:
+        return self._remember_decoding(super().load_model(path, **kwargs))
+
+    def _remember_decoding(self, model: Any) -> Any:
+        """Keep the token ids decoding needs, and write the run's decoding into the model's generation
+        config (saved as ``generation_config.json``): ``generate()`` on the exported model then
+        decodes as ``kiln predict`` does."""
+        config = model.config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.decoding_state = {"decoder_only": not config.is_encoder_decoder, "pad": pad,
+                               "decoder_start": getattr(config, "decoder_start_token_id", None)}
+        self.decoding().set_generation_config(model)
+        return model
+
+    def decoding(self) -> Any:
+        """The generation task's decoding for this model, under the current ``generate.*`` settings."""
+        from kiln.tasks.generation import GenerationTask
+
+        return GenerationTask(self.config, dict(self.decoding_state))
+
+    def predict_outputs(self, outputs: Any, batch: dict, model: Any) -> list[Any]:
+        return self.decoding().outputs(outputs, batch, model)  # the generated token ids per input
+
+    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
+        """The pipeline's answer per input: ``[{"generated_text": ...}]``."""
+        return [[{"generated_text": text}] for text in predictions]
+
+    def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
+        return {"generated_text": list(predictions)}
+
 
 # -- clm -------------------------------------------------------------------------------------
-class CausalLMTask(PretrainTask):
+class CausalLMTask(GenerativePretrainTask):
     """GPT-style next-token prediction on packed blocks."""
 
     name: ClassVar[str] = "clm"
@@ -306,10 +566,14 @@ class CausalLMTask(PretrainTask):
     default_profile: ClassVar[str] = "gpt2"
     target_keys: ClassVar[tuple[str, ...]] = ("input_ids",)  # the text is its own target
 
-    def collate(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
+    def collate_blocks(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
         import torch
 
         return {"input_ids": torch.from_numpy(_stack(features))}
+
+    def example_input(self, example: list[str]) -> str | None:
+        """The first few words of the sentence, to continue (text generation)."""
+        return " ".join(example[:min(8, len(example) // 2)])
 
     def model_inputs(self, batch: dict) -> dict:
         return {"input_ids": batch["input_ids"]}
@@ -323,6 +587,42 @@ class CausalLMTask(PretrainTask):
     def loss_units(self, batch: dict) -> int:
         ids = batch["input_ids"]
         return int(ids.shape[0] * (ids.shape[1] - 1))
+
+    # -- text-generation prediction ----------------------------------------------------------
+    def encode_inputs(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+        """Prompts tokenized as the text-generation pipeline does. An empty prompt starts from the
+        beginning-of-text token (where the pipeline's ``generate()`` starts); a long one keeps its
+        last tokens, leaving ``generate.max_new_tokens`` positions (the pipeline's "hole" strategy)."""
+        max_new = self.config.generate.max_new_tokens
+        room = max_length - max_new
+        if room < 1:
+            raise KilnError(f"generate.max_new_tokens {max_new} leaves no room for a prompt in this model's "
+                            f"{max_length} positions; lower it (--generate max_new_tokens=N)")
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        features, cut = [], 0
+        for i, ids in enumerate(tokenizer([ex["text"] for ex in dataset.examples])["input_ids"]):
+            if not ids:
+                if start is None:
+                    raise KilnError("empty prompt", dataset.path, dataset.examples[i]["line"])
+                ids = [start]
+            if len(ids) > room:
+                ids, cut = ids[-room:], cut + 1
+            features.append({"input_ids": ids, "prompt_ids": ids, "example": i})
+        if cut:
+            log.warning(f"{cut} prompt(s) cut to their last {room} tokens, leaving generate.max_new_tokens "
+                        f"({max_new}) of the model's {max_length} positions for the continuation")
+        return features
+
+    def collate_inputs(self, features: Sequence[dict], pad_id: int) -> dict:
+        batch = self.decoding().collate(features, pad_id)
+        # The left-padded prompts only: a batch holding input_ids (clm's target key) counts as labelled.
+        return {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"]}
+
+    def decode_input(self, output: Any, feature: dict, example: dict) -> str:
+        """The continuation, after the prompt as given unless ``generate.return_full_text`` is off
+        (the text-generation pipeline's ``return_full_text``)."""
+        text = self.tokenizer.decode(output, skip_special_tokens=True)
+        return example["text"] + text if self.config.generate.return_full_text else text
 
 
 # -- span ------------------------------------------------------------------------------------
@@ -364,7 +664,7 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_span: float,
     return np.cumsum(starts) % 2 == 1
 
 
-class SpanCorruptionTask(PretrainTask):
+class SpanCorruptionTask(GenerativePretrainTask):
     """T5 span corruption: noise spans become sentinels in the input; the target spells them out."""
 
     name: ClassVar[str] = "span"
@@ -396,6 +696,13 @@ class SpanCorruptionTask(PretrainTask):
         self.decoder_start = model.config.decoder_start_token_id
         return model
 
+    def example_input(self, example: list[str]) -> str | None:
+        """The sentence with its longest word replaced by the first sentinel, ``<extra_id_0>``, for
+        the model to fill in (when the tokenizer has it)."""
+        if self.tokenizer is None or "<extra_id_0>" not in self.tokenizer.get_vocab():
+            return None
+        return replace_longest_word(example, "<extra_id_0>")
+
     def corrupt(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[list[int], list[int]]:
         """One raw block -> ``(input ids, target ids)``, each ending in eos."""
         p = self.config.pretrain
@@ -414,7 +721,7 @@ class SpanCorruptionTask(PretrainTask):
                 inputs.append(token)
         return [*inputs, self.eos], [*targets, self.eos]
 
-    def collate(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
+    def collate_blocks(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
         import torch
 
         rng = self._rng(features, epoch)
@@ -445,3 +752,16 @@ class SpanCorruptionTask(PretrainTask):
 
     def loss_units(self, batch: dict) -> int:
         return int((batch["labels"] != -100).sum())
+
+    # -- text2text prediction ----------------------------------------------------------------
+    def parameters(self) -> dict[str, str]:
+        # The output never repeats the input, so return_full_text would change nothing.
+        return {k: v for k, v in super().parameters().items() if k != "return_full_text"}
+
+    def collate_inputs(self, features: Sequence[dict], pad_id: int) -> dict:
+        return self.decoding().collate(features, pad_id)  # encoder inputs and the decoder's start token
+
+    def decode_input(self, output: Any, feature: dict, example: dict) -> str:
+        """The generated text as transformers 4's text2text-generation pipeline wrote it: special
+        tokens (sentinels included) dropped, tokenization spaces not cleaned up."""
+        return self.tokenizer.decode(output, skip_special_tokens=True, clean_up_tokenization_spaces=False)

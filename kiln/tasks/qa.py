@@ -10,6 +10,7 @@ the tokenizer's offset mapping.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,7 @@ from kiln.data import skip_empty
 from kiln.data.tables import SNIFF_BYTES, decoded_lines, jsonl_objects, refuse_binary
 from kiln.errors import KilnError, MissingLabels
 from kiln.metrics.squad import best_null_threshold
-from kiln.tasks.base import Dataset, Task, pad_inputs
+from kiln.tasks.base import EXAMPLE_CHARS, Dataset, Task, pad_inputs, shorten
 
 
 def _line_of(text: str, qid: str) -> int:
@@ -35,6 +36,41 @@ def _line_of(text: str, qid: str) -> int:
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - x.max()
     return shifted - np.log(np.exp(shifted).sum())
+
+
+def context_around(context: str, answer: tuple[str, int] | None, limit: int = 2 * EXAMPLE_CHARS) -> str:
+    """At most ``limit`` characters of ``context``: whole sentences around ``answer`` (text, character
+    start), or the first ones without an answer; a window of words around it when its sentence alone
+    is longer than ``limit``."""
+    if len(context) <= limit:
+        return shorten(context, limit)
+    start = answer[1] if answer else 0
+    end = start + len(answer[0]) if answer else 0
+    bounds = [0, *(m.end() for m in re.finditer(r"(?<=[.!?])\s+", context)), len(context)]
+    sentences = list(itertools.pairwise(bounds))
+    first = last = next(i for i, (a, b) in enumerate(sentences) if a <= start < b or b == len(context))
+    while last + 1 < len(sentences) and sentences[last][1] < end:  # an answer across sentences
+        last += 1
+    if sentences[last][1] - sentences[first][0] > limit:
+        begin = max(0, min(start - limit // 2, len(context) - limit))
+        stop = begin + limit
+        # Drop a word cut in half at either edge: start after the first space before the answer,
+        # stop at the last space after it.
+        space = context.find(" ", begin, start)
+        if begin > 0 and space >= 0:
+            begin = space + 1
+        space = context.rfind(" ", end, stop)
+        if stop < len(context) and space >= 0:
+            stop = space
+        return " ".join(context[begin:stop].split())
+    while True:  # grow by the next sentence, else the previous one, while it fits
+        if last + 1 < len(sentences) and sentences[last + 1][1] - sentences[first][0] <= limit:
+            last += 1
+        elif first > 0 and sentences[last][1] - sentences[first - 1][0] <= limit:
+            first -= 1
+        else:
+            break
+    return " ".join(context[sentences[first][0]:sentences[last][1]].split())
 
 
 class QuestionAnsweringTask(Task):
@@ -186,6 +222,15 @@ class QuestionAnsweringTask(Task):
                 raise KilnError("expected a context and a question separated by a tab", "<input>", line)
             context, question = parts
         return self._example("<input>", line, context, question, [], id=str(line), title="", impossible=False)
+
+    def example_input(self, example: dict) -> dict | None:
+        """``{"context", "question"}``; a long context is cut to the sentences around its (first)
+        answer, so that the example still has one to find."""
+        context, question = example["context"], example["question"]
+        if not context.strip() or not question.strip():
+            return None
+        answer = example["answers"][0] if example["answers"] else None
+        return {"context": context_around(context, answer), "question": shorten(question)}
 
     def texts(self, dataset: Dataset) -> Iterator[str]:
         seen = set()

@@ -72,6 +72,7 @@ class SequenceTask(Task):
     text_roles: ClassVar[dict[str, tuple[str, ...]]] = {
         "text": ("text", "sentence", "sequence", "review", "content", "document"),
     }
+    example_fields: ClassVar[tuple[str, ...]] = ("text",)
 
     @property
     def main_metric(self) -> str:  # type: ignore[override]
@@ -148,6 +149,10 @@ class SequenceTask(Task):
             raise KilnError(f"expected {len(self.text_roles)} tab-separated text(s), got {len(parts)}",
                             "<stdin>", line)
         return {"texts": tuple(parts), "label": None, "line": line}
+
+    def example_input(self, example: dict) -> Any:
+        """The text (``sequence``), or ``{"sentence1", "sentence2"}`` (``sentence-pair``)."""
+        return super().example_input(dict(zip(self.example_fields, example["texts"], strict=True)))
 
     def texts(self, dataset: Dataset) -> Iterator[str]:
         for example in dataset.examples:
@@ -302,3 +307,4 @@ class SentencePairTask(SequenceTask):
         "sentence1": ("sentence1", "sentence_1", "text_a", "premise", "question1", "question", "text1"),
         "sentence2": ("sentence2", "sentence_2", "text_b", "hypothesis", "question2", "sentence", "text2"),
     }
+    example_fields: ClassVar[tuple[str, ...]] = ("sentence1", "sentence2")

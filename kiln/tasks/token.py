@@ -17,7 +17,7 @@ import numpy as np
 from kiln.data import skip_empty
 from kiln.data.tables import decoded_lines, jsonl_objects, parse_columns
 from kiln.errors import KilnError, MissingLabels
-from kiln.tasks.base import Dataset, Task, pad_inputs
+from kiln.tasks.base import Dataset, Task, pad_inputs, shorten
 
 CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
 TAG_KEYS = ("labels", "tags", "ner_tags")
@@ -184,6 +184,14 @@ class TokenTask(Task):
         if not words:
             raise KilnError("empty sentence", "<input>", line)
         return {"words": words, "tags": None, "line": line}
+
+    def example_input(self, example: dict) -> str | None:
+        """The sentence as its words joined by spaces (the form stdin and ``predict`` take, and the
+        text the entities' offsets point into), its first words when it is long."""
+        words = [word for word in example["words"] if word.strip()]
+        if any(len(word.split()) != 1 for word in words):  # a word with a space would become two
+            return None
+        return shorten(" ".join(words)) or None
 
     def texts(self, dataset: Dataset) -> Iterator[str]:
         for example in dataset.examples:
