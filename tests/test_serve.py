@@ -352,6 +352,48 @@ def test_health_is_503_until_the_model_is_loaded(predictors):
         assert answer.status_code == 503 and answer.json()["status"] == "error"
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``pretrained(task)``: a three-step mlm or clm run on a tiny corpus, loaded in fp32."""
+    from test_pretrain import CRAMMED_TINY, GPT2_TINY, sentences
+
+    root = tmp_path_factory.mktemp("serve-pretrain")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n".join(sentences(300)) + "\n")
+    (corpus / "valid.txt").write_text("\n".join(sentences(30, seed=1)) + "\n")
+    loaded: dict[str, Any] = {}
+
+    def load(task: str) -> Any:
+        if task not in loaded:
+            profile = root / f"{task}.yaml"
+            profile.write_text({"mlm": CRAMMED_TINY, "clm": GPT2_TINY + "generate: {max_new_tokens: 12}\n"}[task])
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("KILN_CACHE", str(tmp_path_factory.getbasetemp() / "kiln-cache"))
+                run = kiln.train(task, corpus, name=task, profile=str(profile), output_dir=root / "runs",
+                                 max_steps=3, lr=1e-4, precision="fp32")
+            loaded[task] = kiln.load(run.path, precision="fp32")
+        return loaded[task]
+
+    return load
+
+
+@pytest.mark.parametrize(("task", "inputs", "parameters"), [
+    ("mlm", ["the cat [MASK] on a mat .", "a [MASK] ."], {"top_k": 2}),
+    ("clm", ["the cat sat", "a big red dog ran"], {"max_new_tokens": 3, "return_full_text": False}),
+])
+def test_pretraining_runs_take_strings_and_their_parameters(task, inputs, parameters, pretrained):
+    predictor = pretrained(task)
+    with client(predictor) as api:
+        assert api.get("/info").json()["parameters"] == predictor.parameters()
+        for chosen in ({}, parameters):
+            answer = api.post("/predict", json={"inputs": inputs, "parameters": chosen})
+            assert answer.status_code == 200, answer.text
+            assert same(answer.json(), predictor.predict(inputs, chosen))
+        answer = api.post("/predict", json={"inputs": [{"text": inputs[0]}]})
+        assert answer.status_code == 422 and answer.json()["error"] == "inputs[0]: expected a string, got an object"
+
+
 # -- the predictor is safe to share -----------------------------------------------------------
 def test_predictor_never_mutates_its_shared_config(runs, predictors, tmp_path):
     predictor = predictors["sequence"]

@@ -303,7 +303,9 @@ class TokenTask(Task):
         return tagging_metrics(gold, [[tag for tag, _ in sentence] for sentence in predictions])
 
     def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
-        """HF token-classification pipeline output with ``aggregation_strategy="simple"``."""
+        """HF token-classification pipeline output as with ``aggregation_strategy="first"``: a word's
+        tag and score are its first sub-token's, an entity's score the mean of its words'; offsets
+        point into the words joined by single spaces."""
         from kiln.metrics.tagging import entities
 
         results = []
