@@ -241,6 +241,28 @@ class Config:
         """Plain nested dict, ready for YAML."""
         return dataclasses.asdict(self)
 
+    def get(self, key: str) -> Any:
+        """The value of a dotted setting (``generate.num_beams``)."""
+        value: Any = self
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    def with_settings(self, settings: dict[str, Any]) -> Config:
+        """A copy with ``settings`` (dotted keys, values already checked) applied; only the sections
+        they touch are copied, and this config is untouched (a per-call copy for concurrent use)."""
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in settings.items():
+            section, _, name = key.partition(".")
+            if name:
+                sections.setdefault(section, {})[name] = value
+            else:
+                top[section] = value
+        for section, values in sections.items():
+            top[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **top)
+
 
 SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else globals()[f.type]
@@ -259,13 +281,10 @@ def iter_settings() -> typing.Iterator[tuple[str, dataclasses.Field]]:
             yield f.name, f
 
 
-def _field_type(f: dataclasses.Field, owner: type) -> Any:
-    hints = typing.get_type_hints(owner)
-    return hints[f.name]
-
-
-def _owner(key: str) -> type:
-    return SECTIONS[key.split(".")[0]] if "." in key else Config
+def setting_type(key: str) -> Any:
+    """The declared type of the dotted setting ``key`` (``int``, ``float | None``...)."""
+    owner = SECTIONS[key.split(".")[0]] if "." in key else Config
+    return typing.get_type_hints(owner)[key.rsplit(".", 1)[-1]]
 
 
 def coerce(key: str, value: Any, where: str = "", ranges: bool = True) -> Any:
@@ -280,7 +299,7 @@ def coerce(key: str, value: Any, where: str = "", ranges: bool = True) -> Any:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KilnError(f"unknown setting '{key}'{hint}", where or None)
     f = fields[key]
-    declared = _field_type(f, _owner(key))
+    declared = setting_type(key)
     allowed = typing.get_args(declared) if isinstance(declared, types.UnionType) else (declared,)
     if value is None:
         if type(None) in allowed:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from kiln.config import Config, coerce, config_from_dict, parse_override
+from kiln.config import coerce, config_from_dict, parse_override
 from kiln.errors import KilnError
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset, Task
@@ -58,7 +57,7 @@ class Predictor:
 
     def parameters(self) -> dict[str, Any]:
         """The task's per-call parameters (HF pipeline names) and the value each has without an override."""
-        return {name: _setting(self.config, key) for name, key in self.task.parameters().items()}
+        return {name: self.config.get(key) for name, key in self.task.parameters().items()}
 
     def check_parameters(self, parameters: dict[str, Any] | None) -> dict[str, Any]:
         """``parameters`` checked against the task's and converted to their settings' types (a
@@ -77,7 +76,7 @@ class Predictor:
         the shared task and config stay as loaded, so other threads may use them meanwhile."""
         task = copy.copy(self.task)  # shares the read-only state, tokenizer and model facts
         if settings:
-            task.config = _with_settings(self.config, settings)
+            task.config = self.config.with_settings(settings)
         return task
 
     def _task_with_parameters(self, parameters: dict[str, Any] | None) -> Task:
@@ -142,30 +141,6 @@ class Predictor:
         metrics.update(self.task.loss_metrics(metrics["loss"]))
         metrics["n"] = len(dataset)
         return metrics, predictions
-
-
-def _setting(config: Config, key: str) -> Any:
-    """The value of a dotted setting (``generate.num_beams``)."""
-    value: Any = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _with_settings(config: Config, settings: dict[str, Any]) -> Config:
-    """A copy of ``config`` with ``settings`` (dotted keys) applied; only the sections they touch are
-    copied, and ``config`` itself is untouched."""
-    top: dict[str, Any] = {}
-    sections: dict[str, dict[str, Any]] = {}
-    for key, value in settings.items():
-        section, _, name = key.partition(".")
-        if name:
-            sections.setdefault(section, {})[name] = value
-        else:
-            top[section] = value
-    for section, values in sections.items():
-        top[section] = dataclasses.replace(getattr(config, section), **values)
-    return dataclasses.replace(config, **top)
 
 
 def load(path: str | Path, **kwargs: Any) -> Predictor:

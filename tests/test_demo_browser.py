@@ -47,34 +47,36 @@ def _browser_available() -> None:
 
 
 # -- runs, the server, the browser -------------------------------------------------------------
-def train_sequence(tmp_path: Path) -> Path:
-    data = tmp_path / "sentiment"
+def train_tiny(tmp_path: Path, task: str, name: str, files: dict[str, str], epochs: int) -> Path:
+    """A tiny run of ``task`` on ``files`` (file name -> text), trained in seconds."""
+    data = tmp_path / name
     data.mkdir()
-    for name, rows in (("train.tsv", sentiment_rows(160, 1)), ("dev.tsv", sentiment_rows(40, 2))):
-        (data / name).write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    for file, text in files.items():
+        (data / file).write_text(text)
     (tmp_path / "tiny.yaml").write_text(TINY_PROFILE)
-    return kiln.train("sequence", data, name="seq", profile=str(tmp_path / "tiny.yaml"), epochs=3,
+    return kiln.train(task, data, name=name, profile=str(tmp_path / "tiny.yaml"), epochs=epochs,
                       output_dir=tmp_path / "runs").path
+
+
+def train_sequence(tmp_path: Path) -> Path:
+    files = {name: "sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows)
+             for name, rows in (("train.tsv", sentiment_rows(160, 1)), ("dev.tsv", sentiment_rows(40, 2)))}
+    return train_tiny(tmp_path, "sequence", "seq", files, epochs=3)
 
 
 def train_token(tmp_path: Path) -> Path:
-    data = tmp_path / "conll"
-    data.mkdir()
-    write_conll(data / "train.txt", sentences(200, 1))
-    write_conll(data / "valid.txt", sentences(40, 2))
-    (tmp_path / "tiny.yaml").write_text(TINY_PROFILE)
-    return kiln.train("token", data, name="ner", profile=str(tmp_path / "tiny.yaml"), epochs=4,
-                      output_dir=tmp_path / "runs").path
+    scratch = tmp_path / "conll-src"
+    scratch.mkdir()
+    for file, count, seed in (("train.txt", 200, 1), ("valid.txt", 40, 2)):
+        write_conll(scratch / file, sentences(count, seed))
+    files = {file: (scratch / file).read_text() for file in ("train.txt", "valid.txt")}
+    return train_tiny(tmp_path, "token", "ner", files, epochs=4)
 
 
 def train_qa(tmp_path: Path) -> Path:
-    data = tmp_path / "qa"
-    data.mkdir()
-    for name, rows in (("train.jsonl", make_examples(200, 1)), ("validation.jsonl", make_examples(40, 2))):
-        (data / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (tmp_path / "tiny.yaml").write_text(TINY_PROFILE)
-    return kiln.train("qa", data, name="qa", profile=str(tmp_path / "tiny.yaml"), epochs=3,
-                      output_dir=tmp_path / "runs").path
+    files = {name: "".join(json.dumps(row) + "\n" for row in rows)
+             for name, rows in (("train.jsonl", make_examples(200, 1)), ("validation.jsonl", make_examples(40, 2)))}
+    return train_tiny(tmp_path, "qa", "qa", files, epochs=3)
 
 
 def kiln_command() -> list[str]:

@@ -13,12 +13,11 @@ Hugging Face pipelines and classy use for the task; :data:`FORMS` lists them. Ta
 from __future__ import annotations
 
 import json
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.config import iter_settings
+from kiln.config import iter_settings, setting_type
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> typ
     options: dict[str, Any] = {}
     for name, key in parameters.items():
         meta = declared[key].metadata
-        kind = typing.get_type_hints(_owner(key))[key.split(".")[-1]]
+        kind = setting_type(key)
         # Not nullable: an omitted parameter keeps its default, a null one is refused.
         options[name] = (kind, pydantic.Field(None, description=meta["doc"], ge=meta.get("minimum"),
                                               gt=meta.get("above"), le=meta.get("maximum")))
@@ -209,12 +208,6 @@ def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> typ
         parameters=(params_model | None, pydantic.Field(None, description="Per-call settings, by HF pipeline name; "
                                                                          "GET /info lists them with their defaults.")),
     )
-
-
-def _owner(key: str) -> type:
-    from kiln.config import SECTIONS, Config
-
-    return SECTIONS[key.split(".")[0]] if "." in key else Config
 
 
 PREDICTION_FIELDS: dict[str, dict[str, type]] = {
