@@ -50,6 +50,35 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
+def parse_save_every(text: str) -> tuple[int, float]:
+    """``(steps, seconds)`` of a ``save_every`` value: ``500`` is steps, ``10m`` is wall-clock time."""
+    text = str(text).strip()
+    if not text:
+        return 0, 0.0
+    if text.isdigit():
+        if int(text) < 1:
+            raise KilnError("save_every must be at least 1 step")
+        return int(text), 0.0
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise KilnError(f"save_every must be a positive duration, not '{text}'")
+    return 0, seconds
+
+
+REPORTERS = ("tensorboard", "mlflow")
+
+
+def parse_report_to(text: str) -> list[str]:
+    """The trackers named in ``report_to`` (``none`` and empty: no tracker)."""
+    names = [name.strip().lower() for name in str(text).split(",") if name.strip()]
+    if names in ([], ["none"]):
+        return []
+    unknown = [name for name in names if name not in REPORTERS]
+    if unknown:
+        raise KilnError(f"unknown tracker '{unknown[0]}' (choose from {', '.join(REPORTERS)} or none)")
+    return names
+
+
 @dataclass
 class ModelConfig:
     """The architecture built for a from-scratch run."""
@@ -144,6 +173,29 @@ class TrainConfig:
     metric: str = setting("", "Metric that picks the best checkpoint (empty: the task's main metric).")
     log_every: int = setting(50, "Write a metrics.jsonl line every N optimizer steps.", minimum=1)
     keep_checkpoints: bool = setting(True, "Keep checkpoints/ after training (model/ is always written).")
+    save_every: str = setting(
+        "", "Also checkpoint every N optimizer steps ('500') or every span of wall-clock time ('10m'); "
+        "empty: at evaluations only.", flag="--save-every", parse=parse_save_every)
+    keep_last: int = setting(1, "Checkpoints kept besides the best one (the newest K).", flag="--keep-last",
+                             minimum=1)
+    nonfinite_limit: int = setting(
+        10, "Stop (with a resumable checkpoint) after this many consecutive steps whose loss or gradient "
+        "was not finite; each such step is skipped, not applied.", minimum=1)
+    auto_batch: bool = setting(
+        False, "On CUDA out-of-memory, split each micro-batch in two and retry (the effective batch stays).",
+        flag="--auto-batch")
+    grad_checkpoint: bool = setting(
+        False, "Activation checkpointing: recompute activations in the backward pass to save memory.",
+        flag="--grad-checkpoint")
+    fsdp: str = setting(
+        "", "Shard with FSDP2 (several processes): full (parameters, gradients and optimizer state; "
+        "ZeRO-3), grad-op (gradients and optimizer state; ZeRO-2) or hybrid (full within a node, "
+        "replicated across nodes); empty: DDP.", flag="--fsdp", choices=("", "full", "grad-op", "hybrid"))
+    cpu_offload: bool = setting(False, "FSDP: keep sharded parameters and optimizer state in CPU memory.",
+                                flag="--cpu-offload")
+    report_to: str = setting(
+        "none", "Trackers to report to, comma-separated: tensorboard, mlflow (or none).", flag="--report-to",
+        parse=parse_report_to)
 
 
 @dataclass

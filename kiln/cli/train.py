@@ -27,9 +27,17 @@ def add_setting_flag(parser: typing.Any, key: str, default: str | None = None) -
     kind = _flag_type(key)
     shown = f.default if f.default not in ("", None) else "none"
     help_text = f"{f.metadata['doc']} [{key}; {default or f'profile default otherwise {shown}'}]"
+    if kind is bool:  # a switch: present means true
+        parser.add_argument(f.metadata["flag"], dest=key, action="store_const", const=True, default=None,
+                            help=help_text.replace("%", "%%"))
+        return
+    choices = f.metadata.get("choices")
+    if choices and "" in choices:  # an optional value: the flag alone means the first real choice
+        parser.add_argument(f.metadata["flag"], dest=key, nargs="?", const=choices[1], default=None,
+                            choices=choices[1:], help=help_text.replace("%", "%%"))
+        return
     parser.add_argument(f.metadata["flag"], dest=key, type=kind, default=None, help=help_text.replace("%", "%%"),
-                        choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices")
-                        else kind.__name__.upper().replace("STR", "VALUE"))
+                        choices=choices, metavar=None if choices else kind.__name__.upper().replace("STR", "VALUE"))
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

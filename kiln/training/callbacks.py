@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,8 +30,15 @@ class Callback:
     def on_evaluate(self, trainer: Trainer, metrics: dict) -> None:
         """Called after each evaluation with its metrics."""
 
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        """Called on the main rank with every record written to ``metrics.jsonl`` (training windows
+        and evaluations)."""
+
     def on_train_end(self, trainer: Trainer) -> None:
         """Called once when training ends: finished, stopped early or interrupted."""
+
+    def on_export(self, run_dir: Path, model_dir: Path) -> None:
+        """Called on the main rank after the best model is exported to ``model_dir``."""
 
 
 def duration(seconds: float) -> str:

@@ -496,6 +496,8 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
+        for callback in self.callbacks:
+            callback.on_log(self, record)
 
     def _say(self, text: str, level: int = logging.INFO) -> None:
         if self.is_main:
