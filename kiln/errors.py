@@ -34,3 +34,14 @@ class ColumnsMismatch(KilnError):
 class MissingLabels(KilnError):
     """A file read as labelled has no labels at all (no label column, key or tag column): an error
     for training data, but a file to skip when it is an optional test split."""
+
+
+class RunStopped(Exception):
+    """Training stopped on purpose before its end (a signal, repeated non-finite steps), with a
+    resumable checkpoint written. ``exit_code`` is what the command returns: 0 when the user asked
+    for the stop, 1 when the run could not go on."""
+
+    def __init__(self, message: str, exit_code: int = 0):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code

@@ -81,7 +81,8 @@ def optimizer_bytes(model: Any, optimizer: str) -> int:
     return 4 * OPTIMIZER_STATES[optimizer] * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def activation_bytes(shape: Shape, seq_len: int, batch_size: int, precision: str) -> int:
+def activation_bytes(shape: Shape, seq_len: int, batch_size: int, precision: str,
+                     grad_checkpoint: bool = False) -> int:
     """Activations kept for the backward pass (after Korthikanti et al., 2022), with fused attention.
 
     Per layer and token: the inputs of the two LayerNorms, of the Q/K/V and feed-forward
@@ -89,11 +90,14 @@ def activation_bytes(shape: Shape, seq_len: int, batch_size: int, precision: str
     wide (heads x key size, which T5-xl/xxl make 4-16 x h); the activation-function input and
     output (``2 ffn``; a gated feed-forward keeps both halves and their product, ``4 ffn``). Fused
     (SDPA) attention keeps no seq x seq matrix. Decoder layers add cross-attention (``h + 4 a``).
-    Autocast stores them in 16 bits, fp32 in 32.
+    Autocast stores them in 16 bits, fp32 in 32. With activation checkpointing each layer keeps only
+    its input (``h``) and one layer's activations at a time are recomputed in the backward pass.
     """
     h, a = shape.hidden, shape.attention_width
     per_layer = 7 * h + 4 * a + (4 if shape.gated else 2) * shape.ffn
     per_token = shape.layers * per_layer + shape.decoder_layers * (h + 4 * a)
+    if grad_checkpoint:
+        per_token = (shape.layers + shape.decoder_layers) * h + per_layer + (h + 4 * a if shape.decoder_layers else 0)
     width = 2 if precision in ("bf16", "fp16") else 4
     return per_token * seq_len * batch_size * width
 
@@ -119,6 +123,7 @@ def estimate(
     peak_tflops: float | None = None,
     mfu: float = 0.4,
     overrides: list[str] | tuple[str, ...] = (),
+    grad_checkpoint: bool = False,
 ) -> dict:
     """Everything ``kiln estimate`` reports, as a dict."""
     import torch
@@ -157,7 +162,7 @@ def estimate(
         "weights": 4 * total,
         "gradients": 4 * total,
         "optimizer": optimizer_bytes(model, optimizer),
-        "activations": activation_bytes(shape, seq_len, batch_size, precision),
+        "activations": activation_bytes(shape, seq_len, batch_size, precision, grad_checkpoint),
         "mixed_precision_copies": 2 * total if precision in ("bf16", "fp16") else 0,
     }
     memory["total"] = sum(memory.values())
@@ -167,6 +172,7 @@ def estimate(
         "parameters": counts,
         "weights_mb": {"fp32": round(4 * total / 1e6, 2), "fp16": round(2 * total / 1e6, 2)},
         "training": {"precision": precision, "optimizer": optimizer, "seq_len": seq_len, "batch_size": batch_size,
+                     "grad_checkpoint": grad_checkpoint,
                      "memory_mb": {k: round(v / 1e6, 2) for k, v in memory.items()}},
         "flops_per_token": flops_per_token,
     }
@@ -175,3 +181,11 @@ def estimate(
         result["seconds_per_million_tokens"] = round(seconds, 2)
         result["peak_tflops"], result["mfu"] = peak_tflops, mfu
     return result
+
+
+def run_memory_bytes(model: Any, optimizer: str, precision: str, seq_len: int, batch_size: int,
+                     grad_checkpoint: bool = False) -> int:
+    """Training memory of a built model at one micro-batch shape, as :func:`estimate` counts it."""
+    total = parameter_counts(model)["total"]
+    return (8 * total + optimizer_bytes(model, optimizer) + (2 * total if precision in ("bf16", "fp16") else 0)
+            + activation_bytes(shape_of(model.config), seq_len, batch_size, precision, grad_checkpoint))

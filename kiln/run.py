@@ -23,7 +23,7 @@ from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
 
-MODEL_FILES_SKIP = {ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE}
+MODEL_FILES_SKIP = {ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE}
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"  # marks a directory as a kiln run: --overwrite deletes nothing without it
 
@@ -196,7 +196,7 @@ def train(
         config = config_from_dict(saved_meta["config"])
         task, data, init = saved_meta["task"], saved_meta["data"], saved_meta.get("init")
         checkpoints = run_dir / "checkpoints"
-        for saved in (ckpt.last_checkpoint(checkpoints), ckpt.last_checkpoint(checkpoints, "best")):
+        for saved in (ckpt.last_checkpoint(checkpoints, strict=True), ckpt.last_checkpoint(checkpoints, "best")):
             if saved is not None:  # a damaged file is reported now, not after reading the data
                 ckpt.verify_checkpoint(saved)
     else:
@@ -211,6 +211,10 @@ def train(
                 hint = ("use --resume to continue it or --overwrite to start over"
                         if (run_dir / RUN_FILE).is_file() else "it is not a kiln run; choose another name")
                 raise KilnError(f"run directory already exists; {hint}", run_dir)
+    if is_main_process():  # trackers (train.report_to): a missing package fails before any work is done
+        from kiln.training.callbacks import tracking_callbacks
+
+        callbacks = [*callbacks, *tracking_callbacks(config.train.report_to)]
     task_obj = get_task(task, config, saved_meta.get("task_state"))
     if task not in config.tasks:
         raise KilnError(f"profile '{config.name}' does not support task '{task}' "
@@ -301,9 +305,10 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(
+        # run.json first and each file whole: a kill here leaves a run that --resume or --overwrite takes
+        ckpt.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
+        ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
             {"task": task, "data": str(data), "init": meta["init"], **config.to_dict()}, sort_keys=False))
-        (run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     metrics = trainer.train(resume=resume)
     is_main = trainer.is_main
@@ -316,6 +321,8 @@ def train(
         from kiln.card import write_model_card
 
         write_model_card(run_dir)
+        for callback in callbacks:  # last: trackers get the test split's scores and a model with its card
+            callback.on_export(run_dir, run_dir / "model")
     return Run(run_dir, metrics, config, test_metrics)
 
 
@@ -358,9 +365,14 @@ def export(run_dir: Path) -> Path:
         raise KilnError("no checkpoint to export", checkpoints)
     target = run_dir / "model"
     tmp, commit = ckpt.atomic_dir(target)
-    for item in source.iterdir():
-        if item.name not in MODEL_FILES_SKIP:
-            shutil.copy2(item, tmp / item.name)
+    try:
+        for item in source.iterdir():
+            if item.name not in MODEL_FILES_SKIP:
+                shutil.copy2(item, tmp / item.name)
+    except OSError as err:  # a full disk: the previous model/ (if any) stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KilnError(f"could not export the model ({err.strerror or err}); {target} is unchanged; "
+                        f"the checkpoint is in {source}", target) from None
     commit()
     config = config_from_dict(json.loads((target / ckpt.KILN_FILE).read_text())["config"])
     if not config.train.keep_checkpoints:

@@ -43,7 +43,8 @@ def trained(tmp_path_factory):
 def test_run_directory_layout(trained):
     run, _ = trained
     for name in ("config.yaml", "metrics.jsonl", "checkpoints/best/model.safetensors",
-                 "checkpoints/last/optimizer.safetensors", "model/config.json", "model/model.safetensors",
+                 f"checkpoints/{max(p.name for p in (run / 'checkpoints').glob('step-*'))}/optimizer.safetensors",
+                 "model/config.json", "model/model.safetensors",
                  "model/tokenizer.json", "model/kiln.json"):
         assert (run / name).is_file(), name
     assert not any(p.name.startswith(".") for p in run.rglob("*")), "temporary files left behind"

@@ -25,6 +25,7 @@ from kiln.tasks.pretrain import (
     word_marker,
 )
 from kiln.tokenizers import train_tokenizer
+from kiln.training import checkpoint as ckpt
 from kiln.training.optim import (
     budget_triangle,
     lr_at_fraction,
@@ -418,7 +419,7 @@ def test_budget_run_logs_its_last_step(corpus, tmp_path):
                      output_dir=tmp_path / "runs", log_every=10**6)
     logs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     (last,) = [r for r in logs if "split" not in r]  # only the step that spent the budget
-    state = json.loads((run.path / "checkpoints" / "last" / "trainer_state.json").read_text())
+    state = json.loads((ckpt.last_checkpoint(run.path / "checkpoints") / "trainer_state.json").read_text())
     assert last["step"] == state["step"] and last["tokens"] == state["tokens_seen"] > 0
 
 
@@ -444,7 +445,7 @@ def test_a_batch_ramp_without_budget_still_trains_every_epoch(corpus, tmp_path):
     text = CRAMMED_TINY.replace("batch_ramp: 0.0, epochs: 1", "batch_ramp: 0.6, epochs: 2").replace(
         "grad_accum: 2", "grad_accum: 4")
     run = kiln.train("mlm", corpus, name="r", profile=profile(tmp_path, text), output_dir=tmp_path / "runs")
-    state = json.loads((run.path / "checkpoints" / "last" / "trainer_state.json").read_text())
+    state = json.loads((ckpt.last_checkpoint(run.path / "checkpoints") / "trainer_state.json").read_text())
     assert (state["epoch"], state["batch_in_epoch"]) == (2, 0)  # both epochs, to their last micro-batch
 
 
@@ -524,8 +525,8 @@ def test_mlm_resume_mid_epoch_is_exact(corpus, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         kiln.train("mlm", corpus, name="stopped", callbacks=[StopAt(5)], **common)
     resumed = kiln.train("mlm", corpus, name="stopped", resume=True, output_dir=tmp_path)
-    a = load_file(str(straight.path / "checkpoints" / "last" / "model.safetensors"))
-    b = load_file(str(resumed.path / "checkpoints" / "last" / "model.safetensors"))
+    a = load_file(str(ckpt.last_checkpoint(straight.path / "checkpoints") / "model.safetensors"))
+    b = load_file(str(ckpt.last_checkpoint(resumed.path / "checkpoints") / "model.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

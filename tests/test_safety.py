@@ -180,15 +180,17 @@ def test_damaged_model_files_are_one_line(name, damage, needle, trained, run_cop
 
 
 @pytest.mark.parametrize("name, damage", [
-    ("checkpoints/last/trainer_state.json", truncate),
-    ("checkpoints/last/trainer_state.json", empty),
-    ("checkpoints/last/trainer_state.json", lambda p: p.write_text('{"step": 3}')),  # no optimizer entry
-    ("checkpoints/last/optimizer.safetensors", truncate),
-    ("checkpoints/last/model.safetensors", empty),
+    ("checkpoints/STEP/trainer_state.json", truncate),
+    ("checkpoints/STEP/trainer_state.json", empty),
+    ("checkpoints/STEP/trainer_state.json", lambda p: p.write_text('{"step": 3}')),  # no optimizer entry
+    ("checkpoints/STEP/optimizer.safetensors", truncate),
+    ("checkpoints/STEP/model.safetensors", empty),
     ("checkpoints/best/model.safetensors", truncate),
     ("run.json", truncate),
 ])
 def test_damaged_resume_files_are_one_line(name, damage, run_copy, capsys):
+    step = max(p.name for p in (run_copy / "checkpoints").glob("step-*"))  # the only resumable checkpoint
+    name = name.replace("STEP", step)
     damage(run_copy / name)
     before = sorted(str(p) for p in run_copy.rglob("*"))
     code = main(["train", "sequence", "unused", "-n", "run", "--output-dir", str(run_copy.parent), "--resume"])

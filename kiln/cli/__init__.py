@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
 import sys
 
 from kiln import __version__
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RunStopped
 from kiln.log import set_verbosity
 
 COMMANDS = {
@@ -22,6 +23,8 @@ COMMANDS = {
     "estimate": "kiln.cli.estimate",
     "suite": "kiln.cli.suite",
     "serve": "kiln.cli.serve",
+    "describe": "kiln.cli.describe",
+    "report": "kiln.cli.report",
 }
 
 
@@ -93,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as err:
         print(f"kiln: {err}" if err.path is None else str(err), file=sys.stderr)
         return 2
+    except RunStopped as stop:  # a checkpoint is written; the message says how to continue
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"kiln: {stop.message}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130

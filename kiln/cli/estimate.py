@@ -22,6 +22,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--optimizer", choices=["adamw", "adam", "adafactor", "radam", "sgd"],
                         help="default: the profile's")
+    parser.add_argument("--grad-checkpoint", action="store_true",
+                        help="activation checkpointing: keep only each layer's input for the backward pass")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak, for the time estimate")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -36,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = estimate(args.profile, task=args.task, seq_len=args.seq_len, batch_size=args.batch_size,
                       batch_tokens=args.batch_tokens, precision=args.precision, optimizer=args.optimizer,
-                      peak_tflops=args.peak_tflops, mfu=args.mfu, overrides=args.overrides)
+                      peak_tflops=args.peak_tflops, mfu=args.mfu, overrides=args.overrides,
+                      grad_checkpoint=args.grad_checkpoint)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
           f"non-embedding {counts['non_embedding'] / 1e6:.2f}M)")
     print(f"  weights        {result['weights_mb']['fp32']:.2f} MB fp32, {result['weights_mb']['fp16']:.2f} MB fp16")
     print(f"  training       {training['precision']}, {training['optimizer']}, batch {training['batch_size']} x "
-          f"{training['seq_len']} tokens")
+          f"{training['seq_len']} tokens" + (", activation checkpointing" if training["grad_checkpoint"] else ""))
     for key, value in training["memory_mb"].items():
         print(f"    {key:<24}{value:>12,.2f} MB")
     print(f"  FLOPs/token    {result['flops_per_token'] / 1e9:.3f} GFLOP (training)")

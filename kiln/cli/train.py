@@ -71,12 +71,89 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                              "-c model.config.num_hidden_layers=2")
     parser.add_argument("--print-config", action="store_true",
                         help="print the merged configuration with each value's source, then exit")
+    parser.add_argument("--deepspeed", metavar="FILE",
+                        help="read a DeepSpeed config (ds_config.json) and map its ZeRO stage, offload, bf16/fp16, "
+                             "batch sizes, gradient accumulation and clipping, optimizer, scheduler and activation "
+                             "checkpointing onto kiln's settings (kiln trains with FSDP2); prints the mapping and "
+                             "refuses what it cannot honour")
+    launch = parser.add_argument_group(
+        "processes (kiln starts them through torch.distributed.run; under torchrun these are not needed)")
+    for flag, kind, text in LAUNCH_FLAGS:
+        launch.add_argument(flag, type=kind, metavar=kind.__name__.upper().replace("STR", "VALUE"), help=text)
     parser.set_defaults(run=run)
+
+
+# kiln's flag, its type, its help; torchrun's own flag is the same name with underscores.
+LAUNCH_FLAGS = (
+    ("--nproc", int, "processes on this machine (one per GPU; on CPU each takes a share of the cores)"),
+    ("--nnodes", str, "machines in the job, or a range MIN:MAX for an elastic job (default 1)"),
+    ("--node-rank", int, "this machine's rank, 0 to nnodes-1 (with --master-addr)"),
+    ("--master-addr", str, "address of the machine with node rank 0"),
+    ("--master-port", int, "free port on that machine (default 29500)"),
+    ("--rdzv-endpoint", str, "host:port of a rendezvous (instead of --master-addr and --node-rank)"),
+    ("--rdzv-backend", str, "rendezvous backend, e.g. c10d"),
+    ("--rdzv-id", str, "the job's id, the same on every machine"),
+)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run this same command in ``--nproc`` processes per machine through ``torch.distributed.run``
+    (torchrun), and return its exit code. kiln's process only waits: Ctrl-C reaches the workers
+    (they stop at the step's end with a checkpoint), and a SIGTERM is passed on to torchrun."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if args.nproc < 1:
+        raise KilnError(f"--nproc must be at least 1, got {args.nproc}")
+    if not args.resume and not Path(args.data).exists():  # one line here, not one per worker
+        raise KilnError("no such file or directory", args.data)
+    torchrun = ["--nproc_per_node", str(args.nproc)]
+    for flag, _, _ in LAUNCH_FLAGS[1:]:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            torchrun += [f"--{flag[2:].replace('-', '_')}", str(value)]
+    if len(torchrun) == 2:  # one machine: a private rendezvous on a free port
+        torchrun.append("--standalone")
+    own = {flag for flag, _, _ in LAUNCH_FLAGS}
+    words, kept = shlex.split(args.command_line)[1:], []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in own:
+            skip = True
+        elif word.split("=", 1)[0] not in own:
+            kept.append(word)
+    command = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "kiln", *kept]
+    logging.getLogger("kiln").debug("launching " + shlex.join(command))
+    child = subprocess.Popen(command)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda number, frame: child.send_signal(number))}
+    try:
+        return child.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train, or print the merged configuration."""
+    import os
+
+    launching = args.nproc is not None and "WORLD_SIZE" not in os.environ and not args.print_config
     flags = {key: getattr(args, key) for key, f in iter_settings() if f.metadata.get("flag")}
+    if args.deepspeed:  # before any process starts or anything is written; each worker maps it again
+        from kiln.deepspeed import launch_world_size, merge_deepspeed
+
+        world_size = launch_world_size(getattr(args, "nproc", None), getattr(args, "nnodes", None))
+        flags, lines = merge_deepspeed(args.deepspeed, flags, args.overrides, world_size)
+        for line in [] if launching else lines:  # a launcher's workers print them (rank 0)
+            logging.getLogger("kiln").info(line)
+    if launching:
+        return launch(args)
     if args.print_config:
         from kiln.run import resolve_config
 

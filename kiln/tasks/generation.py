@@ -351,6 +351,8 @@ class GenerationTask(Task):
         # positions (T5), writes on: the output stops where the positions end.
         positions = max_positions(model.config)
         kwargs = self.generation_kwargs()
+        if type(model).__name__.startswith("FSDP"):  # sharded weights: every rank runs every decoding step
+            kwargs["synced_gpus"] = True
         if self.state.get("decoder_only"):
             prompts = batch["prompt_ids"]
             kwargs["max_new_tokens"] = max(1, min(kwargs["max_new_tokens"], positions - prompts.shape[1]))

@@ -95,13 +95,24 @@ class TokenBudgetSampler:
             batches.append(current)
         return batches
 
-    def batches(self, epoch: int = 0) -> list[list[int]]:
-        """All micro-batches of ``epoch`` for this rank (the last epoch asked for is kept: set-up and
-        the loop both ask for the first, and cutting a large corpus is seconds of Python)."""
+    def global_batches(self, epoch: int = 0) -> Sequence[list[int]]:
+        """The micro-batches of ``epoch`` for all ranks together, the same on every rank: rank r of
+        W takes the batches r, r + W, … of each step's stretch. Their count is a multiple of W (the
+        remainder dropped, or a curriculum wrapped around). The last epoch asked for is kept: set-up
+        and the loop both ask for the first, and cutting a large corpus is seconds of Python."""
         key = epoch if self.shuffle and self.order is None else None  # otherwise every epoch is alike
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self._batches(epoch))
         return self._cached[1]
+
+    def batches(self, epoch: int = 0) -> Sequence[list[int]]:
+        """This rank's micro-batches of ``epoch``: every ``world_size``-th of :meth:`global_batches`."""
+        batches = self.global_batches(epoch)
+        if self.world_size == 1:
+            return batches
+        if isinstance(batches, EqualBatches):
+            return EqualBatches(batches.order, batches.size, batches.chunks[self.rank::self.world_size])
+        return batches[self.rank::self.world_size]
 
     def _batches(self, epoch: int) -> Sequence[list[int]]:
         n = len(self.lengths)
@@ -129,7 +140,7 @@ class TokenBudgetSampler:
                 batches.extend(self._cut(chunk))
             permutation = rng.permutation(len(batches))
             batches = [batches[i] for i in permutation]
-        return [batches[i] for i in self._share(len(batches))]
+        return [batches[i] for i in self._usable(len(batches))]
 
     def _equal_batches(self, epoch: int) -> EqualBatches:
         """:meth:`_batches` for examples of one length, drawing the same random numbers: cut the
@@ -143,10 +154,10 @@ class TokenBudgetSampler:
             rng = np.random.default_rng(self.seed + epoch)
             order = rng.permutation(len(self.lengths))
             batch_order = rng.permutation(chunks)
-        return EqualBatches(order, size, batch_order[self._share(chunks)])
+        return EqualBatches(order, size, batch_order[self._usable(chunks)])
 
-    def _share(self, count: int) -> np.ndarray:
-        """Which of ``count`` batches this rank takes, all ranks taking equally many."""
+    def _usable(self, count: int) -> np.ndarray:
+        """Which of ``count`` batches the ranks take, all ranks taking equally many."""
         ids = np.arange(count)
         if self.world_size == 1:
             return ids
@@ -155,5 +166,4 @@ class TokenBudgetSampler:
             # (hardest) batches every time: wrap around to the first ones instead, as torch's
             # DistributedSampler does.
             ids = np.concatenate([ids, ids[:-count % self.world_size]])
-        usable = len(ids) // self.world_size * self.world_size
-        return ids[:usable][self.rank::self.world_size]
+        return ids[:len(ids) // self.world_size * self.world_size]

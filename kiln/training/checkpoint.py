@@ -1,17 +1,26 @@
 """Checkpoints: HF-format model directory + safetensors optimizer state + JSON trainer state.
 
-Every checkpoint is written into a temporary directory and renamed into place, so a reader never
-sees a half-written one. Nothing here unpickles: tensors are safetensors, state is JSON.
+A run keeps ``checkpoints/step-00000123`` (the newest few, to resume from) and ``checkpoints/best``
+(to export). Each is written into a temporary sibling, ends with ``manifest.json`` (every file's size
+and sha256), is fsynced, and only then renamed into place: a kill or a power cut at any instant
+leaves the previous checkpoint or the complete new one, and the hashes tell a damaged one apart.
+Nothing here unpickles: tensors are safetensors, state is JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,9 +28,12 @@ from typing import Any, TextIO
 
 from kiln.errors import KilnError
 
+log = logging.getLogger(__name__)
+
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 KILN_FILE = "kiln.json"
+MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 # What a kiln.json must hold for kiln.load (kiln.json of a checkpoint also has step and metrics).
@@ -30,61 +42,306 @@ KILN_KEYS = ("task", "task_state", "max_length", "config")
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                         "added_tokens.json")
 DAMAGED = "the file is damaged (an interrupted save or copy?)"
+# The names kiln gives a step checkpoint, the one a save is replacing, and a temporary one: the
+# only names in checkpoints/ that kiln deletes, besides `.best.tmp-*` and the like.
+STEP_DIR = re.compile(r"step-(\d+)")
+STEP_OLD = re.compile(r"\.step-(\d+)\.old")
+STEP_TMP = re.compile(r"\.step-\d+\.tmp-.+")
+# A write that failed for want of space: the disk's, or the user's quota.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+# -- writing a directory atomically -------------------------------------------------------------
 
 
 def _previous(target: Path) -> Path:
     return target.parent / f".{target.name}.old"
 
 
-def atomic_dir(target: Path) -> tuple[Path, Any]:
-    """A fresh temporary sibling of ``target`` and a function that moves it into place.
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (what was created or renamed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    The swap is two renames: ``target`` → ``.target.old``, then the new one → ``target``. A crash
-    between them leaves only ``.target.old``, which :func:`last_checkpoint` falls back to.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a run killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+@functools.cache
+def _renameat2() -> Any:
+    """The C library's ``renameat2`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+        function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``RENAME_EXCHANGE``); False where the C
+    library or the file system cannot, and the caller falls back to two renames."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2  # AT_FDCWD (<fcntl.h>), RENAME_EXCHANGE (<linux/fs.h>)
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _step_leftovers(parent: Path) -> list[Path]:
+    """What killed saves and prunes of step checkpoints left in ``parent``: temporary directories,
+    and a ``.step-N.old`` once ``step-N`` exists (until then it is the one to resume from)."""
+    if not parent.is_dir():
+        return []
+    return [path for path in parent.iterdir()
+            if STEP_TMP.fullmatch(path.name)
+            or (STEP_OLD.fullmatch(path.name) and (parent / path.name[1:].removesuffix(".old")).is_dir())]
+
+
+def _fresh_tmp(target: Path) -> Path:
+    """An empty temporary sibling of ``target``, once the ones that killed saves left are removed."""
+    parent = target.parent
+    if not parent.is_dir():
+        parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(parent.parent)
+    stale = list(parent.glob(f".{target.name}.tmp-*"))
+    if STEP_DIR.fullmatch(target.name):  # each step has its own name: clean up after any step's save
+        stale += _step_leftovers(parent)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
     # mkdtemp makes it private (0700); the renamed directory (an exported model/) should have the
     # permissions any new directory gets, so that a service account can read it.
     tmp.chmod(0o777 & ~umask())
+    return tmp
 
-    def commit() -> None:
+
+def _swap_in(tmp: Path, target: Path) -> Path | None:
+    """Put the complete, synced directory ``tmp`` at ``target``; returns where the replaced one
+    went (None: nowhere, or ``.target.old``), for :func:`_settle` to remove."""
+    if target.is_dir() and _exchange(tmp, target):
+        return tmp
+    if target.is_dir():
         old = _previous(target)
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            target.rename(old)
-        tmp.rename(target)
         if old.exists():
             shutil.rmtree(old)
+        # Two renames leave an instant with no `target`; `.target.old` is the one to use then.
+        target.rename(old)
+    tmp.rename(target)
+    return None
+
+
+def _settle(target: Path, replaced: Path | None) -> None:
+    """After :func:`_swap_in`: make the new name durable, then remove what it replaced."""
+    _fsync_dir(target.parent)  # before the old one goes, so that a power cut keeps one of them
+    for leftover in (replaced, _previous(target)):
+        if leftover is not None and leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _settle_file(stream: Any) -> None:
+    """Give an open file the permissions of any new file, then make it durable. safetensors writes
+    its files private (0600), which would keep a service account from reading an exported model."""
+    os.fchmod(stream.fileno(), 0o666 & ~umask())
+    os.fsync(stream.fileno())
+
+
+def _sync_files(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as stream:
+                _settle_file(stream)
+    _fsync_dir(directory)
+
+
+def atomic_dir(target: Path) -> tuple[Path, Callable[[], None]]:
+    """A fresh temporary sibling of ``target`` and a function that moves it into place.
+
+    ``commit()`` fsyncs every file, then swaps the directory in with one atomic rename (Linux's
+    ``RENAME_EXCHANGE``): a reader of ``target``, say a server loading an exported ``model/``, sees
+    the old directory or the new one, never none or half of one. Where the file system cannot
+    exchange it is two renames, and a crash between them leaves only ``.target.old``, which
+    :func:`last_checkpoint` falls back to.
+    """
+    target = Path(target)
+    tmp = _fresh_tmp(target)
+
+    def commit() -> None:
+        _sync_files(tmp)
+        _settle(target, _swap_in(tmp, target))
 
     return tmp, commit
 
 
-def last_checkpoint(checkpoints: Path, name: str = "last") -> Path | None:
-    """The complete checkpoint ``checkpoints/name``, or the one it was replacing when a save was cut
-    off between its two renames; None when there is neither."""
-    for path in (checkpoints / name, _previous(checkpoints / name)):
-        if (path / STATE_FILE).is_file() and (path / "config.json").is_file():
-            return path
-    return None
+# -- the manifest -------------------------------------------------------------------------------
 
 
-def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict) -> None:
-    """Write an HF model directory (config, safetensors weights, tokenizer) plus ``kiln.json``."""
+def _write_manifest(directory: Path) -> None:
+    """List every file of ``directory`` with its size and sha256 in ``manifest.json``, syncing each
+    as it is read (its pages are still cached), and the manifest last: a checkpoint that has one
+    was written completely."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as stream:
+                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+                _settle_file(stream)
+                files[path.relative_to(directory).as_posix()] = {"size": os.fstat(stream.fileno()).st_size,
+                                                                  "sha256": digest}
+    with open(directory / MANIFEST_FILE, "w", encoding="utf-8") as out:
+        out.write(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    _fsync_dir(directory)
+
+
+# -- finding, writing and pruning checkpoints ---------------------------------------------------
+
+
+def step_checkpoint_path(checkpoints: Path, step: int) -> Path:
+    """``checkpoints/step-00000123``: zero-padded, so that a listing sorts by step."""
+    return Path(checkpoints) / f"step-{step:08d}"
+
+
+def _step_candidates(checkpoints: Path) -> list[Path]:
+    """The ``step-N`` directories and the ``.step-N.old`` fallbacks, newest step first (by number,
+    which also orders steps past 10**8), each ``step-N`` before its fallback."""
+    found = []
+    if checkpoints.is_dir():
+        for path in checkpoints.iterdir():
+            match = STEP_DIR.fullmatch(path.name) or STEP_OLD.fullmatch(path.name)
+            if match and path.is_dir():
+                found.append((-int(match[1]), path.name.startswith("."), path))
+    return [path for *_, path in sorted(found)]
+
+
+def _reason(candidate: Path, err: KilnError) -> str:
+    """``model.safetensors: sha256 mismatch``: what is wrong with a checkpoint, for a warning."""
+    message = err.message.removesuffix(f"; {DAMAGED}")
+    if err.path is None:
+        return message
+    file = Path(err.path)
+    return f"{file.relative_to(candidate) if file.is_relative_to(candidate) else file}: {message}"
+
+
+# Damaged checkpoints already reported: resuming looks for the checkpoint three times (run, trainer,
+# export); the user needs to read it once.
+_reported: set[str] = set()
+
+
+def _complete(path: Path) -> bool:
+    """Whether a checkpoint without the step layout (``best``, the ``last`` of an older kiln) looks
+    complete; as before manifests, its files are verified by the caller or when loaded, and a
+    damaged one is an error there, not skipped."""
+    return (path / STATE_FILE).is_file() and (path / "config.json").is_file()
+
+
+def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool = False) -> Path | None:
+    """The checkpoint to resume from (or, with ``name="best"``, to export), or None.
+
+    Without ``name``: the highest ``step-*`` directory that verifies (:func:`verify_checkpoint`);
+    a damaged or incomplete one is skipped with a warning naming it and the one used instead. When
+    none verifies: ``last``, the layout of an older kiln. With ``name``: ``checkpoints/name``. A save
+    cut off between two renames leaves the directory it was replacing as ``.name.old``, which is
+    used then. ``strict``: when there are step checkpoints but none verifies, raise the newest one's
+    KilnError instead of returning None (so that ``--resume`` does not quietly start over).
+    """
+    checkpoints = Path(checkpoints)
+    damaged: list[tuple[Path, KilnError]] = []
+    found = None
+    for candidate in [] if name else _step_candidates(checkpoints):
+        try:
+            verify_checkpoint(candidate)
+        except KilnError as err:
+            damaged.append((candidate, err))
+            continue
+        found = candidate
+        break
+    if found is None:
+        target = checkpoints / (name or "last")
+        found = next((path for path in (target, _previous(target)) if _complete(path)), None)
+    if found is None and damaged and strict:  # the error says it: no warning line besides
+        raise damaged[0][1]
+    for candidate, err in damaged:
+        message = (f"{candidate} is damaged ({_reason(candidate, err)}); "
+                   + (f"using {found} instead" if found else "no other checkpoint verifies"))
+        if message not in _reported:
+            _reported.add(message)
+            log.warning(message)
+    if found is None and damaged and strict:
+        raise damaged[0][1]
+    return found
+
+
+def prune_checkpoints(checkpoints: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step checkpoints that verify; damaged ones go too,
+    unless none verifies (then nothing is deleted: there would be nothing left to resume from).
+
+    Only kiln's own ``step-*`` directories and their leftovers are touched: never ``best``, the
+    ``last`` of an older kiln, or anything else in ``checkpoints``.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, not {keep_last}")
+    checkpoints = Path(checkpoints)
+    for leftover in _step_leftovers(checkpoints):
+        shutil.rmtree(leftover, ignore_errors=True)
+    kept, doomed = 0, []
+    for candidate in _step_candidates(checkpoints):
+        if kept == keep_last:
+            doomed.append(candidate)
+            continue
+        try:
+            verify_checkpoint(candidate)
+        except KilnError as err:
+            log.warning(f"removing {candidate}: it is damaged ({_reason(candidate, err)})")
+            doomed.append(candidate)
+        else:
+            kept += 1
+    if not kept:
+        return
+    for path in doomed:
+        # Renamed first, so that a kill during the removal leaves a temporary (removed by the next
+        # save), not a half-deleted checkpoint that would be reported as damaged.
+        step = (STEP_DIR.fullmatch(path.name) or STEP_OLD.fullmatch(path.name))[1]
+        trash = path.parent / f".step-{step}.tmp-pruned"
+        shutil.rmtree(trash, ignore_errors=True)
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weights: dict | None = None) -> None:
+    """Write an HF model directory (config, safetensors weights, tokenizer) plus ``kiln.json``.
+
+    ``weights``: the full state dict to save instead of the model's own (FSDP gathers it from the
+    shards; the model's parameters are then only a rank's shard). transformers empties the dict as
+    it writes, to free each tensor once it is on disk.
+    """
     unwrapped = getattr(model, "module", model)
-    unwrapped.save_pretrained(path, safe_serialization=True)
+    sharded = type(unwrapped)
+    if weights is not None and sharded.__name__.startswith("FSDP"):
+        # fully_shard swaps in a subclass named FSDP<Model>; save_pretrained writes the class name
+        # into config.json's architectures, which transformers could then not load. Save as the model.
+        unwrapped.__class__ = sharded.__mro__[2] if sharded.__mro__[1].__name__ == "FSDPModule" else sharded.__mro__[1]
+    try:
+        unwrapped.save_pretrained(path, state_dict=weights, safe_serialization=True)
+    finally:
+        unwrapped.__class__ = sharded
     tokenizer.save_pretrained(path)
     (path / KILN_FILE).write_text(json.dumps(kiln_meta, indent=2) + "\n")
 
 
 def optimizer_tensors(optimizer: Any) -> tuple[dict, dict]:
-    """Split an optimizer state_dict into safetensors-ready tensors and JSON-ready metadata."""
+    """Split an optimizer's state dict (or the optimizer, whose state dict it takes) into
+    safetensors-ready tensors and JSON-ready metadata."""
     import torch
 
-    state = optimizer.state_dict()
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, Any] = {}
     scalars: dict[str, dict] = {}
     for index, entry in state["state"].items():
@@ -96,32 +353,80 @@ def optimizer_tensors(optimizer: Any) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(optimizer: Any, tensors: dict, meta: dict) -> None:
-    """Inverse of :func:`optimizer_tensors`."""
+def optimizer_state_dict(tensors: dict, meta: dict) -> dict:
+    """Inverse of :func:`optimizer_tensors`: the optimizer state dict (torch's layout)."""
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def restore_optimizer(optimizer: Any, tensors: dict, meta: dict) -> None:
+    """Load what :func:`optimizer_tensors` split into ``optimizer``."""
+    optimizer.load_state_dict(optimizer_state_dict(tensors, meta))
+
+
+def _in_use(path: Path) -> Path | None:
+    """The checkpoint that a failed save of ``path`` leaves to resume from (named in its error, not
+    verified)."""
+    if path.is_dir():
+        return path
+    candidates = [_previous(path)]
+    if STEP_DIR.fullmatch(path.name):
+        candidates += [*_step_candidates(path.parent), path.parent / "last", _previous(path.parent / "last")]
+    return next((candidate for candidate in candidates if candidate.is_dir()), None)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError that made a write fail, if one did. safetensors' writer (Rust) reports one as a
+    SafetensorError whose message ends in "(os error 28)"."""
+    if isinstance(err, OSError):
+        return err
+    match = re.search(r"\(os error (\d+)\)", str(err)) if type(err).__name__ == "SafetensorError" else None
+    return OSError(int(match[1]), os.strerror(int(match[1]))) if match else None
 
 
 def save_checkpoint(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, optimizer: Any = None,
-                    trainer_state: dict | None = None, rng: dict | None = None) -> None:
-    """Atomically write a checkpoint directory (model, tokenizer, optimizer, state, RNG)."""
+                    trainer_state: dict | None = None, rng: dict | None = None, weights: dict | None = None) -> None:
+    """Atomically write a verified checkpoint directory (model, tokenizer, optimizer, state, RNG).
+
+    The files and then ``manifest.json`` go into a temporary sibling, are fsynced, and the directory
+    is renamed into place. A failed write (a full disk: ENOSPC, EDQUOT) removes the temporary
+    directory and is a KilnError; the previous checkpoint stays as it was. ``optimizer``: an
+    optimizer or its full state dict; ``weights``: see :func:`save_model_dir`.
+    """
     from safetensors.torch import save_file
 
-    tmp, commit = atomic_dir(path)
-    save_model_dir(tmp, model, tokenizer, kiln_meta)
-    state = dict(trainer_state or {})
-    if optimizer is not None:
-        tensors, meta = optimizer_tensors(optimizer)
-        tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
-        save_file(tensors, str(tmp / OPTIMIZER_FILE))
-        state["optimizer"] = meta
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-    commit()
+    path = Path(path)
+    tmp = _fresh_tmp(path)
+    try:
+        save_model_dir(tmp, model, tokenizer, kiln_meta, weights)
+        state = dict(trainer_state or {})
+        if optimizer is not None:
+            tensors, meta = optimizer_tensors(optimizer)
+            tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
+            save_file(tensors, str(tmp / OPTIMIZER_FILE))
+            state["optimizer"] = meta
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        _write_manifest(tmp)
+        replaced = _swap_in(tmp, path)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        previous = _in_use(path)
+        intact = f"the previous checkpoint {previous} is intact" if previous else "there was no previous checkpoint"
+        if cause.errno in DISK_FULL:
+            raise KilnError(f"disk full while writing checkpoint {path}; {intact}") from None
+        raise KilnError(f"could not write the checkpoint ({cause.strerror or cause}); {intact}", path) from None
+    try:
+        _settle(path, replaced)
+    except OSError as err:
+        raise KilnError(f"written, but could not sync it to disk ({err.strerror or err})", path) from None
 
 
 def load_checkpoint_state(path: Path) -> tuple[dict, dict, dict]:
@@ -300,10 +605,43 @@ def verify_model_dir(path: Path) -> None:
 
 
 @_once_per_version
-def verify_checkpoint(path: Path) -> None:
-    """:func:`verify_model_dir` plus the resume state: ``trainer_state.json`` and, when saved,
-    ``optimizer.safetensors``."""
+def verify_manifest(path: Path) -> None:
+    """Check every file that ``path/manifest.json`` lists against its size and sha256.
+
+    A missing manifest (a save that never finished) and a missing, resized or changed file are each
+    a KilnError naming the file.
+    """
     path = Path(path)
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        raise KilnError("file not found: the checkpoint was not completely written (a run killed mid-save?)",
+                        manifest)
+    files = read_json(manifest, required=("files",))["files"]
+    if not isinstance(files, dict) or not files:
+        raise KilnError(f"'files' is not an object listing the checkpoint's files; {DAMAGED}", manifest)
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+                and not Path(name).is_absolute() and ".." not in Path(name).parts):
+            raise KilnError(f"entry '{name}' is not a file name with a size and a sha256; {DAMAGED}", manifest)
+        file = path / name
+        if not file.is_file():
+            raise KilnError(f"file not found (listed in {MANIFEST_FILE}); {DAMAGED}", file)
+        size = file.stat().st_size
+        if size != entry["size"]:
+            raise KilnError(f"{size} bytes, {MANIFEST_FILE} says {entry['size']}; {DAMAGED}", file)
+        with open(file, "rb") as stream:
+            if hashlib.file_digest(stream, "sha256").hexdigest() != entry["sha256"]:
+                raise KilnError(f"sha256 mismatch; {DAMAGED}", file)
+
+
+@_once_per_version
+def verify_checkpoint(path: Path) -> None:
+    """Its manifest (:func:`verify_manifest`; required of a ``step-*`` checkpoint, checked where present
+    in others, as older kiln wrote none), then :func:`verify_model_dir` plus the resume state:
+    ``trainer_state.json`` and, when saved, ``optimizer.safetensors``."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).exists() or STEP_DIR.fullmatch(path.name) or STEP_OLD.fullmatch(path.name):
+        verify_manifest(path)
     verify_model_dir(path)
     state = read_json(path / STATE_FILE, required=("step",))
     if (path / OPTIMIZER_FILE).exists():
@@ -329,6 +667,8 @@ def atomic_file(path: Path) -> Iterator[TextIO]:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             yield out
+            out.flush()
+            os.fsync(out.fileno())  # else a power cut after the rename can leave an empty file
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:

@@ -21,30 +21,54 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
 
     Loss is only computed when the features carry labels.
     """
+    outputs, losses, units = run_inference_share(model, task, features, device=device, precision=precision,
+                                                 batch_tokens=batch_tokens, max_batch_size=max_batch_size,
+                                                 pad_id=pad_id)
+    return outputs, sum(losses[b] for b in sorted(losses)), units
+
+
+def run_inference_share(model: Any, task: Any, features: list[dict], *, device: Any, precision: str,
+                        batch_tokens: int, max_batch_size: int, pad_id: int, share: tuple[int, int] = (0, 1),
+                        lockstep: bool = False) -> tuple[list[Any], dict[int, float], int]:
+    """Forward the batches ``rank``, ``rank + world``, … (``share``) of the length-sorted batches one
+    process would run. Returns the outputs (None for other ranks' features), each batch's loss sum by
+    batch number and the loss units. With ``lockstep`` (sharded weights, whose forward is a
+    collective) every rank runs equally many forwards: a rank out of batches repeats its last one
+    and discards the result (or runs its first when it has none).
+    """
     import torch
 
+    rank, world = share
     sampler = TokenBudgetSampler(feature_lengths(features), batch_tokens=batch_tokens,
                                  max_batch_size=max_batch_size, shuffle=False)
+    batches = list(sampler.batches())
+    mine = list(range(rank, len(batches), world))
+    rounds = -(-len(batches) // world) if lockstep else len(mine)
     outputs: list[Any] = [None] * len(features)
-    loss_sum = torch.zeros((), device=device)
+    losses: dict[int, Any] = {}
     units = 0
     module = task.training_module(model)  # e.g. the sparse MLM head
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for indices in sampler.batches():
+        for round_ in range(rounds):
+            number = mine[round_] if round_ < len(mine) else None
+            indices = batches[number if number is not None else (mine[-1] if mine else 0)]
             batch = task.collate([features[i] for i in indices], pad_id)
             labelled = task.target_keys[0] in batch
-            if labelled:
+            if labelled and number is not None:
                 units += task.loss_units(batch)
             batch = to_device(batch, device)
             result = None
             if labelled or task.outputs_need_forward:
                 with autocast(device, precision):
                     result = module(**task.model_inputs(batch))
+            values = task.outputs(result, batch, model)
+            if number is None:
+                continue
             if labelled:
-                loss_sum += task.loss(result, batch)
-            for i, value in zip(indices, task.outputs(result, batch, model), strict=True):
+                losses[number] = task.loss(result, batch)
+            for i, value in zip(indices, values, strict=True):
                 outputs[i] = value
     model.train(was_training)
-    return outputs, float(loss_sum), units
+    return outputs, {b: float(loss) for b, loss in losses.items()}, units

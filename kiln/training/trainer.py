@@ -1,33 +1,44 @@
 """The one training loop, shared by every task.
 
-It reads top to bottom: set up, (resume,) then for each optimizer step take ``grad_accum``
+It reads top to bottom: set up (and resume), then for each optimizer step take ``grad_accum``
 micro-batches, run :meth:`Trainer.training_step`, log, evaluate, checkpoint. Tasks plug in through
 the :class:`~kiln.tasks.base.Task` interface; behaviour plugs in by overriding ``compute_loss``,
-``training_step``, ``evaluate`` or ``predict``, or through :class:`Callback` objects.
+``training_step``, ``evaluate`` or ``predict``, or through :class:`Callback` objects, which also
+do all the reporting (the metrics file, progress, the summary, trackers).
 
-Rank-aware: under ``torchrun`` (``WORLD_SIZE > 1``) every rank takes its own share of batches,
-the model is wrapped in DDP, and only rank 0 prints or writes files.
+Rank-aware through one :class:`~kiln.training.distributed.Strategy`: under ``torchrun`` every rank
+takes its share of each step's micro-batches, and only rank 0 prints or writes files. The data
+position is counted in global micro-batches, so a run resumes at another number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import sys
+import math
+import shlex
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.config import Config, parse_duration
-from kiln.errors import KilnError
-from kiln.models import keep_in_fp32, set_dropout
+from kiln.config import Config, parse_duration, parse_save_every
+from kiln.errors import KilnError, RunStopped
+from kiln.models import set_dropout
 from kiln.training import checkpoint as ckpt
 from kiln.training.batching import TokenBudgetSampler, feature_lengths
-from kiln.training.callbacks import Callback, ProgressCallback, duration
+from kiln.training.callbacks import (
+    Callback,
+    MetricsFileCallback,
+    ProgressCallback,
+    SummaryCallback,
+    duration,
+)
 from kiln.training.device import autocast, resolve_device, resolve_precision
-from kiln.training.inference import run_inference, to_device
+from kiln.training.distributed import strategy_for, world
+from kiln.training.inference import run_inference_share, to_device
 from kiln.training.optim import (
     build_optimizer,
     lr_at_fraction,
@@ -37,6 +48,8 @@ from kiln.training.optim import (
     warmup_steps,
 )
 
+__all__ = ["Callback", "Trainer", "TrainerState"]
+
 
 @dataclass
 class TrainerState:
@@ -44,7 +57,7 @@ class TrainerState:
 
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    batch_in_epoch: int = 0  # micro-batches of `epoch` consumed, by all ranks together
     best_metric: float | None = None
     best_loss: float = float("inf")
     best_step: int = -1
@@ -53,6 +66,23 @@ class TrainerState:
     tokens_seen: int = 0
     examples_seen: int = 0
     train_seconds: float = 0.0
+    world_size: int = 1  # processes when it was saved: resuming at another count keeps the global batch
+    grad_accum: int = 0  # grad_accum in force when it was saved (0: the config's)
+    skipped_steps: int = 0  # steps not applied: their loss or gradient was not finite
+    nonfinite_streak: int = 0
+    last_save_seconds: float = 0.0
+    # The logging window in progress (its sums), so a resumed run logs the same lines.
+    window: dict = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "examples": 0})
+
+
+@dataclass
+class Step:
+    """One optimizer step's data: this rank's micro-batches and the whole job's token and example counts."""
+
+    micro_batches: list[list[int]]
+    consumed: int  # global micro-batches the step takes from the epoch
+    tokens: int
+    examples: int
 
 
 log = logging.getLogger(__name__)
@@ -83,19 +113,22 @@ class Trainer:
         self.eval_features = eval_features or []
         self.eval_dataset = eval_dataset
         self.run_dir = Path(run_dir) if run_dir else None
-        self.callbacks = [ProgressCallback(), *callbacks]
+        self.callbacks = [SummaryCallback(), MetricsFileCallback(), ProgressCallback(), *callbacks]
         self.kiln_meta = kiln_meta or {}
         self.description = description or {}
         self.state = TrainerState()
         self.should_stop = False
         self.step_loss: Any = 0.0  # the last step's mean loss (a device tensor: read it rarely)
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.grad_norm: Any = 0.0  # the last step's gradient norm, before clipping
+        self.rank, self.world_size = world()
         self.is_main = self.rank == 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.last_metrics: dict = {}
         self.best_metrics: dict = {}
-        self._interrupt_requested = False  # set by the first Ctrl-C, acted on at the next step boundary
+        self._window_loss: Any = 0.0  # this rank's losses since the last log or save (on the device)
+        self._saved_step = -1
+        self.micro_split = 1  # --auto-batch: each micro-batch runs as this many pieces
+        self._stop_signal: str | None = None  # set by SIGTERM or the first Ctrl-C, acted on at the step's end
         self._interrupt_now = False  # a second Ctrl-C: stop mid-step, without saving
         # Batches at construction, so a run with none fails before its run directory is written
         # (and before a rank with none could hang its peers in the first all-reduce).
@@ -111,8 +144,8 @@ class Trainer:
             raise KilnError(f"{len(train_features)} training features make no batch{share}")
 
     # -- set-up ------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """Device, precision, distributed wrapping, optimizer and step count."""
+    def setup(self, resume: bool = False) -> None:
+        """Device, precision, the distributed strategy, optimizer, step count (and the resumed state)."""
         import torch
 
         train = self.config.train
@@ -122,29 +155,33 @@ class Trainer:
             set_dropout(self.model, train.dropout)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.strategy = strategy_for(self.device, train.fsdp, self.precision, train.cpu_offload)
         self.model.to(self.device)
+        if train.grad_checkpoint:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        resumed = self._checkpoint_to_resume() if resume else None
+        if resume and resumed is None and self.is_main and self.run_dir is not None:
+            _cut_metrics(self.run_dir / "metrics.jsonl", 0)  # killed before its first checkpoint: start over
+        if resumed is not None:  # weights go in before sharding, which replaces the parameters
+            ckpt.load_weights(self.model, resumed)
         # What the loop calls: the model, or a task's wrapper around it (sharing its parameters).
-        self.module = self.task.training_module(self.model)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
+        self.module = self.strategy.wrap(self.model, self.task.training_module(self.model))
         self.optimizer = build_optimizer(self.model, self.config.optim, self.device.type)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.budget = parse_duration(train.budget)
+        self.save_steps, self.save_seconds = parse_save_every(train.save_every)
+        self.metric = train.metric or self.task.main_metric
+        if resumed is not None:
+            self._restore(resumed)
         self._epoch_sizes, self._planned_batches = self._planned_micro_batches()
         self.total_steps = self._total_steps()
         self.warmup = warmup_steps(self.config.schedule, self.total_steps)
-        self.metric = self.config.train.metric or self.task.main_metric
         log.debug(f"set-up: {self.total_steps} steps ({self.warmup} warmup), {len(self._epoch_sizes)} epochs of "
-                  f"{self._epoch_sizes} micro-batches, {type(self.optimizer).__name__}, best by {self.metric}, "
-                  f"rank {self.rank} of {self.world_size}")
+                  f"{self._epoch_sizes} micro-batches per rank, {type(self.optimizer).__name__}, best by "
+                  f"{self.metric}, {self.strategy.name}, rank {self.rank} of {self.world_size}")
 
     def _planned_micro_batches(self) -> tuple[list[int], int]:
-        """Micro-batches in each epoch that ``train.epochs`` covers, and how many of them to train."""
+        """Micro-batches per rank in each epoch that ``train.epochs`` covers, and how many to train."""
         train = self.config.train
         if train.max_steps > 0 or self.budget:
             return [], 0
@@ -158,7 +195,7 @@ class Trainer:
         if train.max_steps > 0:
             return train.max_steps
         if self.budget:  # time decides; steps are unbounded
-            return sys.maxsize
+            return 2**62
         return planned_steps(self._epoch_sizes, self._planned_batches, train.grad_accum, train.batch_ramp)
 
     # -- override points ---------------------------------------------------------------------
@@ -172,168 +209,219 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches.
 
         The loss is normalised by the loss units (examples or tokens) of the *whole* accumulated
-        batch, so accumulating k micro-batches gives the same gradient as one k-times-larger batch.
-        Returns the detached mean loss per unit.
+        batch of every rank, so accumulating k micro-batches (or k ranks) gives the same gradient as
+        one k-times-larger batch. A step whose gradient is not finite is not applied (fp16's
+        overflows are the grad scaler's). Returns the detached mean loss per unit.
         """
-        import contextlib
-
         import torch
 
         self.module.train()
         units = sum(self.task.loss_units(b) for b in micro_batches)
-        if self.world_size > 1:  # DDP averages gradients over ranks; normalise by the global count
-            units = self._all_reduce([units], "sum")[0] / self.world_size
+        if self.world_size > 1:  # the ranks average gradients; normalise by the global count
+            units = self.strategy.all_reduce([units])[0] / self.world_size
         units = max(units, 1)
         total = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
-            last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.module.no_sync()
-            with sync:
+            with self.strategy.sync(self.module, last=index == len(micro_batches) - 1):
                 loss = self.compute_loss(self.module, batch) / units
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         self._set_lr()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.grad_norm = self.strategy.clip_grad_norm(self.model, self.config.train.grad_clip)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif bool(torch.isfinite(self.grad_norm)):
             self.optimizer.step()
+            self.state.nonfinite_streak = 0
+        else:  # NaN/inf anywhere in any rank's loss or gradient reaches the global norm: all ranks skip
+            self.state.skipped_steps += 1
+            self.state.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
     def evaluate(self, features: list[dict] | None = None, dataset: Any = None) -> dict:
-        """Loss and task metrics on ``features`` (default: the validation set)."""
+        """Loss and task metrics on ``features`` (default: the validation set), computed once over the
+        whole set: under several processes each predicts its share and the main rank scores them."""
         features = self.eval_features if features is None else features
         dataset = self.eval_dataset if dataset is None else dataset
         outputs, loss_sum, units = self.predict(features)
-        predictions = self.task.decode(outputs, features, dataset)
-        metrics = self.task.metrics(predictions, dataset)
-        metrics["loss"] = loss_sum / max(units, 1)
-        metrics.update(self.task.loss_metrics(metrics["loss"]))
-        metrics["n"] = len(dataset)
-        return metrics
+        metrics = None
+        if self.is_main:
+            predictions = self.task.decode(outputs, features, dataset)
+            metrics = self.task.metrics(predictions, dataset)
+            metrics["loss"] = loss_sum / max(units, 1)
+            metrics.update(self.task.loss_metrics(metrics["loss"]))
+            metrics["n"] = len(dataset)
+        return self.strategy.broadcast(metrics)
 
     def predict(self, features: list[dict]) -> tuple[list[Any], float, int]:
-        """Per-feature outputs in input order, plus the loss sum and units when labelled."""
-        return run_inference(self.model, self.task, features, device=self.device, precision=self.precision,
-                             batch_tokens=self.config.train.batch_tokens * 2,
-                             max_batch_size=self.config.train.max_batch_size * 2, pad_id=self.pad_id)
+        """Per-feature outputs in input order, plus the loss sum and units when labelled. Each rank
+        takes every world_size-th of the batches one process would run, so every output (and each
+        batch's loss) is computed exactly as in one process."""
+        outputs, batch_losses, units = run_inference_share(
+            self.model, self.task, features, device=self.device, precision=self.precision,
+            batch_tokens=self.config.train.batch_tokens * 2, max_batch_size=self.config.train.max_batch_size * 2,
+            pad_id=self.pad_id, share=(self.rank, self.world_size), lockstep=self.strategy.name == "fsdp")
+        if self.world_size == 1:
+            return outputs, sum(batch_losses.values()), units
+        merged: list[Any] = [None] * len(features)
+        losses: dict[int, float] = {}
+        total_units = 0
+        for part, part_losses, part_units in self.strategy.gather((
+                {i: v for i, v in enumerate(outputs) if v is not None}, batch_losses, units)):
+            for i, value in part.items():
+                merged[i] = value
+            losses.update(part_losses)
+            total_units += part_units
+        return merged, sum(losses[b] for b in sorted(losses)), total_units  # summed in one process's order
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
-        """Run training to the end (or early stop).
-
-        Returns the validation metrics of the best checkpoint, the model that is exported.
-        """
-        import signal
-        import threading
-
-        import torch
-
+        """Run training to the end (or early stop); returns the validation metrics of the best
+        checkpoint, the model that is exported."""
         clock = time.perf_counter()  # a budget counts set-up (and any compile warm-up) too
-        self.setup()
-        if resume:
-            self._restore()
-        self._print_summary()
-        for callback in self.callbacks:
-            callback.on_train_begin(self)
-        train = self.config.train
-        window_loss = torch.zeros((), device=self.device)
-        window_steps = 0
-        window_start = time.perf_counter()
-        window_tokens = window_examples = 0
+        self.setup(resume)
+        self._call("on_train_begin")
         started = clock - self.state.train_seconds
-        eta_printed = self.state.step > 0
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGINT, self._on_interrupt)
-        try:
-            while self.state.step < self.total_steps and not self.should_stop:
-                batches = self.sampler.batches(self.state.epoch)
-                while self.state.batch_in_epoch < len(batches) and self.state.step < self.total_steps:
-                    accumulate = self.accumulation()
-                    chunk = batches[self.state.batch_in_epoch:self.state.batch_in_epoch + accumulate]
-                    micro = [self.task.collate_training([self.train_features[i] for i in ids], self.pad_id,
-                                                        self.state.epoch) for ids in chunk]
-                    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b
-                                 else b["input_ids"].numel() for b in micro)
-                    examples = sum(len(ids) for ids in chunk)
-                    self.step_loss = self.training_step(micro)
-                    window_loss += self.step_loss
-                    window_steps += 1
-                    window_tokens += tokens
-                    window_examples += examples
-                    self.state.step += 1
-                    self.state.batch_in_epoch += len(chunk)
-                    self.state.tokens_seen += tokens
-                    self.state.examples_seen += examples
-                    self.state.train_seconds = time.perf_counter() - started
-                    stop_requested = self._agree_across_ranks()
-                    logs = None
+        window_start = time.perf_counter()
+        with self._signals():
+            try:
+                while self.state.step < self.total_steps and not self.should_stop:
+                    step = self._next_step()
+                    if step is None:  # the epoch is used up
+                        self._end_epoch()
+                        continue
+                    self.step_loss = self._run_step(step)
+                    self._count(step, started)
+                    stop_signal = self._agree_across_ranks()
                     out_of_time = bool(self.budget) and self.state.train_seconds >= self.budget
-                    if (self.state.step % train.log_every == 0 or self.state.step == self.total_steps
-                            or out_of_time):  # the last step of a budget run is always logged
-                        elapsed = max(time.perf_counter() - window_start, 1e-9)
-                        loss, tokens, examples, seen = self._all_ranks(
-                            window_loss.item(), window_tokens, window_examples, self.state.tokens_seen)
-                        logs = {"step": self.state.step, "epoch": round(self._epoch_progress(len(batches)), 4),
-                                "loss": loss / window_steps,
-                                "lr": self.optimizer.param_groups[0]["lr"],
-                                "tokens_per_s": tokens / elapsed,
-                                "examples_per_s": examples / elapsed,
-                                "tokens": seen,
-                                "elapsed": self.state.train_seconds}
-                        self._log(logs)
-                        window_loss.zero_()
-                        window_steps = window_tokens = window_examples = 0
+                    logs = None
+                    if self.state.step % self.config.train.log_every == 0 or out_of_time \
+                            or self.state.step == self.total_steps:  # a budget run's last step is logged
+                        logs = self._log_window(time.perf_counter() - window_start)
                         window_start = time.perf_counter()
                     if out_of_time:
                         self._say(f"  budget    {duration(self.budget)} spent at step {self.state.step}")
                         self.should_stop = True
-                    if not eta_printed and self.state.step == min(10, self.total_steps) and not self.budget:
-                        eta_printed = True
-                        per_step = self.state.train_seconds / self.state.step
-                        self._say(f"  ETA       {duration(per_step * (self.total_steps - self.state.step))}"
-                                  f" for {self.total_steps} steps (timed over the first {self.state.step})")
-                    for callback in self.callbacks:
-                        callback.on_step_end(self, logs)
-                    if train.eval_every and self.state.step % train.eval_every == 0:
+                    self._call("on_step_end", logs)
+                    self._check_finite()
+                    if self.config.train.eval_every and self.state.step % self.config.train.eval_every == 0:
                         self._evaluate_and_checkpoint()
-                    if stop_requested or (self.world_size == 1 and self._interrupt_requested):
-                        raise KeyboardInterrupt  # at a step boundary: the checkpoint below is consistent
-                    if self.should_stop:
-                        break
-                if self.state.batch_in_epoch >= len(batches):
-                    self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
-                    if not train.eval_every and not self.should_stop:
-                        self._evaluate_and_checkpoint()
-            if self.state.last_eval_step != self.state.step:
-                self._evaluate_and_checkpoint()
-        except KeyboardInterrupt:
-            for callback in self.callbacks:
-                callback.on_train_end(self)
-            if self._interrupt_now:  # mid-step: the weights and the step count may disagree
-                self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
-                          "from the last checkpoint", logging.WARNING)
-            else:
-                self._save("last")
-                self._say(f"interrupted at step {self.state.step}; continue with --resume", logging.WARNING)
-            raise
-        finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
-        for callback in self.callbacks:
-            callback.on_train_end(self)
+                    elif self._save_due():
+                        self._save()
+                    if self.world_size == 1:  # alone, a signal during this step's reporting counts too
+                        stop_signal = self._stop_signal
+                    if stop_signal:
+                        self._stop_for_signal(stop_signal)
+                if self.state.last_eval_step != self.state.step:
+                    self._evaluate_and_checkpoint()
+            except KeyboardInterrupt:
+                self._call("on_train_end")
+                if self._interrupt_now:  # mid-step: the weights and the step count may disagree
+                    self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
+                              "from the last checkpoint", logging.WARNING)
+                else:
+                    self._save()
+                    self._say(f"interrupted at step {self.state.step}; continue with --resume", logging.WARNING)
+                raise
+            except Exception:  # a planned stop (RunStopped) or a failure: the reporters close all the same
+                self._call("on_train_end")
+                raise
+        self._call("on_train_end")
+        self.strategy.close()
         return self.best_metrics or self.last_metrics
 
-    def _epoch_progress(self, batches_in_epoch: int) -> float:
-        return self.state.epoch + self.state.batch_in_epoch / max(batches_in_epoch, 1)
+    def _next_step(self) -> Step | None:
+        """The next step's micro-batches for this rank, or None when the epoch has no full step left.
+
+        Rank r of W takes global micro-batches p + r, p + r + W, … from the epoch's position p, so
+        W ranks each accumulating k equal one process accumulating k·W.
+        """
+        batches = self.sampler.global_batches(self.state.epoch)
+        position, ranks = self.state.batch_in_epoch, self.world_size
+        per_rank = min(self.accumulation(), (len(batches) - position) // ranks)
+        if per_rank <= 0:
+            return None
+        taken = [batches[position + i] for i in range(per_rank * ranks)]
+        lengths = self.sampler.lengths
+        return Step(micro_batches=taken[self.rank::ranks], consumed=len(taken),
+                    tokens=int(sum(int(lengths[ids].sum()) for ids in taken)),
+                    examples=sum(len(ids) for ids in taken))
+
+    def _run_step(self, step: Step) -> Any:
+        """Collate and train one step; on CUDA out-of-memory, with ``--auto-batch``, run it again with
+        each micro-batch split in two (the same examples, so the same effective batch)."""
+        import torch
+
+        while True:
+            pieces = [piece for ids in step.micro_batches for piece in _split(ids, self.micro_split)]
+            micro = [self.task.collate_training([self.train_features[i] for i in ids], self.pad_id,
+                                                self.state.epoch) for ids in pieces]
+            try:
+                return self.training_step(micro)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                largest = max(len(ids) for ids in step.micro_batches)
+                if not self.config.train.auto_batch or self.micro_split >= largest:
+                    raise KilnError(self._oom_message()) from None
+                self.micro_split *= 2
+                torch.cuda.empty_cache()
+                self._say(f"  out of memory at step {self.state.step + 1}: micro-batches now run in "
+                          f"{self.micro_split} pieces (--auto-batch; the effective batch is unchanged)",
+                          logging.WARNING)
+
+    def _count(self, step: Step, started: float) -> None:
+        state = self.state
+        state.step += 1
+        state.batch_in_epoch += step.consumed
+        state.tokens_seen += step.tokens
+        state.examples_seen += step.examples
+        state.train_seconds = time.perf_counter() - started
+        window = state.window
+        window["tokens"] += step.tokens
+        window["examples"] += step.examples
+        if state.nonfinite_streak:  # a skipped step's loss is not a loss: it would make the window's NaN
+            return
+        window["steps"] += 1
+        # Summed on the device, in float64: float32 losses then add up exactly, so a window split by a
+        # checkpoint (folded into the state there) logs the same mean as one that was not.
+        self._window_loss = self._window_loss + self.step_loss.double()
+
+    def _log_window(self, elapsed: float) -> dict:
+        """The logged line of the window since the last one: the mean loss of the job's global batches."""
+        window = self.state.window
+        loss = window["loss"] + self._fold_window_loss()
+        elapsed = max(elapsed, 1e-9)
+        logs = {"step": self.state.step, "epoch": round(self._epoch_progress(), 4),
+                "loss": loss / max(window["steps"], 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": _finite(float(self.grad_norm)), "tokens_per_s": window["tokens"] / elapsed,
+                "examples_per_s": window["examples"] / elapsed, "tokens": self.state.tokens_seen,
+                "elapsed": self.state.train_seconds}
+        if self.state.skipped_steps:
+            logs["skipped_steps"] = self.state.skipped_steps
+        self.state.window = {"loss": 0.0, "steps": 0, "tokens": 0, "examples": 0}
+        self._log(logs)
+        return logs
+
+    def _fold_window_loss(self) -> float:
+        """This rank's window loss since the last fold, as the job's (a collective), restarted at 0."""
+        local = float(self._window_loss)
+        self._window_loss = 0.0
+        return self.strategy.all_reduce([local])[0] / self.world_size
+
+    def _end_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        if not self.config.train.eval_every and not self.should_stop:
+            self._evaluate_and_checkpoint()
+
+    def _epoch_progress(self) -> float:
+        usable = len(self.sampler.global_batches(self.state.epoch))
+        return self.state.epoch + self.state.batch_in_epoch / max(usable, 1)
 
     def fraction(self) -> float:
         """How much of training is done: steps done/total or, with a budget, elapsed/budget, whichever
@@ -344,56 +432,112 @@ class Trainer:
         return min(1.0, done)
 
     def accumulation(self) -> int:
-        """Micro-batches in the next step: ``grad_accum``, or a linear ramp up to it (``batch_ramp``).
-
-        The ramp runs on the elapsed fraction of the budget, of ``max_steps``, or else of the
-        micro-batches that ``epochs`` plan (so the smaller early steps still cover every epoch).
-        """
+        """Micro-batches per rank in the next step: ``grad_accum``, or a linear ramp up to it
+        (``batch_ramp``), on the elapsed fraction of the budget, of ``max_steps``, or else of the
+        micro-batches that ``epochs`` plan (so the smaller early steps still cover every epoch)."""
         train = self.config.train
         if self.budget or train.max_steps > 0:
             done = self.fraction()
         else:
-            consumed = sum(self._epoch_sizes[:self.state.epoch]) + self.state.batch_in_epoch
+            consumed = sum(self._epoch_sizes[:self.state.epoch]) + math.ceil(
+                self.state.batch_in_epoch / self.world_size)
             done = min(1.0, consumed / max(self._planned_batches, 1))
         return ramp_accumulation(train.grad_accum, done, train.batch_ramp)
 
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
-        if self._interrupt_requested:  # a second Ctrl-C: the user will not wait for the step
+    # -- faults: signals, non-finite steps, out of memory --------------------------------------
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGTERM and the first Ctrl-C stop at the step's end with a checkpoint; a second Ctrl-C at once."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self._stop_signal and signum == signal.SIGINT:  # a second Ctrl-C: the user will not wait
             self._interrupt_now = True
             raise KeyboardInterrupt
-        self._interrupt_requested = True
-        self._say("\n  stopping after this step (saves a checkpoint; Ctrl-C again to stop at once)")
+        self._stop_signal = self._stop_signal or name
+        if self.is_main:  # straight to stderr: a log call inside a signal handler could deadlock
+            import sys
 
-    def _agree_across_ranks(self) -> bool:
-        """Under torchrun, make every rank see the same clock and the same Ctrl-C.
+            print(f"\n  {name}: stopping after this step with a checkpoint"
+                  + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), file=sys.stderr)
+
+    def _agree_across_ranks(self) -> str | None:
+        """Under several processes, make every rank see the same clock and the same stop signal.
 
         Each rank reads its own clock, and a signal reaches them at different moments: left alone,
         one rank could stop on the budget (or set a different LR or accumulation) while another
         starts a step whose all-reduce then never completes. The slowest clock and any rank's stop
-        request win. Returns whether to stop for an interrupt at this step's end.
+        request win. Returns the signal to stop for at this step's end, if any.
         """
         if self.world_size == 1:
-            return False
-        seconds, interrupted = self._all_reduce([self.state.train_seconds, self._interrupt_requested], "max")
+            return self._stop_signal
+        seconds, stop = self.strategy.all_reduce([self.state.train_seconds, bool(self._stop_signal)], "max")
         self.state.train_seconds = seconds
-        return bool(interrupted)
+        return (self._stop_signal or "SIGTERM") if stop else None
 
-    def _all_ranks(self, loss: float, tokens: int, examples: int, seen: int) -> tuple[float, int, int, int]:
-        """The logged figures of the whole job: tokens and examples summed over ranks, and the loss
-        averaged (each rank's loss is its share of the global sum, scaled by the world size)."""
-        if self.world_size == 1:
-            return loss, tokens, examples, seen
-        loss, tokens, examples, seen = self._all_reduce([loss, tokens, examples, seen], "sum")
-        return loss / self.world_size, int(tokens), int(examples), int(seen)
+    def _stop_for_signal(self, name: str) -> None:
+        if self._saved_step != self.state.step:  # the step may just have been saved for --save-every
+            self._save()
+        raise RunStopped(f"{name}: stopped at step {self.state.step} with a checkpoint; continue with: "
+                         f"{self.resume_command()}", exit_code=0)
 
-    def _all_reduce(self, values: list[float], op: str) -> list[float]:
-        """``values`` reduced over all ranks (``sum`` or ``max``), in one collective."""
-        import torch
-        import torch.distributed as dist
+    def _check_finite(self) -> None:
+        limit = self.config.train.nonfinite_limit
+        streak = self.state.nonfinite_streak
+        if streak and self.is_main:
+            log.warning(f"  step {self.state.step}: loss or gradient not finite; the update was skipped "
+                        f"({self.state.skipped_steps} skipped so far)")
+        if streak >= limit:
+            self._save()  # the weights are the last finite ones
+            fp32 = "" if self.precision == "fp32" else ", --precision fp32"
+            raise RunStopped(f"the loss or gradient was not finite for {streak} steps in a row (to step "
+                             f"{self.state.step}); stopped with a checkpoint of the last finite weights. A resumed "
+                             f"run keeps its settings: train again with a lower --lr, more warmup{fp32} or a "
+                             f"smaller grad_clip (--overwrite, or --init {self.run_dir or 'RUN'}/checkpoints/"
+                             f"step-{self.state.step:08d} to keep the progress)", exit_code=1)
 
-        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return tensor.tolist()
+    def _oom_message(self) -> str:
+        train = self.config.train
+        from kiln.estimate import run_memory_bytes
+
+        longest = int(self.sampler.lengths.max())
+        per_batch = train.batch_size or max(1, min(train.max_batch_size, train.batch_tokens // max(longest, 1)))
+        need = run_memory_bytes(self.model, self.config.optim.name, self.precision, longest, per_batch,
+                                train.grad_checkpoint) / self.strategy_shards()
+        need = f"kiln estimates {need / 2**30:.1f} GiB per GPU for this run; "
+        return (f"CUDA out of memory at step {self.state.step + 1}; {need}try --batch-tokens "
+                f"{max(train.batch_tokens // 2, 1)} with --grad-accum {train.grad_accum * 2} (the same "
+                "effective batch), --precision bf16, --grad-checkpoint, --fsdp on several GPUs, or "
+                "--auto-batch to split micro-batches automatically")
+
+    def strategy_shards(self) -> int:
+        """Over how many processes the weights and optimizer state are split (FSDP), for estimates."""
+        return self.world_size if self.strategy.name == "fsdp" else 1
+
+    def resume_command(self) -> str:
+        """The command line that continues this run."""
+        meta, run = self.kiln_meta, self.run_dir
+        if run is None:
+            return "kiln train ... --resume"
+        words = ["kiln", "train", meta.get("task", self.task.name), str(meta.get("data", "DATA")), "-n", run.name,
+                 "--output-dir", str(run.parent), "--resume"]
+        if self.world_size > 1:
+            words += ["--nproc", str(self.world_size)]
+        return shlex.join(words)
 
     def _set_lr(self) -> None:
         schedule = self.config.schedule
@@ -411,7 +555,7 @@ class Trainer:
     def _evaluate_and_checkpoint(self) -> None:
         self.state.last_eval_step = self.state.step
         if not self.eval_features:
-            self._save("last")
+            self._save()
             return
         metrics = self.evaluate()
         self.last_metrics = metrics
@@ -436,51 +580,71 @@ class Trainer:
         self._say(f"  eval step {self.state.step}: {shown}{'  (best)' if improved else ''}")
         if improved:
             self.best_metrics = metrics
-            self._save("best")
-        self._save("last")
+            self._save(best=True)
+        self._save()
         patience = self.config.train.patience
         if patience and self.state.evals_without_improvement >= patience:
             self._say(f"  early stop: no {self.metric} improvement in {patience} evaluations")
             self.should_stop = True
-        for callback in self.callbacks:
-            callback.on_evaluate(self, metrics)
+        self._call("on_evaluate", metrics)
 
-    def _save(self, which: str) -> None:
-        if self.run_dir is None or not self.is_main:
-            return
+    def _save_due(self) -> bool:
+        if self.save_steps and self.state.step % self.save_steps == 0:
+            return True
+        # train_seconds is the same on every rank (agreed each step), so they all decide alike
+        return bool(self.save_seconds) and self.state.train_seconds - self.state.last_save_seconds >= self.save_seconds
+
+    def _save(self, best: bool = False) -> None:
+        """Write a checkpoint: ``best``, or the step's resumable one (then keep the newest
+        ``keep_last``). Every rank takes part (FSDP gathers the full state); rank 0 writes."""
         import torch
 
-        path = self.run_dir / "checkpoints" / which
+        self.state.last_save_seconds = self.state.train_seconds
+        self._saved_step = self.state.step if not best else self._saved_step
+        if not best:  # the window's loss so far (all ranks'), so that a resumed run logs the same line
+            self.state.window["loss"] += self._fold_window_loss()
+        weights = self.strategy.model_state(self.model)
+        optimizer = None if best else self.strategy.optimizer_state(self.model, self.optimizer)
+        if self.run_dir is None or not self.is_main:
+            return
+        checkpoints = self.run_dir / "checkpoints"
         meta = {**self.kiln_meta, "step": self.state.step}
-        if which == "best":
+        state = asdict(self.state)
+        state.update(world_size=self.world_size, grad_accum=self.config.train.grad_accum)
+        if best:
             meta["metrics"] = self.last_metrics
-            ckpt.save_checkpoint(path, self.model, self.tokenizer, meta, trainer_state=asdict(self.state))
+            ckpt.save_checkpoint(checkpoints / "best", self.model, self.tokenizer, meta, trainer_state=state,
+                                 weights=weights)
             return
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = asdict(self.state)
         if self.scaler is not None:  # fp16's loss scale: resuming without it would re-learn it
             state["grad_scaler"] = self.scaler.state_dict()
-        ckpt.save_checkpoint(path, self.model, self.tokenizer, meta, optimizer=self.optimizer,
-                             trainer_state=state, rng=rng)
+        ckpt.save_checkpoint(ckpt.step_checkpoint_path(checkpoints, self.state.step), self.model, self.tokenizer,
+                             meta, optimizer=optimizer, trainer_state=state, rng=rng, weights=weights)
+        ckpt.prune_checkpoints(checkpoints, self.config.train.keep_last)
 
-    def _restore(self) -> None:
-        import torch
-
+    def _checkpoint_to_resume(self) -> Path | None:
         path = ckpt.last_checkpoint(self.run_dir / "checkpoints") if self.run_dir else None
         if path is None:
             self._say("  no checkpoint to resume from; starting from step 0")
-            return
-        ckpt.load_weights(self.model, path)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        """Continue from checkpoint ``path`` (weights are already loaded): optimizer, state, RNG, and
+        the metrics file cut back to what the checkpoint had seen."""
+        import torch
+
         state, tensors, rng = ckpt.load_checkpoint_state(path)
-        # load_state_dict moves the moment tensors onto the parameters' device and keeps Adam's
-        # `step` counters where they are (on the CPU, so reading them costs no device sync).
-        ckpt.restore_optimizer(self.optimizer, tensors, state.pop("optimizer"))
+        self.strategy.load_optimizer_state(self.model, self.optimizer,
+                                           ckpt.optimizer_state_dict(tensors, state.pop("optimizer")))
         scaler_state = state.pop("grad_scaler", None)
         if scaler_state and self.scaler is not None:
             self.scaler.load_state_dict(scaler_state)
-        self.state = TrainerState(**state)
+        known = TrainerState.__dataclass_fields__
+        self.state = TrainerState(**{k: v for k, v in state.items() if k in known})
+        self._keep_global_batch()
         best = path.parent / "best" / ckpt.KILN_FILE
         if best.is_file():
             self.best_metrics = json.loads(best.read_text()).get("metrics", {})
@@ -488,42 +652,65 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.is_main and self.run_dir is not None:
+            _cut_metrics(self.run_dir / "metrics.jsonl", self.state.step)
         self._say(f"  resumed   step {self.state.step} (epoch {self.state.epoch}, "
-                  f"batch {self.state.batch_in_epoch})")
+                  f"micro-batch {self.state.batch_in_epoch}) from {path.name}")
+
+    def _keep_global_batch(self) -> None:
+        """At another number of processes than the checkpoint's, scale grad_accum so that each step
+        still takes as many micro-batches (the global batch, and so the run, stay the same)."""
+        saved = self.state.world_size
+        accum = self.state.grad_accum or self.config.train.grad_accum
+        if saved == self.world_size:
+            return
+        if (saved * accum) % self.world_size:
+            raise KilnError(f"the checkpoint's steps take {saved * accum} micro-batches ({saved} processes x "
+                            f"grad_accum {accum}), which {self.world_size} processes cannot share evenly; "
+                            f"resume with a number of processes that divides {saved * accum}")
+        self.config.train.grad_accum = saved * accum // self.world_size
+        self._say(f"  resumed at {self.world_size} processes instead of {saved}: grad_accum "
+                  f"{self.config.train.grad_accum} keeps the global batch of {saved * accum} micro-batches")
 
     def _log(self, record: dict) -> None:
-        if self.run_dir is None or not self.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
+        """Hand a record (a training window or an evaluation) to the reporters, on the main rank."""
+        if self.is_main:
+            self._call("on_log", record)
+
+    def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
-            callback.on_log(self, record)
+            getattr(callback, hook)(self, *args)
 
     def _say(self, text: str, level: int = logging.INFO) -> None:
         if self.is_main:
             log.log(level, text)
 
-    def _print_summary(self) -> None:
-        train = self.config.train
-        params = sum(p.numel() for p in self.model.parameters())
-        train_tokens = int(self.sampler.lengths.sum())  # computed once, in setup
-        eval_tokens = int(feature_lengths(self.eval_features).sum())
-        batch = (f"{train.batch_size} examples" if train.batch_size else f"{train.batch_tokens} tokens")
-        accumulated = train.grad_accum * self.world_size
-        d = self.description
-        lines = [
-            f"kiln train {d.get('task', self.task.name)} · {d.get('name', '')}",
-            f"  profile   {d.get('profile', self.config.name)} ({d.get('init', 'from scratch')})",
-            f"  model     {params / 1e6:.2f}M parameters on {self.device} in {self.precision}"
-            + (f" ({note})" if self.precision != "fp32" and (note := keep_in_fp32(self.model)) else ""),
-            f"  train     {len(self.train_features)} examples, {train_tokens} tokens",
-            f"  valid     {len(self.eval_features)} examples, {eval_tokens} tokens",
-            f"  batch     {batch} x {accumulated} (accumulation x ranks) per step, "
-            f"{'budget ' + duration(self.budget) if self.budget else f'{self.total_steps} steps'}, "
-            f"lr {self.config.optim.lr:g} ({self.config.schedule.name})",
-        ]
-        if d.get("head"):
-            lines.insert(2, f"  new       {d['head']}")
-        if self.run_dir:
-            lines.append(f"  run       {self.run_dir}")
-        self._say("\n".join(lines))
+
+def _split(ids: list[int], pieces: int) -> list[list[int]]:
+    """``ids`` in up to ``pieces`` consecutive, non-empty parts."""
+    if pieces <= 1:
+        return [ids]
+    size = -(-len(ids) // pieces)
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None (JSON null) for NaN and infinities, which strict JSON readers refuse."""
+    return value if math.isfinite(value) else None
+
+
+def _cut_metrics(path: Path, step: int) -> None:
+    """Drop the records a resumed run will write again (those after its checkpoint's ``step``), and a
+    last line a kill cut short, so the file ends as an uninterrupted run's would."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        # The test split's record is written after training, by the export: a resumed run writes it again.
+        if isinstance(record, dict) and record.get("step", 0) <= step and record.get("split") != "test":
+            kept.append(line)
+    ckpt.write_text_atomic(path, "".join(f"{line}\n" for line in kept))

@@ -1,0 +1,153 @@
+"""Several processes on CPU (gloo), started by ``kiln train --nproc``: DDP and FSDP train like one
+process accumulating as many micro-batches, evaluation is sharded and exact, and a run saved at 2
+processes resumes at 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_PROFILE, sentiment_rows
+from safetensors.torch import load_file
+
+import kiln
+from kiln.training import checkpoint as ckpt
+
+# fp32 on the CPU, no dropout: what differs between the runs is only the order of float sums
+# (a 2-rank all-reduce against one process's accumulation), hence 1e-5 and not equality.
+SETTINGS = {"train.dropout": 0.0, "train.device": "cpu", "train.precision": "fp32", "train.max_steps": 4,
+            "train.eval_every": 2, "train.log_every": 1, "train.save_every": "1", "train.keep_last": 4}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``kiln train`` in a subprocess (it re-executes itself through torch.distributed.run)."""
+    done = subprocess.run([sys.executable, "-m", "kiln", "train", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def flags(settings: dict) -> list[str]:
+    return [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
+
+
+def records(run: Path, split: str | None = None) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split") == split]
+
+
+def weights(run: Path, step: int | None = None) -> dict:
+    checkpoints = run / "checkpoints"
+    path = ckpt.step_checkpoint_path(checkpoints, step) if step else ckpt.last_checkpoint(checkpoints)
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Weights after every step and every logged loss agree within RTOL; tokens exactly."""
+    for step in range(1, 5):
+        one, two = weights(a, step), weights(b, step)
+        assert one.keys() == two.keys()
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=RTOL, atol=ATOL, msg=f"step {step}: {key}")
+    train_a, train_b = records(a), records(b)
+    assert [r["step"] for r in train_a] == [r["step"] for r in train_b] == [1, 2, 3, 4]
+    for x, y in zip(train_a, train_b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=RTOL)
+        assert y["tokens"] == x["tokens"] and y["lr"] == x["lr"]
+    for x, y in zip(records(a, "validation"), records(b, "validation"), strict=True):
+        assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=RTOL)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One start; one process accumulating 2; 2 processes with DDP; 2 processes with FSDP."""
+    root = tmp_path_factory.mktemp("dist")
+    (root / "tiny.yaml").write_text(TINY_PROFILE)
+    data = root / "sentiment"
+    data.mkdir()
+    for name, rows in (("train.tsv", sentiment_rows(160, 1)), ("dev.tsv", sentiment_rows(40, 2))):
+        (data / name).write_text("\n".join(["sentence\tlabel", *(f"{t}\t{label}" for t, label in rows)]) + "\n")
+    env = {"KILN_CACHE": str(root / "cache")}
+    os.environ.update(env)
+    base = kiln.train("sequence", data, name="base", profile=str(root / "tiny.yaml"), max_steps=1,
+                      output_dir=root / "runs")
+    common = ["sequence", str(data), "--init", str(base.model_dir), "--output-dir", str(root / "runs"), "-q"]
+    kiln.train("sequence", data, name="single", init=base.model_dir, output_dir=root / "runs",
+               **{**SETTINGS, "train.grad_accum": 2})
+    launch(*common, "-n", "ddp", "--nproc", "2", *flags(SETTINGS), env=env)
+    launch(*common, "-n", "fsdp", "--nproc", "2", "--fsdp", "full", *flags(SETTINGS), env=env)
+    frozen = {**SETTINGS, "optim.lr": 0.0, "train.max_steps": 2, "train.eval_every": 1}
+    kiln.train("sequence", data, name="eval-1", init=base.model_dir, output_dir=root / "runs",
+               **{**frozen, "train.grad_accum": 2})
+    launch(*common, "-n", "eval-2", "--nproc", "2", *flags(frozen), env=env)
+    return {"root": root, "data": data, **{name: root / "runs" / name for name in
+                                           ("base", "single", "ddp", "fsdp", "eval-1", "eval-2")}}
+
+
+def test_two_processes_train_like_one_accumulating_two(runs):
+    assert_same_training(runs["single"], runs["ddp"])
+    assert not torch.equal(weights(runs["ddp"])["classifier.weight"],
+                           load_file(str(runs["base"] / "model" / "model.safetensors"))["classifier.weight"])
+    meta = json.loads((runs["ddp"] / "model" / "kiln.json").read_text())
+    assert meta["step"] in (2, 4)  # the best of the evaluations was exported, by rank 0 alone
+
+
+def test_fsdp_trains_like_ddp(runs):
+    assert_same_training(runs["ddp"], runs["fsdp"])
+    # The export is a plain transformers model again (FSDP's sharded classes do not leak into it).
+    config = json.loads((runs["fsdp"] / "model" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+
+
+def test_sharded_evaluation_equals_one_process_exactly(runs):
+    one, two = records(runs["eval-1"], "validation"), records(runs["eval-2"], "validation")
+    assert len(one) == len(two) == 2 and one == two
+
+
+def test_a_run_saved_at_two_processes_resumes_at_one(runs, tmp_path):
+    moved = tmp_path / "runs" / "ddp"
+    shutil.copytree(runs["ddp"], moved)
+    checkpoints = moved / "checkpoints"
+    for step in (3, 4):  # as if the 2-process job had died after step 2
+        shutil.rmtree(ckpt.step_checkpoint_path(checkpoints, step))
+    shutil.rmtree(moved / "model")
+    resumed = kiln.train("sequence", runs["data"], name="ddp", output_dir=tmp_path / "runs", resume=True)
+    final, expected = weights(resumed.path), weights(runs["ddp"])
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=RTOL, atol=ATOL, msg=key)
+    assert [r["step"] for r in records(moved)] == [1, 2, 3, 4]  # the log continued, no step twice
+    state = json.loads((ckpt.last_checkpoint(checkpoints) / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["grad_accum"] == 2  # the global batch was kept
+
+
+def test_inference_shares_reassemble_one_process_exactly(tiny_profile, sentiment_dir, tmp_path):
+    from kiln.predictor import Predictor
+    from kiln.training.inference import run_inference_share
+
+    run = kiln.train("sequence", sentiment_dir, name="r", profile=str(tiny_profile), max_steps=2,
+                     output_dir=tmp_path)
+    predictor = Predictor(run.model_dir, device="cpu")
+    dataset = predictor.read(sentiment_dir / "dev.tsv", labelled=True)
+    features = predictor.task.encode(dataset, predictor.tokenizer, 64)
+    common = dict(device=torch.device("cpu"), precision="fp32", batch_tokens=64, max_batch_size=4, pad_id=0)
+    whole, losses, units = run_inference_share(predictor.model, predictor.task, features, **common)
+    assert len(losses) > 3  # several batches, so the shares differ
+    merged, merged_losses, merged_units = [None] * len(features), {}, 0
+    for rank in range(3):
+        part, part_losses, part_units = run_inference_share(predictor.model, predictor.task, features,
+                                                            share=(rank, 3), **common)
+        for i, value in enumerate(part):
+            if value is not None:
+                assert merged[i] is None
+                merged[i] = value
+        merged_losses.update(part_losses)
+        merged_units += part_units
+    assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(merged, whole, strict=True))
+    assert merged_losses == losses and merged_units == units
