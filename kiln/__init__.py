@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.log import install_default_handler
+from kiln.training.callbacks import Callback
 
 __version__ = "0.1.0"
 
@@ -28,4 +29,4 @@ def load(path: Any, **kwargs: Any) -> Any:
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "load", "train"]
+__all__ = ["Callback", "__version__", "load", "train"]

@@ -81,20 +81,14 @@ def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> None
 
 @contextlib.contextmanager
 def exclusive(lock: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock`` (POSIX; elsewhere concurrent builders each build, and the
-    atomic rename in :func:`build_once` keeps one)."""
+    """Hold an exclusive lock on ``lock`` across processes and machines: ``filelock``'s lock (fcntl
+    on POSIX, which Linux carries over NFS; msvcrt on Windows), so ranks on several nodes that
+    share a cache directory build it once."""
+    from filelock import FileLock
+
     lock.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
+    with FileLock(str(lock)):
         yield
-        return
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def effective_vocab_size(spec: TokenizerConfig, texts: Sequence[str]) -> int:

@@ -151,3 +151,24 @@ def test_inference_shares_reassemble_one_process_exactly(tiny_profile, sentiment
         merged_units += part_units
     assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(merged, whole, strict=True))
     assert merged_losses == losses and merged_units == units
+
+
+@pytest.mark.gpu
+def test_ddp_and_fsdp_in_bf16_on_two_gpus(tiny_profile, sentiment_dir, tmp_path):
+    """On CUDA (nccl), in bf16: DDP and FSDP (bf16 layers, fp32 reduction) train, export a model
+    transformers loads, and agree to bf16's precision."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    settings = {**SETTINGS, "train.device": "auto", "train.precision": "bf16", "train.save_every": ""}
+    common = ["sequence", str(sentiment_dir), "--profile", str(tiny_profile), "--output-dir", str(tmp_path), "-q",
+              "--nproc", "2", *flags(settings)]
+    launch(*common, "-n", "ddp", env={"OMP_NUM_THREADS": "4"})
+    launch(*common, "-n", "fsdp", "--fsdp", "full", env={"OMP_NUM_THREADS": "4"})
+    from transformers import AutoModelForSequenceClassification
+
+    for name in ("ddp", "fsdp"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / name / "model")
+        assert json.loads((tmp_path / name / "run.json").read_text())["precision"] == "bf16"
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")
+    for key in a:  # bf16 compute: agreement to about its 3 significant digits
+        torch.testing.assert_close(b[key], a[key], rtol=2e-2, atol=2e-3, msg=key)

@@ -317,6 +317,8 @@ class Trainer:
                         stop_signal = self._stop_signal
                     if stop_signal:
                         self._stop_for_signal(stop_signal)
+                    if self.state.batch_in_epoch >= len(self.sampler.global_batches(self.state.epoch)):
+                        self._end_epoch()
                 if self.state.last_eval_step != self.state.step:
                     self._evaluate_and_checkpoint()
             except KeyboardInterrupt:
