@@ -24,6 +24,9 @@ from kiln.training import checkpoint as ckpt
 SETTINGS = {"train.dropout": 0.0, "train.device": "cpu", "train.precision": "fp32", "train.max_steps": 4,
             "train.eval_every": 2, "train.log_every": 1, "train.save_every": "1", "train.keep_last": 4}
 RTOL, ATOL = 1e-5, 1e-6
+# The 2-process launches hang intermittently (a rank left waiting in a collective) until that is
+# found, so the tests that start processes run in the slow tier, not the default one.
+multiprocess = pytest.mark.slow
 
 
 def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -91,6 +94,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                            ("base", "single", "ddp", "fsdp", "eval-1", "eval-2")}}
 
 
+@multiprocess
 def test_two_processes_train_like_one_accumulating_two(runs):
     assert_same_training(runs["single"], runs["ddp"])
     assert not torch.equal(weights(runs["ddp"])["classifier.weight"],
@@ -99,6 +103,7 @@ def test_two_processes_train_like_one_accumulating_two(runs):
     assert meta["step"] in (2, 4)  # the best of the evaluations was exported, by rank 0 alone
 
 
+@multiprocess
 def test_fsdp_trains_like_ddp(runs):
     assert_same_training(runs["ddp"], runs["fsdp"])
     # The export is a plain transformers model again (FSDP's sharded classes do not leak into it).
@@ -106,11 +111,13 @@ def test_fsdp_trains_like_ddp(runs):
     assert config["architectures"] == ["BertForSequenceClassification"]
 
 
+@multiprocess
 def test_sharded_evaluation_equals_one_process_exactly(runs):
     one, two = records(runs["eval-1"], "validation"), records(runs["eval-2"], "validation")
     assert len(one) == len(two) == 2 and one == two
 
 
+@multiprocess
 def test_a_run_saved_at_two_processes_resumes_at_one(runs, tmp_path):
     moved = tmp_path / "runs" / "ddp"
     shutil.copytree(runs["ddp"], moved)
