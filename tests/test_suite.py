@@ -55,12 +55,20 @@ def test_suite_trains_each_task_prints_the_table_and_writes_json(glue_dir, tiny_
     assert f"{results['average']:.1f}" in printed[2] and (out / "results.md").read_text().startswith(printed[0])
     # The fast recipe's settings reached the runs (and -c overrides them).
     config = json.loads((out / "rte" / "run.json").read_text())["config"]
-    assert config["optim"]["lr"] == 5e-5 and config["train"]["batch_tokens"] == 1024
+    assert config["optim"]["lr"] == 3e-5 and config["train"]["batch_size"] == 16
     assert config["train"]["epochs"] == 1
 
     # Done tasks are not trained again.
     monkeypatch.setattr(kiln, "train", lambda *a, **k: pytest.fail("a finished task was trained again"))
     assert main(suite_args(glue_dir, tiny_profile, out)) == 0
+
+
+def test_the_fast_recipe_gives_large_sets_token_batches_on_top_of_the_common_settings():
+    suite = load_suite("glue")
+    small, large = suite.settings("fast", suite.tasks["rte"]), suite.settings("fast", suite.tasks["sst2"])
+    assert small["optim.lr"] == 3e-5 and small["train.batch_size"] == 16 and small["train.epochs"] == 5
+    assert large["optim.lr"] == 5e-5 and large["train.batch_size"] == 0 and large["train.batch_tokens"] == 1024
+    assert large["train.epochs"] == 1 and large["schedule.warmup_ratio"] == small["schedule.warmup_ratio"] == 0.06
 
 
 def test_a_stopped_task_resumes_and_another_start_is_refused(glue_dir, tiny_profile, tmp_path, monkeypatch):
