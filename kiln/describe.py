@@ -16,14 +16,12 @@ the token counter keeps only its most frequent entries.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import logging
 import random
 import re
 import sys
 import tempfile
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -975,63 +973,18 @@ def describe_documents(split: SplitStats, documents: Iterable[str], counter: Tok
 
 
 def corpus_documents(files: Sequence[Path], paragraphs: bool, findings: Findings) -> Iterator[tuple[Path, int, str]]:
-    """The documents :func:`kiln.data.corpus.iter_documents` yields (a test checks they are the same),
-    streaming with a progress bar, except that a bad line (not UTF-8, bad JSON) is a finding and is
-    skipped, where training stops at it."""
-    import json
+    """The documents training reads (:func:`kiln.data.corpus.iter_documents`), streaming with a
+    progress bar, except that a bad line (not UTF-8, bad JSON) is a finding and is skipped, where
+    training stops at it."""
+    from kiln.data.corpus import iter_documents
+
+    def finding(err: KilnError) -> None:
+        findings.add("bad rows" if err.line else "unreadable files",
+                     err.message + ("; skipped" if err.line else ""), err.path, err.line)
 
     sizes = [f.stat().st_size for f in files if f.is_file()]
     with progress(sum(sizes) or None, "B", "reading") as bar:
-        for path in files:
-            is_json = ".jsonl" in path.name.lower()
-            block: list[str] = []
-            start = 0
-            for number, line in _corpus_lines(path, findings, bar):
-                if is_json:
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except json.JSONDecodeError as exc:
-                        findings.add("bad rows", f"invalid JSON ({exc.msg} at column {exc.colno})", path, number)
-                        continue
-                    except (KeyError, TypeError):
-                        findings.add("bad rows", "expected a JSON object with a 'text' field", path, number)
-                        continue
-                    if not isinstance(text, str):
-                        findings.add("bad rows", "'text' must be a string", path, number)
-                    elif text.strip():
-                        yield path, number, text
-                elif paragraphs:
-                    if line.strip():
-                        block.append(line.strip())
-                        start = start or number
-                    elif block:
-                        yield path, start, " ".join(block)
-                        block, start = [], 0
-                elif line.strip():
-                    yield path, number, line.strip()
-            if block:
-                yield path, start, " ".join(block)
-
-
-def _corpus_lines(path: Path, findings: Findings, bar: Any) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` as :mod:`kiln.data.corpus` splits a (gzipped) file, bad UTF-8 a finding."""
-    number = 0
-    try:
-        raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
-        with raw:
-            for chunk in raw:
-                if path.suffix != ".gz":
-                    bar.update(len(chunk))
-                for line in chunk.rstrip(b"\n").removesuffix(b"\r").split(b"\r"):
-                    number += 1
-                    try:
-                        yield number, line.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        findings.add("bad rows", f"not UTF-8 text ({exc.reason}); skipped", path, number)
-    except (OSError, EOFError, zlib.error) as exc:
-        findings.add("unreadable files", f"cannot read this file after line {number}: {exc}", path)
+        yield from iter_documents(files, paragraphs, on_error=finding, on_bytes=bar.update)
 
 
 DESCRIBERS: dict[str, type[Describer]] = {

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,53 @@ def build_once_when_racing(monkeypatch: pytest.MonkeyPatch, module: object, buil
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+
+
+# -- a real browser (the ``browser`` tests) ------------------------------------------------------
+CHROMIUM = os.environ.get("KILN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = os.environ.get("KILN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def require_browser() -> None:
+    """Skip unless selenium, Chromium and its driver are here (Selenium Manager never runs: the driver
+    and the browser are given by path)."""
+    pytest.importorskip("selenium")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).is_file():
+            pytest.skip(f"{path} is absent (apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    """Headless Chromium (new headless mode) that records every network request it makes."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    require_browser()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
+                     "--no-first-run", "--disable-extensions", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--hide-scrollbars"):
+        options.add_argument(argument)
+    if os.geteuid() == 0:
+        options.add_argument("--no-sandbox")  # Chromium refuses to run as root with its sandbox
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def requested_urls(driver: object) -> list[str]:
+    """Every URL the page asked for, from Chrome's performance (DevTools network) log."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

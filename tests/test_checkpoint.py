@@ -193,6 +193,16 @@ def test_prune_counts_only_good_checkpoints(checkpoints):
     assert sorted(path.name for path in checkpoints.iterdir()) == ["best", "step-00000200"]
 
 
+def test_prune_trusts_the_checkpoints_this_process_wrote_without_hashing_them(checkpoints, monkeypatch):
+    newest = checkpoints / "step-00000300"
+    hashed = []
+    real_verify = ckpt.verify_checkpoint
+    monkeypatch.setattr(ckpt, "verify_checkpoint", lambda path: hashed.append(path.name) or real_verify(path))
+    ckpt.prune_checkpoints(checkpoints, keep_last=2, written={newest})
+    assert hashed == ["step-00000200"]  # only the one this process did not write
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["best", "step-00000200", "step-00000300"]
+
+
 @pytest.mark.parametrize("error, needle", [
     (OSError(errno.ENOSPC, "No space left on device"), "disk full while writing checkpoint {new}; the previous "
                                                        "checkpoint {previous} is intact"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import TINY_PROFILE, sentiment_rows
+from conftest import TINY_PROFILE, requested_urls, require_browser, sentiment_rows
 from test_qa import make_examples
 from test_token import sentences, write_conll
 
@@ -30,8 +29,6 @@ import kiln
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("KILN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = os.environ.get("KILN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # Seconds. Generous: on a busy 2-core machine loading torch alone can take minutes; a hang still fails.
 WAIT = 120
 START = 600
@@ -39,11 +36,8 @@ START = 600
 
 @pytest.fixture(autouse=True)
 def _browser_available() -> None:
-    pytest.importorskip("selenium")
+    require_browser()
     pytest.importorskip("fastapi")
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not Path(path).is_file():
-            pytest.skip(f"{path} is absent (apt-get install chromium chromium-driver)")
 
 
 # -- runs, the server, the browser -------------------------------------------------------------
@@ -128,38 +122,6 @@ def served(run: Path, log: Path, api_key: str = "") -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    """Headless Chromium (new headless mode) that records every network request it makes."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
-                     "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync"):
-        options.add_argument(argument)
-    if os.geteuid() == 0:
-        options.add_argument("--no-sandbox")  # Chromium refuses to run as root with its sandbox
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def requested_urls(driver: object) -> list[str]:
-    """Every URL the page asked for, from Chrome's performance (DevTools network) log."""
-    urls = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
 
 
 def assert_same_origin(urls: list[str], base: str) -> None:

@@ -238,7 +238,7 @@ def test_corpus_bad_lines_are_findings(tmp_path: Path) -> None:
     found = findings(description)
     assert any(f.startswith(f"{folder / 'train.txt'}:2: not UTF-8 text") for f in found)
     assert any(f.startswith(f"{folder / 'extra.jsonl'}:2: invalid JSON") for f in found)
-    assert f"{folder / 'extra.jsonl'}:3: expected a JSON object with a 'text' field" in found
+    assert f"{folder / 'extra.jsonl'}:3: expected a JSON object with a 'text' field; skipped" in found
 
 
 @pytest.mark.parametrize("paragraphs", [False, True])

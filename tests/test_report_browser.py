@@ -9,13 +9,10 @@ without them. Selenium Manager never runs: the driver and the browser are given 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import requested_urls, require_browser
 from test_describe import write
 from test_report import train_runs
 
@@ -23,39 +20,12 @@ from kiln.cli import main
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("KILN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = os.environ.get("KILN_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WAIT = 60  # seconds; generous for a busy 2-core machine
 
 
 @pytest.fixture(autouse=True)
 def _browser_available() -> None:
-    pytest.importorskip("selenium")
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not Path(path).is_file():
-            pytest.skip(f"{path} is absent (apt-get install chromium chromium-driver)")
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    """Headless Chromium that records every request it makes."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
-                     "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--hide-scrollbars"):
-        options.add_argument(argument)
-    if os.geteuid() == 0:
-        options.add_argument("--no-sandbox")  # Chromium refuses to run as root with its sandbox
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    require_browser()
 
 
 def open_and_check(driver: object, page: Path, screenshot: Path, plots: int) -> None:
@@ -69,11 +39,7 @@ def open_and_check(driver: object, page: Path, screenshot: Path, plots: int) -> 
     widths = driver.execute_script("return [...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight])")
     assert len(widths) == plots
     assert all(width > 0 and height > 0 for _, width, height in widths), widths
-    requested = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            requested.append(message["params"]["request"]["url"])
+    requested = requested_urls(driver)
     assert all(url.startswith(("file:", "data:")) for url in requested), requested
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1280, min(int(height) + 40, 12000))

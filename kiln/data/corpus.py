@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,53 +67,57 @@ def corpus_files(path: str | Path) -> dict[str, list[Path]]:
     return splits
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+OnError = Callable[[KilnError], None]
+
+
+def _raise(err: KilnError) -> None:
+    raise err
+
+
+def _lines(path: Path, on_error: OnError = _raise,
+           on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of a (gzipped) UTF-8 file, decoded line by line so that a bad byte
-    is reported at its line. Lines end in ``\n``, ``\r\n`` or a lone ``\r`` (old Mac files)."""
-    raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+    is reported at its line. Lines end in ``\n``, ``\r\n`` or a lone ``\r`` (old Mac files).
+    A line that is not UTF-8, or a file that cannot be read on, goes to ``on_error`` (which raises
+    by default; a line it returns from is skipped). ``on_bytes`` counts the bytes read (plain files)."""
     number = 0
     try:
+        raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
         with raw:
             for chunk in raw:  # split on \n; a lone \r inside is a line break too
+                if on_bytes is not None and path.suffix != ".gz":
+                    on_bytes(len(chunk))
                 for line in chunk.rstrip(b"\n").removesuffix(b"\r").split(b"\r"):
                     number += 1
                     try:
-                        yield number, line.decode("utf-8")
+                        text = line.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        raise KilnError(f"not UTF-8 text ({exc.reason})", path, number) from None
+                        on_error(KilnError(f"not UTF-8 text ({exc.reason})", path, number))
+                        continue
+                    yield number, text
     except (OSError, EOFError, zlib.error) as exc:  # not gzip, or cut short
-        raise KilnError(f"cannot read this file after line {number}: {exc}", path) from None
+        on_error(KilnError(f"cannot read this file after line {number}: {exc}", path))
 
 
-def iter_documents(files: Sequence[Path], paragraphs: bool = False) -> Iterator[tuple[Path, int, str]]:
+def iter_documents(files: Sequence[Path], paragraphs: bool = False, on_error: OnError = _raise,
+                   on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[Path, int, str]]:
     """Yield ``(file, line, text)`` per document, streaming (never a whole file in memory).
 
     ``.txt``: one document per non-blank line, or with ``paragraphs`` one per blank-line-separated
-    block. ``.jsonl``: one object per line with a ``text`` field.
+    block. ``.jsonl``: one object per line with a ``text`` field. A bad line raises its
+    :class:`KilnError`, unless ``on_error`` takes it (then the line is skipped: ``kiln describe``
+    lists them all); ``on_bytes`` counts the bytes read, for a progress bar.
     """
     for path in files:
         is_json = ".jsonl" in path.name.lower()
         block: list[str] = []
         start = 0
-        for number, line in _lines(path):
+        for number, line in _lines(path, on_error, on_bytes):
             if is_json:
                 if not line.strip():
                     continue
-                try:
-                    text = json.loads(line)["text"]
-                except json.JSONDecodeError as exc:
-                    raise KilnError(f"invalid JSON ({exc.msg} at column {exc.colno})", path, number) from None
-                except (KeyError, TypeError):
-                    raise KilnError("expected a JSON object with a 'text' field", path, number) from None
-                if not isinstance(text, str):
-                    raise KilnError("'text' must be a string", path, number)
-                if "\\u" in line:  # an escape can spell a lone surrogate, which no tokenizer takes
-                    try:
-                        text.encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise KilnError("'text' holds an unpaired surrogate escape (\\ud800-\\udfff)",
-                                        path, number) from None
-                if text.strip():
+                text = _json_text(line, path, number, on_error)
+                if text is not None and text.strip():
                     yield path, number, text
             elif paragraphs:
                 if line.strip():
@@ -126,6 +130,28 @@ def iter_documents(files: Sequence[Path], paragraphs: bool = False) -> Iterator[
                 yield path, number, line.strip()
         if block:
             yield path, start, " ".join(block)
+
+
+def _json_text(line: str, path: Path, number: int, on_error: OnError) -> str | None:
+    """A JSON line's ``text`` field, or None after handing ``on_error`` what is wrong with it."""
+    try:
+        text = json.loads(line)["text"]
+    except json.JSONDecodeError as exc:
+        on_error(KilnError(f"invalid JSON ({exc.msg} at column {exc.colno})", path, number))
+        return None
+    except (KeyError, TypeError):
+        on_error(KilnError("expected a JSON object with a 'text' field", path, number))
+        return None
+    if not isinstance(text, str):
+        on_error(KilnError("'text' must be a string", path, number))
+        return None
+    if "\\u" in line:  # an escape can spell a lone surrogate, which no tokenizer takes
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            on_error(KilnError("'text' holds an unpaired surrogate escape (\\ud800-\\udfff)", path, number))
+            return None
+    return text
 
 
 def sample_texts(files: Sequence[Path], paragraphs: bool, max_chars: int = 50_000_000) -> list[str]:

@@ -22,7 +22,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -274,14 +274,13 @@ def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool 
         if message not in _reported:
             _reported.add(message)
             log.warning(message)
-    if found is None and damaged and strict:
-        raise damaged[0][1]
     return found
 
 
-def prune_checkpoints(checkpoints: Path, keep_last: int) -> None:
+def prune_checkpoints(checkpoints: Path, keep_last: int, written: Collection[Path] = ()) -> None:
     """Delete all but the newest ``keep_last`` step checkpoints that verify; damaged ones go too,
     unless none verifies (then nothing is deleted: there would be nothing left to resume from).
+    ``written``: checkpoints this process wrote, trusted without hashing them again at every save.
 
     Only kiln's own ``step-*`` directories and their leftovers are touched: never ``best``, the
     ``last`` of an older kiln, or anything else in ``checkpoints``.
@@ -297,7 +296,8 @@ def prune_checkpoints(checkpoints: Path, keep_last: int) -> None:
             doomed.append(candidate)
             continue
         try:
-            verify_checkpoint(candidate)
+            if candidate not in written:
+                verify_checkpoint(candidate)
         except KilnError as err:
             log.warning(f"removing {candidate}: it is damaged ({_reason(candidate, err)})")
             doomed.append(candidate)

@@ -127,6 +127,7 @@ class Trainer:
         self.best_metrics: dict = {}
         self._window_loss: Any = 0.0  # this rank's losses since the last log or save (on the device)
         self._saved_step = -1
+        self._written: set[Path] = set()  # step checkpoints this process saved
         self.micro_split = 1  # --auto-batch: each micro-batch runs as this many pieces
         self._stop_signal: str | None = None  # set by SIGTERM or the first Ctrl-C, acted on at the step's end
         self._interrupt_now = False  # a second Ctrl-C: stop mid-step, without saving
@@ -623,9 +624,11 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.scaler is not None:  # fp16's loss scale: resuming without it would re-learn it
             state["grad_scaler"] = self.scaler.state_dict()
-        ckpt.save_checkpoint(ckpt.step_checkpoint_path(checkpoints, self.state.step), self.model, self.tokenizer,
-                             meta, optimizer=optimizer, trainer_state=state, rng=rng, weights=weights)
-        ckpt.prune_checkpoints(checkpoints, self.config.train.keep_last)
+        path = ckpt.step_checkpoint_path(checkpoints, self.state.step)
+        ckpt.save_checkpoint(path, self.model, self.tokenizer, meta, optimizer=optimizer, trainer_state=state,
+                             rng=rng, weights=weights)
+        self._written.add(path)  # pruning trusts these instead of hashing every kept one at every save
+        ckpt.prune_checkpoints(checkpoints, self.config.train.keep_last, self._written)
 
     def _checkpoint_to_resume(self) -> Path | None:
         path = ckpt.last_checkpoint(self.run_dir / "checkpoints") if self.run_dir else None
