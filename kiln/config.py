@@ -193,6 +193,10 @@ class TrainConfig:
         "replicated across nodes); empty: DDP.", flag="--fsdp", choices=("", "full", "grad-op", "hybrid"))
     cpu_offload: bool = setting(False, "FSDP: keep sharded parameters and optimizer state in CPU memory.",
                                 flag="--cpu-offload")
+    dist_timeout: str = setting(
+        "30m", "Several processes: how long a rank waits for the others in a collective before the job "
+        "fails (a stuck or lost peer then ends the job instead of hanging it); e.g. 10m, 1h.",
+        flag="--dist-timeout", parse=parse_duration)
     report_to: str = setting(
         "none", "Trackers to report to, comma-separated: tensorboard, mlflow (or none).", flag="--report-to",
         parse=parse_report_to)

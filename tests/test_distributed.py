@@ -24,15 +24,12 @@ from kiln.training import checkpoint as ckpt
 SETTINGS = {"train.dropout": 0.0, "train.device": "cpu", "train.precision": "fp32", "train.max_steps": 4,
             "train.eval_every": 2, "train.log_every": 1, "train.save_every": "1", "train.keep_last": 4}
 RTOL, ATOL = 1e-5, 1e-6
-# The 2-process launches hang intermittently (a rank left waiting in a collective) until that is
-# found, so the tests that start processes run in the slow tier, not the default one.
-multiprocess = pytest.mark.slow
 
 
-def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``kiln train`` in a subprocess (it re-executes itself through torch.distributed.run)."""
     done = subprocess.run([sys.executable, "-m", "kiln", "train", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -94,7 +91,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                            ("base", "single", "ddp", "fsdp", "eval-1", "eval-2")}}
 
 
-@multiprocess
 def test_two_processes_train_like_one_accumulating_two(runs):
     assert_same_training(runs["single"], runs["ddp"])
     assert not torch.equal(weights(runs["ddp"])["classifier.weight"],
@@ -103,7 +99,6 @@ def test_two_processes_train_like_one_accumulating_two(runs):
     assert meta["step"] in (2, 4)  # the best of the evaluations was exported, by rank 0 alone
 
 
-@multiprocess
 def test_fsdp_trains_like_ddp(runs):
     assert_same_training(runs["ddp"], runs["fsdp"])
     # The export is a plain transformers model again (FSDP's sharded classes do not leak into it).
@@ -111,13 +106,11 @@ def test_fsdp_trains_like_ddp(runs):
     assert config["architectures"] == ["BertForSequenceClassification"]
 
 
-@multiprocess
 def test_sharded_evaluation_equals_one_process_exactly(runs):
     one, two = records(runs["eval-1"], "validation"), records(runs["eval-2"], "validation")
     assert len(one) == len(two) == 2 and one == two
 
 
-@multiprocess
 def test_a_run_saved_at_two_processes_resumes_at_one(runs, tmp_path):
     moved = tmp_path / "runs" / "ddp"
     shutil.copytree(runs["ddp"], moved)
@@ -132,6 +125,40 @@ def test_a_run_saved_at_two_processes_resumes_at_one(runs, tmp_path):
     assert [r["step"] for r in records(moved)] == [1, 2, 3, 4]  # the log continued, no step twice
     state = json.loads((ckpt.last_checkpoint(checkpoints) / "trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["grad_accum"] == 2  # the global batch was kept
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_each_train_like_one_node_of_two(runs):
+    """``--nnodes 2 --node-rank R --master-addr --master-port``, the two-machine command, here with
+    both "machines" on this one: the run equals the 2-process run on one node."""
+    node = ["sequence", str(runs["data"]), "--init", str(runs["base"] / "model"), "--output-dir",
+            str(runs["root"] / "runs"), "-q", "-n", "two-nodes", "--nproc", "1", "--nnodes", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *flags(SETTINGS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_CACHE": str(runs["root"] / "cache")}
+    nodes = [subprocess.Popen([sys.executable, "-m", "kiln", "train", *node, "--node-rank", str(rank)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for process in nodes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-4000:]
+    assert_same_training(runs["ddp"], runs["root"] / "runs" / "two-nodes")
+
+
+@pytest.mark.slow
+def test_two_process_runs_end_every_time(runs):
+    """Closing the process group once deadlocked about one DDP run in ten (gloo's destructor joined a
+    worker thread that waited for the GIL): 20 runs in a row must each end well within a minute."""
+    common = ["sequence", str(runs["data"]), "--init", str(runs["base"] / "model"), "--output-dir",
+              str(runs["root"] / "again"), "-q", "--nproc", "2", *flags(SETTINGS)]
+    for attempt in range(20):
+        launch(*common, "-n", f"ddp-{attempt}", env={"KILN_CACHE": str(runs["root"] / "cache")}, timeout=120)
+        shutil.rmtree(runs["root"] / "again" / f"ddp-{attempt}")
 
 
 def test_inference_shares_reassemble_one_process_exactly(tiny_profile, sentiment_dir, tmp_path):
@@ -158,6 +185,36 @@ def test_inference_shares_reassemble_one_process_exactly(tiny_profile, sentiment
         merged_units += part_units
     assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(merged, whole, strict=True))
     assert merged_losses == losses and merged_units == units
+
+
+PEER = """
+import sys, time
+import torch
+from kiln.training.distributed import strategy_for
+strategy = strategy_for(torch.device("cpu"), timeout=float(sys.argv[1]))
+if strategy.rank == 0:
+    start = time.perf_counter()
+    try:
+        strategy.all_reduce([1.0])
+        print("completed")
+    except RuntimeError:
+        print(f"failed after {time.perf_counter() - start:.1f}s")
+else:
+    time.sleep(12)  # a stuck peer: it never joins the collective
+"""
+
+
+def test_a_collective_a_peer_never_joins_fails_after_the_timeout(tmp_path):
+    """``train.dist_timeout`` reaches the process group: rank 0 gives up on the stuck rank 1 after
+    2 s (without it, it would wait until rank 1 exits, 12 s later)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", PEER, "2"], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    out, err = ranks[0].communicate(timeout=60)
+    ranks[1].kill()
+    assert out.startswith("failed after"), err[-2000:]
+    assert float(out.split()[2].rstrip("s")) < 8
 
 
 @pytest.mark.gpu

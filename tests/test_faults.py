@@ -421,6 +421,9 @@ def test_auto_batch_splits_micro_batches_and_trains_the_same(tiny_profile, senti
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
     losses = [r["loss"] for r in records(split.path) if "split" not in r]
     assert losses == pytest.approx([r["loss"] for r in records(whole.path) if "split" not in r], rel=1e-5)
+    # The split is part of the saved state: a resumed run does not hit the same OOM again first.
+    state = json.loads((ckpt.last_checkpoint(split.path / "checkpoints") / "trainer_state.json").read_text())
+    assert state["micro_split"] == 4
 
 
 def test_a_crash_before_the_first_checkpoint_resumes_from_the_start(tiny_profile, sentiment_dir, tmp_path):

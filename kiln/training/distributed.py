@@ -15,6 +15,7 @@ Processes are started by ``torchrun`` (or ``kiln train --nproc``): it sets ``RAN
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -81,7 +82,8 @@ class Strategy:
         """Wait for every rank."""
 
     def close(self) -> None:
-        """Tear down the process group (at the end of training)."""
+        """Tear down the process group (at the end of training, or at a stop all ranks agreed on),
+        after the caller has dropped the module :meth:`wrap` returned."""
 
 
 class DDP(Strategy):
@@ -89,9 +91,9 @@ class DDP(Strategy):
 
     name = "ddp"
 
-    def __init__(self, device: Any):
+    def __init__(self, device: Any, timeout: float = 1800.0):
         super().__init__(device)
-        init_process_group(device)
+        init_process_group(device, timeout)
 
     def wrap(self, model: Any, module: Any) -> Any:
         import torch
@@ -133,6 +135,12 @@ class DDP(Strategy):
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # The loop has dropped its DDP wrapper; collecting it now frees its reducer while the
+            # group is still registered. Otherwise the reducer would hold the group's last reference
+            # and destroy it later under the GIL, and gloo's destructor joins worker threads that may
+            # need the GIL to free a finished collective's tensors: a deadlock. Released from here,
+            # the group is destroyed by torch's own binding, which lets go of the GIL first.
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -147,8 +155,9 @@ class FSDP(DDP):
 
     name = "fsdp"
 
-    def __init__(self, device: Any, mode: str = "full", precision: str = "fp32", cpu_offload: bool = False):
-        super().__init__(device)
+    def __init__(self, device: Any, mode: str = "full", precision: str = "fp32", cpu_offload: bool = False,
+                 timeout: float = 1800.0):
+        super().__init__(device, timeout)
         self.mode, self.precision, self.cpu_offload = mode, precision, cpu_offload
 
     def wrap(self, model: Any, module: Any) -> Any:
@@ -242,21 +251,27 @@ def by_name(state: dict, optimizer: Any, model: Any) -> dict:
     return {"state": {order[int(i)]: value for i, value in state["state"].items()}, "param_groups": groups}
 
 
-def init_process_group(device: Any) -> None:
-    """Join torchrun's process group: nccl on CUDA, gloo on CPU."""
+def init_process_group(device: Any, timeout: float = 1800.0) -> None:
+    """Join torchrun's process group: nccl on CUDA, gloo on CPU. A collective that waits longer than
+    ``timeout`` seconds for a peer fails (torchrun then stops every process) instead of hanging."""
+    import datetime
+
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
 
 
-def strategy_for(device: Any, fsdp: str = "", precision: str = "fp32", cpu_offload: bool = False) -> Strategy:
-    """The strategy for this process: single outside torchrun, else DDP or FSDP (``--fsdp``)."""
+def strategy_for(device: Any, fsdp: str = "", precision: str = "fp32", cpu_offload: bool = False,
+                 timeout: float = 1800.0) -> Strategy:
+    """The strategy for this process: single outside torchrun, else DDP or FSDP (``--fsdp``); collectives
+    time out after ``timeout`` seconds."""
     _, world_size = world()
     if world_size == 1:
         return Strategy(device)
     if not fsdp:
-        return DDP(device)
+        return DDP(device, timeout)
     if precision == "fp16":
         raise KilnError("--fsdp trains in bf16 or fp32 (fp16's loss scaling is not sharded); use --precision bf16")
-    return FSDP(device, fsdp, precision, cpu_offload)
+    return FSDP(device, fsdp, precision, cpu_offload, timeout)

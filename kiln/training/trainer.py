@@ -69,6 +69,7 @@ class TrainerState:
     world_size: int = 1  # processes when it was saved: resuming at another count keeps the global batch
     grad_accum: int = 0  # grad_accum in force when it was saved (0: the config's)
     skipped_steps: int = 0  # steps not applied: their loss or gradient was not finite
+    micro_split: int = 1  # --auto-batch: each micro-batch runs as this many pieces (kept on resume)
     nonfinite_streak: int = 0
     last_save_seconds: float = 0.0
     # The logging window in progress (its sums), so a resumed run logs the same lines.
@@ -128,7 +129,6 @@ class Trainer:
         self._window_loss: Any = 0.0  # this rank's losses since the last log or save (on the device)
         self._saved_step = -1
         self._written: set[Path] = set()  # step checkpoints this process saved
-        self.micro_split = 1  # --auto-batch: each micro-batch runs as this many pieces
         self._stop_signal: str | None = None  # set by SIGTERM or the first Ctrl-C, acted on at the step's end
         self._interrupt_now = False  # a second Ctrl-C: stop mid-step, without saving
         # Batches at construction, so a run with none fails before its run directory is written
@@ -156,7 +156,8 @@ class Trainer:
             set_dropout(self.model, train.dropout)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.strategy = strategy_for(self.device, train.fsdp, self.precision, train.cpu_offload)
+        self.strategy = strategy_for(self.device, train.fsdp, self.precision, train.cpu_offload,
+                                     parse_duration(train.dist_timeout))
         self.model.to(self.device)
         if train.grad_checkpoint:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -331,12 +332,21 @@ class Trainer:
                     self._save()
                     self._say(f"interrupted at step {self.state.step}; continue with --resume", logging.WARNING)
                 raise
-            except Exception:  # a planned stop (RunStopped) or a failure: the reporters close all the same
+            except RunStopped:  # a planned stop, at the same step on every rank
+                self._call("on_train_end")
+                self._close()
+                raise
+            except Exception:  # a failure: the reporters close all the same (torchrun stops the other ranks)
                 self._call("on_train_end")
                 raise
         self._call("on_train_end")
-        self.strategy.close()
+        self._close()
         return self.best_metrics or self.last_metrics
+
+    def _close(self) -> None:
+        """Drop the strategy's wrapper (DDP's holds the process group), then close the strategy."""
+        self.module = self.model
+        self.strategy.close()
 
     def _next_step(self) -> Step | None:
         """The next step's micro-batches for this rank, or None when the epoch has no full step left.
@@ -361,7 +371,7 @@ class Trainer:
         import torch
 
         while True:
-            pieces = [piece for ids in step.micro_batches for piece in _split(ids, self.micro_split)]
+            pieces = [piece for ids in step.micro_batches for piece in _split(ids, self.state.micro_split)]
             micro = [self.task.collate_training([self.train_features[i] for i in ids], self.pad_id,
                                                 self.state.epoch) for ids in pieces]
             try:
@@ -369,12 +379,12 @@ class Trainer:
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 largest = max(len(ids) for ids in step.micro_batches)
-                if not self.config.train.auto_batch or self.micro_split >= largest:
+                if not self.config.train.auto_batch or self.state.micro_split >= largest:
                     raise KilnError(self._oom_message()) from None
-                self.micro_split *= 2
+                self.state.micro_split *= 2
                 torch.cuda.empty_cache()
                 self._say(f"  out of memory at step {self.state.step + 1}: micro-batches now run in "
-                          f"{self.micro_split} pieces (--auto-batch; the effective batch is unchanged)",
+                          f"{self.state.micro_split} pieces (--auto-batch; the effective batch is unchanged)",
                           logging.WARNING)
 
     def _count(self, step: Step, started: float) -> None:
