@@ -331,6 +331,7 @@ class Trainer:
                 else:
                     self._save()
                     self._say(f"interrupted at step {self.state.step}; continue with --resume", logging.WARNING)
+                self.module = self.model  # see _close; the other ranks may not be here to close the group
                 raise
             except RunStopped:  # a planned stop, at the same step on every rank
                 self._call("on_train_end")
@@ -338,13 +339,15 @@ class Trainer:
                 raise
             except Exception:  # a failure: the reporters close all the same (torchrun stops the other ranks)
                 self._call("on_train_end")
+                self.module = self.model
                 raise
         self._call("on_train_end")
         self._close()
         return self.best_metrics or self.last_metrics
 
     def _close(self) -> None:
-        """Drop the strategy's wrapper (DDP's holds the process group), then close the strategy."""
+        """Drop the strategy's wrapper, then close the strategy. DDP's wrapper holds the process group:
+        it must go first, or the group's destruction could deadlock (see DDP.close), also at exit."""
         self.module = self.model
         self.strategy.close()
 
