@@ -150,6 +150,38 @@ def test_two_nodes_of_one_process_each_train_like_one_node_of_two(runs):
     assert_same_training(runs["ddp"], runs["root"] / "runs" / "two-nodes")
 
 
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_launch_stops_every_rank_with_a_checkpoint_and_exit_0(runs, signal_name):
+    """SIGTERM (a scheduler) or Ctrl-C (SIGINT) to ``kiln train --nproc 2``: the workers stop at the
+    same step with a checkpoint, and the launch exits 0 with the resume command, not torchrun's
+    failure report."""
+    import signal
+    import time
+
+    run = runs["root"] / "stopped" / signal_name
+    command = [sys.executable, "-m", "kiln", "train", "sequence", str(runs["data"]), "--init",
+               str(runs["base"] / "model"), "--output-dir", str(run.parent), "-n", run.name, "--nproc", "2",
+               *flags({**SETTINGS, "train.max_steps": 100_000, "train.eval_every": 0, "train.save_every": "",
+                       "train.epochs": 100_000})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILN_CACHE": str(runs["root"] / "cache")}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+        assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    launcher.send_signal(getattr(signal, signal_name))
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-4000:]
+    assert "Traceback" not in err and "SignalException" not in err
+    stopped = [line for line in err.splitlines() if line.startswith(f"kiln: {signal_name}: stopped at step ")]
+    assert len(stopped) == 1 and stopped[0].endswith(f"--output-dir {run.parent} --resume --nproc 2")
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    checkpoint = ckpt.last_checkpoint(run / "checkpoints")
+    ckpt.verify_checkpoint(checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == step and state["world_size"] == 2
+
+
 @pytest.mark.slow
 def test_two_process_runs_end_every_time(runs):
     """Closing the process group once deadlocked about one DDP run in ten (gloo's destructor joined a

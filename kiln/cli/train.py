@@ -98,8 +98,10 @@ LAUNCH_FLAGS = (
 
 def launch(args: argparse.Namespace) -> int:
     """Run this same command in ``--nproc`` processes per machine through ``torch.distributed.run``
-    (torchrun), and return its exit code. kiln's process only waits: Ctrl-C reaches the workers
-    (they stop at the step's end with a checkpoint), and a SIGTERM is passed on to torchrun."""
+    (torchrun), and return its exit code. kiln's process waits, and passes Ctrl-C and SIGTERM to the
+    workers (they stop at the step's end with a checkpoint; a second Ctrl-C stops them at once)."""
+    import contextlib
+    import os
     import shlex
     import signal
     import subprocess
@@ -129,14 +131,38 @@ def launch(args: argparse.Namespace) -> int:
             kept.append(word)
     command = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "kiln", *kept]
     logging.getLogger("kiln").debug("launching " + shlex.join(command))
-    child = subprocess.Popen(command)
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda number, frame: child.send_signal(number))}
+    # torchrun runs in a session of its own, so a terminal's Ctrl-C reaches only this process, which
+    # passes each signal straight to the workers: they stop at the step's end with a checkpoint and
+    # exit 0, and so does torchrun. Signalled itself, torchrun would count the stop as a failure.
+    child = subprocess.Popen(command, start_new_session=True)
+
+    def forward(number: int, frame: object) -> None:
+        workers = _children(child.pid)
+        for pid in workers or [child.pid]:  # none found (no /proc): torchrun passes the signal on
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if number == signal.SIGHUP else number)
+
+    previous = {number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return child.wait()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: from /proc; elsewhere none are found)."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
