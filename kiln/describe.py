@@ -705,8 +705,12 @@ class SequenceDescriber(Describer):
         for split in splits:
             scores = Lengths()
             for label, count in split.labels.items():
+                try:
+                    score = float(label)
+                except (TypeError, ValueError):
+                    continue  # not a number: the data checks list it as a finding
                 for _ in range(count):
-                    scores.add(float(label))
+                    scores.add(score)
             rows.append([split.name, *scores.summary()])
         section.tables.append(Table("Label scores", ["split", "min", "mean", "median", "p95", "max"], rows))
         return section

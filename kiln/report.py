@@ -117,11 +117,15 @@ def load_run(path: str | Path, name: str | None = None) -> RunLog:
                 else "; kiln report takes a run directory such as runs/NAME")
         raise KilnError(f"not a kiln run (no {RUN_FILE}){hint}", path)
     meta = read_json(path / RUN_FILE, required=("task", "config"))
+    if not isinstance(meta["config"], dict):
+        raise KilnError("'config' must be an object", path / RUN_FILE)
     run = RunLog(path, name or path.name, meta)
     records, run.findings = read_metrics(path / METRICS_FILE)
     by_step: dict[str, dict[Any, dict]] = {"train": {}, "validation": {}, "test": {}}
     for record in records:
         split = record.get("split")
+        if not isinstance(split, str | None):
+            continue  # not one kiln writes
         kind = "train" if split is None and "loss" in record else split
         if kind in by_step and _number(record.get("step")):
             by_step[kind][record["step"]] = record  # a resumed run logs its last steps again: the later wins
@@ -161,11 +165,11 @@ def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
 def stored_parameters(run_dir: Path, findings: list[str]) -> tuple[int | None, str]:
     """Parameters in the newest saved weights (``model/``, else the best or last checkpoint), counted
     from the safetensors header's shapes (tied weights are stored, and counted, once)."""
-    from kiln.training.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, last_checkpoint
+    from kiln.training.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, saved_checkpoints
 
-    candidates = [run_dir / "model", last_checkpoint(run_dir / "checkpoints", "best"),
-                  last_checkpoint(run_dir / "checkpoints")]
-    for directory in filter(None, candidates):
+    # Headers only, never a checksum: a report reads a large (or still training) run in a second.
+    candidates = [run_dir / "model", run_dir / "checkpoints" / "best", *saved_checkpoints(run_dir / "checkpoints")]
+    for directory in candidates:
         if (directory / WEIGHTS_FILE).is_file():
             files = [directory / WEIGHTS_FILE]
         elif (directory / WEIGHTS_INDEX_FILE).is_file():
@@ -179,7 +183,7 @@ def stored_parameters(run_dir: Path, findings: list[str]) -> tuple[int | None, s
             continue
         try:
             return sum(safetensors_parameters(file) for file in files), str(directory.relative_to(run_dir))
-        except (OSError, ValueError, KeyError, TypeError, struct.error):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
             findings.append(f"{directory}: weights unreadable, parameters not counted")
     return None, ""
 
@@ -249,7 +253,7 @@ class Report:
                      note=("no model/ yet: still training, or stopped before the end; "
                            if not all(run.finished for run in self.runs) else "")
                      + "training time: the trainer's own clock; wall clock: from config.yaml to the last metrics "
-                       "record, evaluations included")
+                       "record, evaluations (and a resumed run's pause) included")
 
     def metrics_table(self) -> Table:
         """Best and last value of every validation metric per run, with the test score."""
@@ -266,9 +270,10 @@ class Report:
                 best = pick(series, key=lambda item: item[1])
                 rows.append([run.name, f"{metric} (main)" if metric == main else metric, best[1], best[0],
                              series[-1][1], series[-1][0], test.get(metric)])
-            if run.train:
-                rows.append([run.name, "training loss", min(r["loss"] for r in run.train if _number(r["loss"])),
-                             min(run.train, key=lambda r: r["loss"])["step"], run.train[-1]["loss"],
+            finite = [r for r in run.train if _number(r.get("loss"))]  # a diverged window logs NaN
+            if finite:
+                best = min(finite, key=lambda r: r["loss"])
+                rows.append([run.name, "training loss", best["loss"], best["step"], run.train[-1].get("loss"),
                              run.train[-1]["step"], None])
         return Table("Best and last metrics", ["run", "metric", "best", "at step", "last", "at step", "test"], rows,
                      note="validation metrics (best by each metric's own direction); test: the exported model "
@@ -372,6 +377,21 @@ class Report:
 def report(paths: Sequence[str | Path]) -> Report:
     """Read the runs at ``paths``; runs with the same directory name are told apart by their parent."""
     paths = [Path(p) for p in paths]
-    names = [p.resolve().name for p in paths]
-    shown = [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names, strict=True)]
-    return Report([load_run(path, name) for path, name in zip(paths, shown, strict=True)])
+    return Report([load_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)])
+
+
+def run_names(paths: Sequence[Path]) -> list[str]:
+    """Short distinct names: the directory's, with as many parent folders as it takes to tell the
+    runs apart (``a/runs/x``, ``b/runs/x``), and ``#2``, ``#3`` for a run given twice."""
+    parts = [p.resolve().parts for p in paths]
+    distinct = set(parts)
+
+    def short(path: tuple[str, ...]) -> str:
+        depth = 1
+        while any(other != path and other[-depth:] == path[-depth:] for other in distinct):
+            depth += 1
+        return str(Path(*path[-depth:]))
+
+    names = [short(p) for p in parts]
+    return [name if name not in names[:i] else f"{name} #{names[:i].count(name) + 1}"
+            for i, name in enumerate(names)]

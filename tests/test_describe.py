@@ -128,6 +128,16 @@ def test_regression_labels_are_summarised_not_counted(tmp_path: Path) -> None:
     assert "Label distribution" not in tables
 
 
+def test_regression_scores_skip_a_label_that_is_not_a_number(tmp_path: Path) -> None:
+    folder = tmp_path / "scores"
+    write(folder / "train.tsv", ["sentence\tscore", "a\t0.5", "b\tn/a", "c\t4.0"])
+    write(folder / "dev.tsv", ["sentence\tscore", "d\t2.0"])
+    description = describe("sequence", folder, overrides=["data.problem_type=regression"])
+    assert any("n/a" in f for f in findings(description))  # training would stop there: a finding
+    tables = {t.title: t for s in description.sections() for t in s.tables}
+    assert tables["Label scores"].rows[0][1] == 0.5 and tables["Label scores"].rows[0][-1] == 4.0
+
+
 def test_pairs_count_both_texts(tmp_path: Path) -> None:
     data = write(tmp_path / "pairs" / "train.jsonl", [
         json.dumps({"sentence1": "a b c", "sentence2": "d e", "label": "yes"}),

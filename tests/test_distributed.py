@@ -127,6 +127,27 @@ def test_a_run_saved_at_two_processes_resumes_at_one(runs, tmp_path):
     assert state["world_size"] == 1 and state["grad_accum"] == 2  # the global batch was kept
 
 
+def test_fsdp_trains_a_masked_lm_with_tied_weights_like_one_process(runs, tmp_path):
+    """BERT's MLM decoder shares the word embeddings: the tied pair stays in FSDP's root unit, and
+    the sparse MLM head's backward finds its weights gathered. Equal to one process accumulating 2."""
+    import random
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "film", "good", "bad", "plot", "cast", "scene", "end"]
+    for name, count in (("train.txt", 300), ("valid.txt", 30)):
+        (corpus / name).write_text("".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) + "\n"
+                                           for _ in range(count)))
+    settings = {**SETTINGS, "train.batch_tokens": 256, "pretrain.seq_len": 32}
+    kiln.train("mlm", corpus, name="mlm-1", profile=str(runs["root"] / "tiny.yaml"), output_dir=tmp_path,
+               **{**settings, "train.grad_accum": 2})
+    launch("mlm", str(corpus), "--profile", str(runs["root"] / "tiny.yaml"), "--output-dir", str(tmp_path), "-q",
+           "-n", "mlm-2", "--nproc", "2", "--fsdp", "full", *flags(settings),
+           env={"KILN_CACHE": str(runs["root"] / "cache")})
+    assert_same_training(tmp_path / "mlm-1", tmp_path / "mlm-2")
+
+
 def free_port() -> int:
     import socket
 

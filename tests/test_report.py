@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from conftest import TINY_PROFILE, sentiment_rows
 
 import kiln
 from kiln.cli import main
-from kiln.report import load_run, report
+from kiln.report import load_run, report, run_names
 
 
 def train_runs(base: Path) -> tuple[Path, Path]:
@@ -156,6 +157,44 @@ def test_eval_times_grad_norm_resumed_steps_and_bad_lines(tmp_path: Path) -> Non
     assert [name for name, _ in result.curves()] == ["loss", "lr", "grad_norm", "eval_accuracy"]
     rows = {row[1].removesuffix(" (main)"): row for row in result.metrics_table().rows}
     assert rows["accuracy"][2:6] == [0.7, 15, 0.7, 15] and rows["loss"][2:4] == [1.2, 15]
+
+
+def test_nan_losses_damaged_records_and_a_bad_config_are_handled(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "diverged"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"task": "sequence", "config": {}}))
+    lines = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": 1.5},
+             {"step": 4, "loss": float("nan")}, {"step": 5, "split": [], "loss": 0.1}]  # the last: not kiln's
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    row = next(r for r in report([run]).metrics_table().rows if r[1] == "training loss")
+    assert row[2:4] == [1.5, 3] and math.isnan(row[4]) and row[5] == 4  # best among the finite ones
+    only_nan = tmp_path / "only-nan"
+    shutil.copytree(run, only_nan)
+    (only_nan / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": float("nan")}) + "\n")
+    assert not [r for r in report([only_nan]).metrics_table().rows if r[1] == "training loss"]
+    (run / "run.json").write_text(json.dumps({"task": "sequence", "config": []}))
+    assert main(["report", str(run)]) == 2
+    assert capsys.readouterr().err == f"{run / 'run.json'}: 'config' must be an object\n"
+
+
+def test_runs_with_the_same_name_are_told_apart() -> None:
+    assert run_names([Path("/a/runs/x"), Path("/b/runs/x"), Path("/a/runs/y")]) == ["a/runs/x", "b/runs/x", "y"]
+    assert run_names([Path("/runs/x"), Path("/a/runs/x")]) == ["/runs/x", "a/runs/x"]
+    assert run_names([Path("/a/runs/x"), Path("/a/runs/x")]) == ["x", "x #2"]
+
+
+def test_parameters_are_counted_from_headers_without_hashing_checkpoints(runs: tuple[Path, Path], tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from kiln.training import checkpoint
+
+    live = tmp_path / "live"
+    shutil.copytree(runs[0], live)
+    shutil.rmtree(live / "model")
+    shutil.rmtree(live / "checkpoints" / "best")
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda path: pytest.fail("a checkpoint was hashed"))
+    run = load_run(live)
+    assert run.parameters == load_run(runs[0]).parameters and run.parameters_from.startswith("checkpoints/step-")
 
 
 def test_describe_counts_tokens_with_a_runs_tokenizer(runs: tuple[Path, Path]) -> None:

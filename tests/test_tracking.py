@@ -215,6 +215,49 @@ def test_mlflow_status_says_how_training_ended():
     assert _run_status(RuntimeError("a bug")) == "FAILED"
 
 
+def test_one_tensorboard_callback_for_several_runs_logs_each_in_its_own_directory(tiny_profile, sentiment_dir,
+                                                                                  tmp_path):
+    pytest.importorskip("tensorboard")
+    from kiln.training.callbacks import TensorBoardCallback
+
+    board = TensorBoardCallback()  # as a sweep passes it to every kiln.train call
+    runs = [kiln.train("sequence", sentiment_dir, name=name, profile=str(tiny_profile), output_dir=tmp_path,
+                       callbacks=[board], max_steps=2, log_every=1) for name in ("a", "b")]
+    for run in runs:
+        steps = [e.step for e in read_events(run.path).Scalars("train/loss")]
+        assert steps == [1, 2], run.path
+
+
+def test_an_unusable_mlflow_store_is_one_line_and_a_failing_server_does_not_end_training(
+        tiny_profile, sentiment_dir, tmp_path, no_mlflow_env, monkeypatch, caplog):
+    pytest.importorskip("mlflow")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from kiln.training.callbacks import MLflowCallback
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")  # a file where the store's directory should be
+    uri = f"sqlite:///{(blocked / 'mlflow.db').as_posix()}"
+    expected = f"^MLflow tracking store {uri}: .*File exists.*--report-to none trains without it"
+    with pytest.raises(KilnError, match=expected):
+        kiln.train("sequence", sentiment_dir, name="x", profile=str(tiny_profile), output_dir=tmp_path / "runs",
+                   callbacks=[MLflowCallback(tracking_uri=uri)], max_steps=2)
+
+    def down(*args, **kwargs):
+        raise MlflowException("API request failed: connection refused")
+
+    class ServerDownAt2(Callback):  # the server goes away in the middle of training
+        def on_step_end(self, trainer, logs):
+            if trainer.state.step == 1:
+                monkeypatch.setattr(MlflowClient, "log_batch", down)
+
+    run = kiln.train("sequence", sentiment_dir, name="y", profile=str(tiny_profile), output_dir=tmp_path / "runs",
+                     callbacks=[ServerDownAt2()], max_steps=3, log_every=1, report_to="mlflow")
+    assert [r["step"] for r in records(run.path) if "loss" in r] == [1, 2, 3]  # training went on, all logged
+    assert "MLflow: step 2 not logged (API request failed: connection refused); metrics.jsonl has it" in caplog.text
+
+
 @pytest.mark.parametrize(("tracker", "shown"), [("tensorboard", "TensorBoard"), ("mlflow", "MLflow")])
 def test_missing_tracker_package_is_one_line_before_anything_is_written(
         tracker, shown, tiny_profile, sentiment_dir, tmp_path, monkeypatch, capsys):

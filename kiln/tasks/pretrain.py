@@ -18,7 +18,6 @@ import zlib
 from collections.abc import Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
@@ -378,14 +377,17 @@ def sparse_mlm_module(model: Any) -> Any:
         def forward(self, input_ids: Any, masked_positions: Any, token_type_ids: Any = None,
                     attention_mask: Any = None) -> Any:
             extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            from transformers.modeling_outputs import MaskedLMOutput
+
+            # A ModelOutput (a pytree), so that hooks on the outputs (FSDP's) see the logits.
             parts = _mlm_parts(self.inner)
             if parts is None:
                 logits = self.inner(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-                return SimpleNamespace(logits=logits.flatten(0, 1).index_select(0, masked_positions))
+                return MaskedLMOutput(logits=logits.flatten(0, 1).index_select(0, masked_positions))
             encoder, head = parts
             hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]  # (B, T, H)
             selected = hidden.flatten(0, 1).index_select(0, masked_positions)  # (M, H)
-            return SimpleNamespace(logits=head(selected))  # (M, V)
+            return MaskedLMOutput(logits=head(selected))  # (M, V)
 
     return SparseMaskedLM(model)
 

@@ -258,16 +258,19 @@ class TensorBoardCallback(Callback):
     """
 
     def __init__(self, log_dir: str | Path | None = None):
-        self.log_dir = Path(log_dir) if log_dir else None
+        self.given = Path(log_dir) if log_dir else None
+        self.log_dir: Path | None = None  # this run's: the given one, else RUN_DIR/tensorboard
         self.writer: Any = None
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        if not trainer.is_main or (self.log_dir is None and trainer.run_dir is None):
+        if not trainer.is_main or (self.given is None and trainer.run_dir is None):
             return
         import yaml
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = self.log_dir or trainer.run_dir / "tensorboard"
+        # Worked out for each run, so that one callback given to several kiln.train calls (a sweep)
+        # logs each run in its own directory.
+        self.log_dir = self.given or trainer.run_dir / "tensorboard"
         step = trainer.state.step
         # Resumed at step S: what the interrupted session logged after S is replayed now, so hide it.
         self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1 if step else None)
@@ -362,7 +365,6 @@ class MLflowCallback(Callback):
         if not trainer.is_main or trainer.run_dir is None:
             return  # without a run directory nothing is logged: nothing to report
         import atexit
-        import json
         import os
 
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # kiln is offline: MLflow sends no usage data
@@ -372,10 +374,29 @@ class MLflowCallback(Callback):
 
         if not log.isEnabledFor(logging.INFO):  # --quiet: MLflow's notes (creating its tables) too
             logging.getLogger("mlflow").setLevel(logging.WARNING)
+        from mlflow.exceptions import MlflowException
+
+        from kiln.errors import KilnError
+
         run_dir = trainer.run_dir.resolve()
         self.ended = False
         uri = (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                or f"sqlite:///{(run_dir.parent / 'mlflow.db').as_posix()}")
+        try:
+            self._start(trainer, run_dir, uri, Param, MlflowClient, MAX_PARAM_VAL_LENGTH)
+        except (MlflowException, OSError) as err:  # a store that cannot be reached or written: one line
+            self.run_id = None
+            text = str(getattr(err, "message", None) or err).strip()
+            first = text.splitlines()[0] if text else type(err).__name__
+            raise KilnError(f"MLflow tracking store {uri}: {first} (--report-to none trains without it; "
+                            f"--resume continues this run)") from None
+        # A crash skips on_train_end: mark the run FAILED when the process exits rather than leave it RUNNING.
+        atexit.register(self._end, "FAILED")
+
+    def _start(self, trainer: Trainer, run_dir: Path, uri: str, Param: Any, MlflowClient: Any,
+               max_length: int) -> None:
+        import json
+
         self.client = MlflowClient(uri)
         self.run_id = self._reopen(run_dir, uri)
         if self.run_id is None:
@@ -387,12 +408,10 @@ class MLflowCallback(Callback):
                                          tags={k: str(v) for k, v in tags.items()})
             self.run_id = run.info.run_id
             # Cut to MLflow's limit on a param's length (6000 in MLflow 3) rather than fail on a long value.
-            params = [Param(key, (value if isinstance(value, str) else json_text(value))[:MAX_PARAM_VAL_LENGTH])
+            params = [Param(key, (value if isinstance(value, str) else json_text(value))[:max_length])
                       for key, value in flat_config(trainer.config.to_dict()).items()]
             self.client.log_batch(self.run_id, params=params)  # MLflow sends them in batches of 100
             (run_dir / self.RUN_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
-        # A crash skips on_train_end: mark the run FAILED when the process exits rather than leave it RUNNING.
-        atexit.register(self._end, "FAILED")
 
     def _reopen(self, run_dir: Path, uri: str) -> str | None:
         """The MLflow run of an earlier session of this kiln run (``--resume``), running again."""
@@ -434,8 +453,15 @@ class MLflowCallback(Callback):
         return experiment.experiment_id
 
     def on_log(self, trainer: Trainer, record: dict) -> None:
-        if self.run_id is not None:
+        if self.run_id is None:
+            return
+        from mlflow.exceptions import MlflowException
+
+        try:
             self._metrics(record)
+        except MlflowException as err:  # a tracking server gone for a while must not end a long run
+            log.warning(f"  MLflow: step {record.get('step')} not logged ({str(err.message).strip()[:200]}); "
+                        "metrics.jsonl has it")
 
     def _metrics(self, record: dict) -> None:
         from mlflow.entities import Metric

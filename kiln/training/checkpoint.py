@@ -221,6 +221,12 @@ def _step_candidates(checkpoints: Path) -> list[Path]:
     return [path for *_, path in sorted(found)]
 
 
+def saved_checkpoints(checkpoints: Path) -> list[Path]:
+    """The step checkpoints in ``checkpoints``, newest first, unverified (for reading headers; resume
+    through :func:`last_checkpoint`, which verifies)."""
+    return [path for path in _step_candidates(checkpoints) if STEP_DIR.fullmatch(path.name)]
+
+
 def _reason(candidate: Path, err: KilnError) -> str:
     """``model.safetensors: sha256 mismatch``: what is wrong with a checkpoint, for a warning."""
     message = err.message.removesuffix(f"; {DAMAGED}")

@@ -32,6 +32,7 @@ class Strategy:
     """One process: every collective is the identity. The base of the distributed strategies."""
 
     name = "single"
+    sharded = False  # weights split over the ranks: every rank must take part in each forward
 
     def __init__(self, device: Any):
         self.device = device
@@ -154,6 +155,7 @@ class FSDP(DDP):
     """
 
     name = "fsdp"
+    sharded = True
 
     def __init__(self, device: Any, mode: str = "full", precision: str = "fp32", cpu_offload: bool = False,
                  timeout: float = 1800.0):
@@ -181,13 +183,18 @@ class FSDP(DDP):
             low = torch.bfloat16 if self.precision == "bf16" else torch.float16
             layer_options["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         names = set(getattr(model, "_no_split_modules", None) or [])
-        layers = [m for m in model.modules() if type(m).__name__ in names]
+        # A unit whose weight is tied to one outside it (BERT's embeddings and its MLM decoder) stays
+        # in the root unit: FSDP2 refuses a parameter shared between two units.
+        layers = [m for name, m in module.named_modules()
+                  if type(m).__name__ in names and not _tied_outside(module, name, m)]
         if not layers:
             raise KilnError(f"--fsdp: {type(model).__name__} names no layer class to shard by "
                             "(_no_split_modules); use DDP for it")
         for layer in layers:
             fully_shard(layer, **layer_options)
-        fully_shard(module, **options)
+        # The root's parameters (embeddings, heads) are needed again as soon as backward starts: kept
+        # gathered, as FSDP2's own default does, instead of re-gathered by hooks on the outputs.
+        fully_shard(module, **{**options, "reshard_after_forward": False})
         return module
 
     def sync(self, module: Any, last: bool) -> contextlib.AbstractContextManager:
@@ -201,7 +208,13 @@ class FSDP(DDP):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if self.is_main else None
+        if not self.is_main:
+            return None
+        # Tied weights come back under each name; saved once, as the unsharded model saves them.
+        seen: set[int] = set()
+        repeated = {name for name, p in model.named_parameters(remove_duplicate=False)
+                    if id(p) in seen or seen.add(id(p))}
+        return {key: value for key, value in state.items() if key not in repeated}
 
     def optimizer_state(self, model: Any, optimizer: Any) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -215,6 +228,14 @@ class FSDP(DDP):
 
         set_optimizer_state_dict(model, optimizer, by_name(state, optimizer, model),
                                  options=StateDictOptions(full_state_dict=True))
+
+
+def _tied_outside(root: Any, name: str, unit: Any) -> bool:
+    """Whether a parameter of ``unit`` (``root``'s submodule ``name``) is also one of ``root``'s under
+    a name outside ``unit``."""
+    inside = {id(p) for p in unit.parameters()}
+    return any(id(p) in inside and not key.startswith(name + ".")
+               for key, p in root.named_parameters(remove_duplicate=False))
 
 
 @contextlib.contextmanager

@@ -29,12 +29,13 @@ def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, p
 
 def run_inference_share(model: Any, task: Any, features: list[dict], *, device: Any, precision: str,
                         batch_tokens: int, max_batch_size: int, pad_id: int, share: tuple[int, int] = (0, 1),
-                        lockstep: bool = False) -> tuple[list[Any], dict[int, float], int]:
+                        lockstep: bool = False, module: Any = None) -> tuple[list[Any], dict[int, float], int]:
     """Forward the batches ``rank``, ``rank + world``, … (``share``) of the length-sorted batches one
     process would run. Returns the outputs (None for other ranks' features), each batch's loss sum by
     batch number and the loss units. With ``lockstep`` (sharded weights, whose forward is a
     collective) every rank runs equally many forwards: a rank out of batches repeats its last one
-    and discards the result (or runs its first when it has none).
+    and discards the result (or runs its first when it has none). ``module``: what to call, when not
+    the task's :meth:`training_module` of ``model`` (sharded weights: the wrapper that gathers them).
     """
     import torch
 
@@ -47,7 +48,7 @@ def run_inference_share(model: Any, task: Any, features: list[dict], *, device: 
     outputs: list[Any] = [None] * len(features)
     losses: dict[int, Any] = {}
     units = 0
-    module = task.training_module(model)  # e.g. the sparse MLM head
+    module = module if module is not None else task.training_module(model)  # e.g. the sparse MLM head
     was_training = model.training
     model.eval()
     with torch.inference_mode():

@@ -267,7 +267,8 @@ class Trainer:
         outputs, batch_losses, units = run_inference_share(
             self.model, self.task, features, device=self.device, precision=self.precision,
             batch_tokens=self.config.train.batch_tokens * 2, max_batch_size=self.config.train.max_batch_size * 2,
-            pad_id=self.pad_id, share=(self.rank, self.world_size), lockstep=self.strategy.name == "fsdp")
+            pad_id=self.pad_id, share=(self.rank, self.world_size), lockstep=self.strategy.sharded,
+            module=self.module if self.strategy.sharded else None)  # DDP's forward would sync buffers
         if self.world_size == 1:
             return outputs, sum(batch_losses.values()), units
         merged: list[Any] = [None] * len(features)
@@ -542,7 +543,7 @@ class Trainer:
 
     def strategy_shards(self) -> int:
         """Over how many processes the weights and optimizer state are split (FSDP), for estimates."""
-        return self.world_size if self.strategy.name == "fsdp" else 1
+        return self.world_size if self.strategy.sharded else 1
 
     def resume_command(self) -> str:
         """The command line that continues this run."""
