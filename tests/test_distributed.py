@@ -148,6 +148,43 @@ def test_fsdp_trains_a_masked_lm_with_tied_weights_like_one_process(runs, tmp_pa
     assert_same_training(tmp_path / "mlm-1", tmp_path / "mlm-2")
 
 
+def test_a_two_process_run_with_dropout_resumes_bit_identically(runs, tmp_path):
+    """Each rank draws its own dropout masks: every rank's random state is saved and restored, so a
+    2-process run cut back to step 2 and resumed ends with exactly the uninterrupted run's weights."""
+    env = {"KILN_CACHE": str(runs["root"] / "cache")}
+    launch("sequence", str(runs["data"]), "--init", str(runs["base"] / "model"), "--output-dir", str(tmp_path), "-q",
+           "-n", "straight", "--nproc", "2", *flags({**SETTINGS, "train.dropout": 0.1}), env=env)
+    cut = tmp_path / "cut" / "straight"
+    shutil.copytree(tmp_path / "straight", cut)
+    for step in (3, 4):
+        shutil.rmtree(ckpt.step_checkpoint_path(cut / "checkpoints", step))
+    shutil.rmtree(cut / "model")
+    launch("sequence", str(runs["data"]), "-n", "straight", "--output-dir", str(cut.parent), "--resume", "-q",
+           "--nproc", "2", env=env)
+    final, expected = weights(cut), weights(tmp_path / "straight")
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["-n", "x", "--auto-batch"], "--auto-batch splits micro-batches in one process only"),
+    (["-n", "x", "-c", "train.seq_len=32"], "unknown setting 'train.seq_len' (did you mean pretrain.seq_len?)"),
+    ([], "kiln train needs -n NAME"),
+])
+def test_a_launch_with_bad_settings_is_one_line_before_any_process_starts(extra, message, tiny_profile,
+                                                                          sentiment_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    import kiln.cli.train
+    from kiln.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(kiln.cli.train, "launch", lambda args: pytest.fail("processes were started"))
+    code = main(["train", "sequence", str(sentiment_dir), "--profile", str(tiny_profile), "--output-dir",
+                 str(tmp_path / "runs"), "--nproc", "2", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "runs").exists()
+
+
 def free_port() -> int:
     import socket
 

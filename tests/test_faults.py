@@ -461,3 +461,57 @@ def test_resuming_a_finished_run_keeps_one_test_record(tiny_profile, sentiment_d
     again = kiln.train("sequence", sentiment_dir, name="done", resume=True, output_dir=tmp_path)
     assert again.test_metrics == run.test_metrics
     assert records(again.path) == finished
+
+
+def test_resuming_a_run_that_stopped_early_does_not_train_on(tiny_profile, sentiment_dir, tmp_path):
+    """Early stopping (patience) ended the run; ``--resume`` (say, to rebuild model/ after a kill
+    during the export) must end at the same step with the same best checkpoint."""
+    run = kiln.train("sequence", sentiment_dir, name="patient", profile=str(tiny_profile), max_steps=200,
+                     eval_every=1, patience=1, lr=0.0, output_dir=tmp_path, **PINNED)  # lr 0: never improves
+    logged = records(run.path)
+    stopped_at = max(r["step"] for r in logged)
+    assert stopped_at == 2  # the second evaluation did not improve on the first
+    shutil.rmtree(run.path / "model")
+    again = kiln.train("sequence", sentiment_dir, name="patient", resume=True, output_dir=tmp_path)
+    assert records(again.path) == logged
+    assert json.loads((again.path / "model" / "kiln.json").read_text())["step"] == 1
+
+
+def test_a_non_finite_metric_is_never_the_best(tiny_profile, sentiment_dir, tmp_path, monkeypatch):
+    from kiln.tasks.sequence import SequenceTask
+
+    real, calls = SequenceTask.metrics, []
+
+    def metrics(self, predictions, dataset):
+        calls.append(1)
+        found = real(self, predictions, dataset)
+        return {**found, "accuracy": float("nan")} if len(calls) == 1 else found  # the first evaluation overflowed
+
+    monkeypatch.setattr(SequenceTask, "metrics", metrics)
+    run = kiln.train("sequence", sentiment_dir, name="nan-eval", profile=str(tiny_profile), max_steps=4,
+                     eval_every=2, output_dir=tmp_path, **PINNED)
+    assert json.loads((run.path / "model" / "kiln.json").read_text())["step"] == 4
+    assert run.metrics["accuracy"] == run.metrics["accuracy"]  # a number, not NaN
+
+
+def test_an_evaluation_logged_after_the_checkpoint_is_written_again_once(tmp_path):
+    from kiln.training.trainer import _cut_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    lines = [{"step": 4, "loss": 1.0}, {"step": 4, "split": "validation", "eval_loss": 0.9},
+             {"step": 5, "loss": 0.8}]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    _cut_metrics(log, 4, evaluated=False)  # the checkpoint at step 4 was saved before its evaluation
+    assert [json.loads(line) for line in log.read_text().splitlines()] == lines[:1]
+
+
+def test_out_of_memory_in_the_optimizer_step_is_not_retried_in_pieces(tiny_profile, sentiment_dir, tmp_path,
+                                                                      monkeypatch, caplog):
+    def step(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(KilnError, match=r"CUDA out of memory at step 1;"):
+        kiln.train("sequence", sentiment_dir, name="oom-step", profile=str(tiny_profile), max_steps=2,
+                   output_dir=tmp_path, auto_batch=True, **PINNED)
+    assert "now run in" not in caplog.text  # smaller micro-batches cannot shrink the optimizer's memory

@@ -165,6 +165,18 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def check_before_launch(args: argparse.Namespace, flags: dict) -> None:
+    """The checks every worker would fail alike, made once before any process starts."""
+    from kiln.run import resolve_config
+
+    if not args.name:
+        raise KilnError("kiln train needs -n NAME (the run directory name)")
+    config = resolve_config(args.task, args.profile, args.init, flags, args.overrides).build()
+    if config.train.auto_batch:
+        raise KilnError("--auto-batch splits micro-batches in one process only (the ranks would have to agree on "
+                        "each retry); with several, use a smaller --batch-tokens and more --grad-accum")
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, or print the merged configuration."""
     import os
@@ -179,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         for line in [] if launching else lines:  # a launcher's workers print them (rank 0)
             logging.getLogger("kiln").info(line)
     if launching:
+        if not args.resume:  # bad settings: one line here, not one per worker and torchrun's report
+            check_before_launch(args, flags)
         return launch(args)
     if args.print_config:
         from kiln.run import resolve_config

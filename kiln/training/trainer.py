@@ -129,6 +129,7 @@ class Trainer:
         self._window_loss: Any = 0.0  # this rank's losses since the last log or save (on the device)
         self._saved_step = -1
         self._written: set[Path] = set()  # step checkpoints this process saved
+        self._updating = False  # training_step is past backward (clipping, the optimizer step)
         self._stop_signal: str | None = None  # set by SIGTERM or the first Ctrl-C, acted on at the step's end
         self._interrupt_now = False  # a second Ctrl-C: stop mid-step, without saving
         # Batches at construction, so a run with none fails before its run directory is written
@@ -156,6 +157,9 @@ class Trainer:
             set_dropout(self.model, train.dropout)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if train.auto_batch and self.world_size > 1:
+            raise KilnError("--auto-batch splits micro-batches in one process only (the ranks would have to "
+                            "agree on each retry); with several, use a smaller --batch-tokens and more --grad-accum")
         self.strategy = strategy_for(self.device, train.fsdp, self.precision, train.cpu_offload,
                                      parse_duration(train.dist_timeout))
         self.model.to(self.device)
@@ -218,6 +222,7 @@ class Trainer:
         import torch
 
         self.module.train()
+        self._updating = False
         units = sum(self.task.loss_units(b) for b in micro_batches)
         if self.world_size > 1:  # the ranks average gradients; normalise by the global count
             units = self.strategy.all_reduce([units])[0] / self.world_size
@@ -229,6 +234,7 @@ class Trainer:
                 loss = self.compute_loss(self.module, batch) / units
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
+        self._updating = True  # from here on an out-of-memory is the optimizer's: splitting cannot help
         self._set_lr()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -322,11 +328,15 @@ class Trainer:
                         self._stop_for_signal(stop_signal)
                     if self.state.batch_in_epoch >= len(self.sampler.global_batches(self.state.epoch)):
                         self._end_epoch()
+                    if self.world_size > 1:  # a callback on rank 0 alone may have asked to stop
+                        self.should_stop = bool(self.strategy.all_reduce([self.should_stop], "max")[0])
                 if self.state.last_eval_step != self.state.step:
                     self._evaluate_and_checkpoint()
             except KeyboardInterrupt:
                 self._call("on_train_end")
-                if self._interrupt_now:  # mid-step: the weights and the step count may disagree
+                # Mid-step the weights and the step count may disagree; and a save is a collective that
+                # the other ranks, not interrupted, would never join.
+                if self._interrupt_now or self.world_size > 1:
                     self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
                               "from the last checkpoint", logging.WARNING)
                 else:
@@ -383,7 +393,7 @@ class Trainer:
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 largest = max(len(ids) for ids in step.micro_batches)
-                if not self.config.train.auto_batch or self.state.micro_split >= largest:
+                if not self.config.train.auto_batch or self.state.micro_split >= largest or self._updating:
                     raise KilnError(self._oom_message()) from None
                 self.state.micro_split *= 2
                 torch.cuda.empty_cache()
@@ -464,14 +474,15 @@ class Trainer:
     # -- faults: signals, non-finite steps, out of memory --------------------------------------
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGTERM and the first Ctrl-C stop at the step's end with a checkpoint; a second Ctrl-C at once."""
+        """SIGTERM, SIGHUP and the first Ctrl-C stop at the step's end with a checkpoint; a second Ctrl-C
+        at once."""
         import signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             yield
         finally:
@@ -489,8 +500,10 @@ class Trainer:
         if self.is_main:  # straight to stderr: a log call inside a signal handler could deadlock
             import sys
 
-            print(f"\n  {name}: stopping after this step with a checkpoint"
-                  + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), file=sys.stderr)
+            # A hung-up terminal (SIGHUP) or a re-entered stream must not turn the stop into a crash.
+            with contextlib.suppress(OSError, RuntimeError):
+                print(f"\n  {name}: stopping after this step with a checkpoint"
+                      + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""), file=sys.stderr)
 
     def _agree_across_ranks(self) -> str | None:
         """Under several processes, make every rank see the same clock and the same stop signal.
@@ -582,8 +595,9 @@ class Trainer:
         better = self.task.greater_is_better(self.metric)
         best = self.state.best_metric
         # Ties on the metric (common for accuracy on small sets) go to the lower validation loss.
-        improved = (best is None or (value > best if better else value < best)
-                    or (value == best and metrics["loss"] < self.state.best_loss))
+        improved = math.isfinite(value) and (
+            best is None or not math.isfinite(best) or (value > best if better else value < best)
+            or (value == best and metrics["loss"] < self.state.best_loss))
         if improved:
             self.state.best_metric = value
             self.state.best_loss = metrics["loss"]
@@ -614,7 +628,6 @@ class Trainer:
     def _save(self, best: bool = False) -> None:
         """Write a checkpoint: ``best``, or the step's resumable one (then keep the newest
         ``keep_last``). Every rank takes part (FSDP gathers the full state); rank 0 writes."""
-        import torch
 
         self.state.last_save_seconds = self.state.train_seconds
         self._saved_step = self.state.step if not best else self._saved_step
@@ -622,6 +635,8 @@ class Trainer:
             self.state.window["loss"] += self._fold_window_loss()
         weights = self.strategy.model_state(self.model)
         optimizer = None if best else self.strategy.optimizer_state(self.model, self.optimizer)
+        # Every rank's random state (dropout draws differ by rank), so that each resumes its own.
+        rng = {} if best else self._rng_states()
         if self.run_dir is None or not self.is_main:
             return
         checkpoints = self.run_dir / "checkpoints"
@@ -633,9 +648,6 @@ class Trainer:
             ckpt.save_checkpoint(checkpoints / "best", self.model, self.tokenizer, meta, trainer_state=state,
                                  weights=weights)
             return
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.scaler is not None:  # fp16's loss scale: resuming without it would re-learn it
             state["grad_scaler"] = self.scaler.state_dict()
         path = ckpt.step_checkpoint_path(checkpoints, self.state.step)
@@ -643,6 +655,22 @@ class Trainer:
                              rng=rng, weights=weights)
         self._written.add(path)  # pruning trusts these instead of hashing every kept one at every save
         ckpt.prune_checkpoints(checkpoints, self.config.train.keep_last, self._written)
+
+    def _rng_states(self) -> dict:
+        """``torch`` (and ``cuda``) random states: rank 0's under those names, rank r's as ``torch.rank{r}``
+        (a collective under several processes)."""
+        import torch
+
+        own = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            own["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.world_size == 1:
+            return own
+        states = dict(own)
+        for rank, theirs in enumerate(self.strategy.gather({k: v.cpu() for k, v in own.items()})):
+            if rank:
+                states.update({f"{k}.rank{rank}": v for k, v in theirs.items()})
+        return states
 
     def _checkpoint_to_resume(self) -> Path | None:
         path = ckpt.last_checkpoint(self.run_dir / "checkpoints") if self.run_dir else None
@@ -664,15 +692,22 @@ class Trainer:
         known = TrainerState.__dataclass_fields__
         self.state = TrainerState(**{k: v for k, v in state.items() if k in known})
         self._keep_global_batch()
+        # A run resumed after it had stopped early (patience, budget) stops again, not one step later.
+        patience, state = self.config.train.patience, self.state
+        self.should_stop = bool(patience and state.evals_without_improvement >= patience) or bool(
+            self.budget and state.train_seconds >= self.budget)
         best = path.parent / "best" / ckpt.KILN_FILE
         if best.is_file():
             self.best_metrics = json.loads(best.read_text()).get("metrics", {})
+        # This rank's own state when the checkpoint has it (saved at the same number of processes).
+        suffix = f".rank{self.rank}" if self.rank and f"torch.rank{self.rank}" in rng else ""
         if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+            torch.set_rng_state(rng["torch" + suffix])
+        if "cuda" + suffix in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda" + suffix], self.device)
         if self.is_main and self.run_dir is not None:
-            _cut_metrics(self.run_dir / "metrics.jsonl", self.state.step)
+            _cut_metrics(self.run_dir / "metrics.jsonl", self.state.step,
+                         evaluated=self.state.last_eval_step == self.state.step)
         self._say(f"  resumed   step {self.state.step} (epoch {self.state.epoch}, "
                   f"micro-batch {self.state.batch_in_epoch}) from {path.name}")
 
@@ -718,9 +753,10 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _cut_metrics(path: Path, step: int) -> None:
-    """Drop the records a resumed run will write again (those after its checkpoint's ``step``), and a
-    last line a kill cut short, so the file ends as an uninterrupted run's would."""
+def _cut_metrics(path: Path, step: int, evaluated: bool = True) -> None:
+    """Drop the records a resumed run will write again (those after its checkpoint's ``step``, and the
+    evaluation at ``step`` when the checkpoint was saved before it), and a last line a kill cut short,
+    so the file ends as an uninterrupted run's would."""
     if not path.is_file():
         return
     kept = []
@@ -730,6 +766,9 @@ def _cut_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             continue
         # The test split's record is written after training, by the export: a resumed run writes it again.
-        if isinstance(record, dict) and record.get("step", 0) <= step and record.get("split") != "test":
+        if not isinstance(record, dict) or record.get("split") == "test":
+            continue
+        at = record.get("step", 0)
+        if at < step or (at == step and (evaluated or record.get("split") != "validation")):
             kept.append(line)
     ckpt.write_text_atomic(path, "".join(f"{line}\n" for line in kept))
