@@ -158,14 +158,7 @@ def estimate(
             batch_size = max(1, min(config.train.max_batch_size, budget // seq_len))
     optimizer = optimizer or config.optim.name
     total = counts["total"]
-    memory = {
-        "weights": 4 * total,
-        "gradients": 4 * total,
-        "optimizer": optimizer_bytes(model, optimizer),
-        "activations": activation_bytes(shape, seq_len, batch_size, precision, grad_checkpoint),
-        "mixed_precision_copies": 2 * total if precision in ("bf16", "fp16") else 0,
-    }
-    memory["total"] = sum(memory.values())
+    memory = memory_bytes(model, shape, optimizer, precision, seq_len, batch_size, grad_checkpoint)
     flops_per_token = training_flops_per_token(counts["non_embedding"], shape, seq_len)
     result = {
         "profile": config.name,
@@ -183,9 +176,23 @@ def estimate(
     return result
 
 
+def memory_bytes(model: Any, shape: Shape, optimizer: str, precision: str, seq_len: int, batch_size: int,
+                 grad_checkpoint: bool = False) -> dict[str, int]:
+    """Training memory by part (weights, gradients, optimizer, activations, 16-bit copies) and in total."""
+    total = parameter_counts(model)["total"]
+    memory = {
+        "weights": 4 * total,
+        "gradients": 4 * total,
+        "optimizer": optimizer_bytes(model, optimizer),
+        "activations": activation_bytes(shape, seq_len, batch_size, precision, grad_checkpoint),
+        "mixed_precision_copies": 2 * total if precision in ("bf16", "fp16") else 0,
+    }
+    memory["total"] = sum(memory.values())
+    return memory
+
+
 def run_memory_bytes(model: Any, optimizer: str, precision: str, seq_len: int, batch_size: int,
                      grad_checkpoint: bool = False) -> int:
     """Training memory of a built model at one micro-batch shape, as :func:`estimate` counts it."""
-    total = parameter_counts(model)["total"]
-    return (8 * total + optimizer_bytes(model, optimizer) + (2 * total if precision in ("bf16", "fp16") else 0)
-            + activation_bytes(shape_of(model.config), seq_len, batch_size, precision, grad_checkpoint))
+    return memory_bytes(model, shape_of(model.config), optimizer, precision, seq_len, batch_size,
+                        grad_checkpoint)["total"]

@@ -14,8 +14,6 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,22 +192,6 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a renamed temporary sibling (never half a file), with the
-    permissions any new file gets."""
-    from kiln.training.checkpoint import umask
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_page(path: str | Path, title: str, sections: list[Section], subtitle: str = "") -> Path:
     """Render and write the page atomically; returns the path."""
     from kiln.training.checkpoint import write_text_atomic
@@ -221,6 +203,8 @@ def write_page(path: str | Path, title: str, sections: list[Section], subtitle: 
 
 def write_pngs(directory: str | Path, plots: list[Plot]) -> list[Path]:
     """Each plot as ``directory/NAME.png`` (the directory is created); returns the files."""
+    from kiln.training.checkpoint import atomic_file
+
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise KilnError("exists and is not a directory", directory)
@@ -228,6 +212,7 @@ def write_pngs(directory: str | Path, plots: list[Plot]) -> list[Path]:
     written = []
     for plot in plots:
         target = directory / f"{plot.name}.png"
-        write_bytes_atomic(target, plot.png)
+        with atomic_file(target, binary=True) as out:
+            out.write(plot.png)
         written.append(target)
     return written

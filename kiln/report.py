@@ -24,12 +24,12 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.html import Plot, Section, Table
+from kiln.run import RUN_FILE
+from kiln.tasks.base import LOWER_IS_BETTER
 
-RUN_FILE = "run.json"  # kiln.run.RUN_FILE, which marks a directory as a kiln run
 METRICS_FILE = "metrics.jsonl"
 # Training-window values worth a curve, in this order (loss gets the validation loss beside it).
 TRAIN_CURVES = {"loss": "loss", "lr": "learning rate", "tokens_per_s": "tokens / s", "grad_norm": "gradient norm"}
-LOWER_IS_BETTER = {"loss", "mse", "perplexity"}  # kiln.tasks.base.Task.greater_is_better's rule
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -51,7 +50,9 @@ class Run:
 
 def is_main_process() -> bool:
     """True on rank 0 (or without torchrun): the one process that writes the run directory."""
-    return int(os.environ.get("RANK", 0)) == 0
+    from kiln.training.distributed import world
+
+    return world()[0] == 0
 
 
 def model_dir_of(path: str | Path) -> Path:

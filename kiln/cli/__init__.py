@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import shlex
 import sys
 
@@ -97,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: {err}" if err.path is None else str(err), file=sys.stderr)
         return 2
     except RunStopped as stop:  # a checkpoint is written; the message says how to continue
-        if int(os.environ.get("RANK", 0)) == 0:
+        from kiln.training.distributed import world
+
+        if world()[0] == 0:
             print(f"kiln: {stop.message}", file=sys.stderr)
         return stop.exit_code
     except KeyboardInterrupt:

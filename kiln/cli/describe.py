@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_path(args.output) if args.output else None
     description = describe(args.task, args.data, tokenizer=args.tokenizer, columns=getattr(args, "data.columns"),
                            pair=getattr(args, "data.pair"), overrides=args.overrides)
-    print_sections(description.sections())
+    sections = description.sections(plots=output is not None)  # plots change no table: built once
+    print_sections(sections)
     if output is not None:
-        write_page(output, f"kiln describe {args.task} {args.data}", description.sections(plots=True),
+        write_page(output, f"kiln describe {args.task} {args.data}", sections,
                    subtitle=f"Lengths in {description.counter}.")
         print(f"wrote {output}")
     return 0

@@ -28,10 +28,10 @@ def run(args: argparse.Namespace) -> int:
 
     output = check_output_path(args.output) if args.output else None
     result = report(args.runs)
-    print_sections(result.sections())
+    sections = result.sections(plots=output is not None or bool(args.png))  # plots change no table
+    print_sections(sections)
     if output is None and not args.png:
         return 0
-    sections = result.sections(plots=True)
     plots = [plot for section in sections for plot in section.plots]
     if args.png:
         written = write_pngs(args.png, plots)

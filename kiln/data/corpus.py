@@ -81,12 +81,13 @@ def _lines(path: Path, on_error: OnError = _raise,
     A line that is not UTF-8, or a file that cannot be read on, goes to ``on_error`` (which raises
     by default; a line it returns from is skipped). ``on_bytes`` counts the bytes read (plain files)."""
     number = 0
+    count = on_bytes if path.suffix != ".gz" else None  # a gzip file's progress is not its bytes read
     try:
         raw = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
         with raw:
             for chunk in raw:  # split on \n; a lone \r inside is a line break too
-                if on_bytes is not None and path.suffix != ".gz":
-                    on_bytes(len(chunk))
+                if count is not None:
+                    count(len(chunk))
                 for line in chunk.rstrip(b"\n").removesuffix(b"\r").split(b"\r"):
                     number += 1
                     try:

@@ -33,6 +33,9 @@ class Dataset:
         return len(self.examples)
 
 
+LOWER_IS_BETTER = frozenset({"loss", "mse", "perplexity"})  # metrics whose best is the smallest
+
+
 def pad_inputs(features: Sequence[dict], pad_id: int, per_token: dict[str, int] | None = None) -> dict:
     """Pad a micro-batch to its longest feature: ``input_ids``, ``attention_mask``,
     ``token_type_ids`` when present, and the ``per_token`` fields (name -> fill value)."""
@@ -294,7 +297,7 @@ class Task:
 
     def greater_is_better(self, metric: str) -> bool:
         """Direction of a metric, for best-checkpoint selection and early stopping."""
-        return metric not in {"loss", "mse", "perplexity"}
+        return metric not in LOWER_IS_BETTER
 
     def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
         """HF-pipeline-style JSON for ``predict --json``."""

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from kiln.errors import KilnError
 
@@ -330,10 +330,9 @@ def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weig
     """
     unwrapped = getattr(model, "module", model)
     sharded = type(unwrapped)
-    if weights is not None and sharded.__name__.startswith("FSDP"):
-        # fully_shard swaps in a subclass named FSDP<Model>; save_pretrained writes the class name
-        # into config.json's architectures, which transformers could then not load. Save as the model.
-        unwrapped.__class__ = sharded.__mro__[2] if sharded.__mro__[1].__name__ == "FSDPModule" else sharded.__mro__[1]
+    # fully_shard swaps in a subclass named FSDP<Model>; save_pretrained writes the class name into
+    # config.json's architectures, which transformers could then not load. Save as the model's class.
+    unwrapped.__class__ = next(c for c in sharded.__mro__ if not c.__name__.startswith("FSDP"))
     try:
         unwrapped.save_pretrained(path, state_dict=weights, safe_serialization=True)
     finally:
@@ -665,13 +664,13 @@ def umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[TextIO]:
-    """A text stream whose content appears at ``path`` only when the block ends without an error:
-    it is written to a temporary sibling that is then renamed, so a reader (or a crash) never sees
-    half a file. The file gets the permissions of any new file, not mkstemp's 0600."""
+def atomic_file(path: Path, binary: bool = False) -> Iterator[Any]:
+    """A text (or ``binary``) stream whose content appears at ``path`` only when the block ends
+    without an error: it is written to a temporary sibling that is then renamed, so a reader (or a
+    crash) never sees half a file. The file gets the permissions of any new file, not mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as out:
             yield out
             out.flush()
             os.fsync(out.fileno())  # else a power cut after the rename can leave an empty file

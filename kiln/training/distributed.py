@@ -79,9 +79,6 @@ class Strategy:
         """Load a full optimizer state dict (torch's layout), as :meth:`optimizer_state` returned it."""
         optimizer.load_state_dict(state)
 
-    def barrier(self) -> None:
-        """Wait for every rank."""
-
     def close(self) -> None:
         """Tear down the process group (at the end of training, or at a stop all ranks agreed on),
         after the caller has dropped the module :meth:`wrap` returned."""
@@ -126,11 +123,6 @@ class DDP(Strategy):
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
 
     def close(self) -> None:
         import torch.distributed as dist
