@@ -182,16 +182,6 @@ def _table_html(table: Table) -> str:
 
 
 # -- writing ----------------------------------------------------------------------------------
-def check_output_path(path: str | Path) -> Path:
-    """Refuse an output path that cannot be written *before* the work that fills it starts."""
-    path = Path(path)
-    if path.is_dir():
-        raise KilnError("is a directory; give a file name for the report", path)
-    if not path.parent.is_dir():
-        raise KilnError("the directory for this file does not exist", path)
-    return path
-
-
 def write_page(path: str | Path, title: str, sections: list[Section], subtitle: str = "") -> Path:
     """Render and write the page atomically; returns the path."""
     from kiln.training.checkpoint import write_text_atomic

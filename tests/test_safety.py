@@ -295,3 +295,51 @@ def test_unwritable_output_fails_before_loading(command, trained, tmp_path, monk
     one_line_error(capsys, "file.txt is a file, not a directory")
     assert main([command, str(trained[0]), data, "-o", str(tmp_path)]) == 2
     one_line_error(capsys, "is a directory")
+
+
+# -- a file the user names for output never replaces an input or a run's file ---------------------
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["predict", "{run}", "{data}/dev.tsv", "-o", "{data}/dev.tsv"], "input"),
+    (["predict", "{run}", "{data}/dev.tsv", "--json", "-o", "{data}/./dev.tsv"], "input"),
+    (["predict", "{run}", "{data}/dev.tsv", "-o", "{tmp}/link.tsv"], "input"),  # a symlink to dev.tsv
+    (["predict", "{run}", "{data}/dev.tsv", "-o", "{tmp}/hard.tsv"], "input"),  # a hard link to dev.tsv
+    (["evaluate", "{run}", "{data}/dev.tsv", "-o", "{data}/dev.tsv"], "input"),
+    (["predict", "{run}", "{data}/dev.tsv", "-o", "{run}/model/config.json"], "input"),
+    (["predict", "{tmp}/model", "{data}/dev.tsv", "-o", "{tmp}/model/notes.tsv"], "model directory"),
+    (["evaluate", "{tmp}/model", "{data}/dev.tsv", "-o", "{run}/predictions.tsv"], "run directory"),
+    (["describe", "sequence", "{data}/train.tsv", "-o", "{data}/train.tsv"], "input"),
+    (["describe", "sequence", "{data}", "-o", "{data}/train.tsv"], "input"),
+    (["describe", "sequence", "{data}", "-o", "{run}/model/page.html"], "model directory"),
+    (["report", "{run}", "-o", "{run}/run.json"], "input"),
+    (["report", "{tmp}/model", "-o", "{run}/report.html"], "run directory"),
+    (["report", "{run}", "--png", "{run}"], "input"),
+    (["report", "{run}", "--png", "{run}/plots"], "run directory"),
+])
+def test_output_never_replaces_an_input_or_a_runs_file(argv, needle, run_copy, trained, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(trained[1], data)
+    shutil.copytree(run_copy / "model", tmp_path / "model")
+    (tmp_path / "link.tsv").symlink_to(data / "dev.tsv")
+    (tmp_path / "hard.tsv").hardlink_to(data / "dev.tsv")
+    before = tree(tmp_path)
+    fill = {"run": str(run_copy), "data": str(data), "tmp": str(tmp_path)}
+    assert main([arg.format(**fill) for arg in argv]) == 2
+    one_line_error(capsys, needle, "choose")
+    assert tree(tmp_path) == before
+
+
+def test_an_output_beside_inputs_is_written(trained, tmp_path, capsys):
+    project = tmp_path / "project"  # a folder with a config.json of its own is not a model directory
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    out = project / "predictions.tsv"
+    assert main(["predict", str(trained[0]), str(trained[1] / "dev.tsv"), "-o", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 41
+    page = tmp_path / "new" / "plots"
+    assert main(["report", str(trained[0]), "--png", str(page)]) == 0
+    assert any(page.glob("*.png"))

@@ -34,9 +34,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Describe the dataset, print the tables and write the page."""
     from kiln.describe import describe
-    from kiln.html import check_output_path, print_sections, write_page
+    from kiln.html import print_sections, write_page
+    from kiln.outputs import check_output
 
-    output = check_output_path(args.output) if args.output else None
+    inputs = [args.data, args.tokenizer]
+    output = check_output(args.output, inputs, new_directories=False) if args.output else None
     description = describe(args.task, args.data, tokenizer=args.tokenizer, columns=getattr(args, "data.columns"),
                            pair=getattr(args, "data.pair"), overrides=args.overrides)
     sections = description.sections(plots=output is not None)  # plots change no table: built once

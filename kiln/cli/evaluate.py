@@ -29,9 +29,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the metrics."""
     import kiln
-    from kiln.cli.predict import check_output, write_predictions
+    from kiln.cli.predict import write_predictions
+    from kiln.outputs import check_output
 
-    check_output(args.output)
+    if args.output:  # before loading: a refused target costs nothing
+        check_output(args.output, [args.run_dir, args.data])
     predictor = kiln.load(args.run_dir, device=args.device, precision=getattr(args, "train.precision"),
                           generate=args.generate)
     dataset = predictor.read(args.data, labelled=True, columns=getattr(args, "data.columns"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,23 +32,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def check_output(output: str | None) -> None:
-    """Fail now, not after every prediction is computed, when ``-o`` cannot be written: it is a
-    directory, or its nearest existing ancestor is a file or a directory we may not write in."""
-    if not output:
-        return
-    target = Path(output)
-    if target.is_dir():
-        raise KilnError("is a directory; -o takes the path of the file to write", target)
-    ancestor = target.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise KilnError(f"cannot write here: {ancestor} is a file, not a directory", target)
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise KilnError(f"cannot write here: no permission to write in {ancestor}", target)
-
-
 def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], output: str | None,
                       as_json: bool) -> None:
     """Write predictions as JSON or in the input's format; a file is written atomically."""
@@ -75,8 +57,10 @@ def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], outp
 def run(args: argparse.Namespace) -> int:
     """Predict for a file, piped stdin, or lines typed at a prompt."""
     import kiln
+    from kiln.outputs import check_output
 
-    check_output(args.output)
+    if args.output:  # before loading: a refused target costs nothing
+        check_output(args.output, [args.run_dir, args.data])
     predictor = kiln.load(args.run_dir, device=args.device, precision=getattr(args, "train.precision"),
                           generate=args.generate)
     if args.data is None and sys.stdin.isatty():

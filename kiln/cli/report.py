@@ -23,10 +23,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the runs, print the summary, write the page and the plots."""
-    from kiln.html import check_output_path, print_sections, write_page, write_pngs
+    from kiln.html import print_sections, write_page, write_pngs
+    from kiln.outputs import check_output
     from kiln.report import report
 
-    output = check_output_path(args.output) if args.output else None
+    output = check_output(args.output, args.runs, new_directories=False) if args.output else None
+    if args.png:
+        check_output(args.png, args.runs, directory=True)
     result = report(args.runs)
     sections = result.sections(plots=output is not None or bool(args.png))  # plots change no table
     print_sections(sections)
