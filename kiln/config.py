@@ -59,7 +59,13 @@ def parse_save_every(text: str) -> tuple[int, float]:
         if int(text) < 1:
             raise KilnError("save_every must be at least 1 step")
         return int(text), 0.0
-    seconds = parse_duration(text)
+    forms = "a whole number of steps (500) or a duration with its unit (90s, 10m, 1h)"
+    if not any(unit in text.lower() for unit in "dhms"):  # 1.5, -5: neither steps nor a duration
+        raise KilnError(f"save_every takes {forms}, not '{text}'")
+    try:
+        seconds = parse_duration(text)
+    except KilnError:
+        raise KilnError(f"save_every takes {forms}, not '{text}'") from None
     if seconds <= 0:
         raise KilnError(f"save_every must be a positive duration, not '{text}'")
     return 0, seconds

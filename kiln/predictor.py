@@ -45,6 +45,9 @@ class Predictor:
             key, value = parse_override(text)
             setattr(self.config.generate, key, coerce(f"generate.{key}", value))
         self.task = get_task(self.meta["task"], self.config, self.meta["task_state"])
+        if generate and not any(key.startswith("generate.") for key in self.task.parameters().values()):
+            raise KilnError(f"--generate sets how a model decodes, but this {self.task.name} model does not "
+                            "generate (generation, clm and span models do)", self.path)
         self.tokenizer = load_tokenizer(self.path)
         self.task.tokenizer = self.tokenizer
         self.device = resolve_device(device)

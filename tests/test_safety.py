@@ -343,3 +343,42 @@ def test_an_output_beside_inputs_is_written(trained, tmp_path, capsys):
     page = tmp_path / "new" / "plots"
     assert main(["report", str(trained[0]), "--png", str(page)]) == 0
     assert any(page.glob("*.png"))
+
+
+# -- one line, not a usage block or a traceback ----------------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "sequence"], "kiln train: error: the following arguments are required: DATA; see 'kiln train --help'"),
+    (["train", "sequence", "x", "-n", "a", "--bogus"], "unrecognized arguments: --bogus; see 'kiln train --help'"),
+    (["trian"], "invalid choice: 'trian'"),
+    (["predict"], "see 'kiln predict --help'"),
+])
+def test_argument_errors_are_one_line_pointing_at_help(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    one_line_error(capsys, needle)
+
+
+@pytest.mark.parametrize("value", ["1.5", "-5", "10x", "1h5"])
+def test_save_every_is_steps_or_a_duration_with_its_unit(value, trained, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "sequence", str(trained[1]), "-n", "x", "--profile", str(trained[2]),
+                 "--output-dir", str(runs), f"--save-every={value}"]) == 2
+    one_line_error(capsys, f"not '{value}'", "whole number of steps", "10m")
+    assert not runs.exists()
+
+
+def test_predict_with_stdin_closed_is_one_line(trained, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", None)  # what Python gives a process started with `<&-`
+    assert main(["predict", str(trained[0])]) == 2
+    one_line_error(capsys, "no input", "give DATA")
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_generate_on_a_model_that_does_not_generate_is_refused(command, trained, tmp_path, capsys):
+    out = tmp_path / "out.tsv"
+    assert main([command, str(trained[0]), str(trained[1] / "dev.tsv"), "--generate", "num_beams=2",
+                 "-o", str(out)]) == 2
+    one_line_error(capsys, "--generate", "this sequence model does not generate")
+    assert not out.exists()

@@ -9,6 +9,7 @@ import importlib
 import logging
 import shlex
 import sys
+from typing import NoReturn
 
 from kiln import __version__
 from kiln.errors import KilnError, RunStopped
@@ -27,9 +28,17 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line pointing at ``--help``, not the usage block
+    (17 lines for ``kiln train``) that buries the one line that matters. Sub-parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (each command module adds its own sub-parser)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kiln", description="Train and evaluate transformer NLP models and predict with them, offline.",
         epilog="Run 'kiln COMMAND --help' for a command's options.",
     )
@@ -86,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; Ctrl-C exits 130."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(join_dash_values(parser, argv))
+    args, unknown = parser.parse_known_args(join_dash_values(parser, argv))
+    if unknown:  # named by the command's own parser, so that the pointer is to its --help
+        command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.command_line = shlex.join(["kiln", *argv])  # what the model card says made the run
     level = logging.getLogger("kiln").level
     set_verbosity(args.quiet, args.verbose)

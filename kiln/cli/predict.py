@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.output, [args.run_dir, args.data])
     predictor = kiln.load(args.run_dir, device=args.device, precision=getattr(args, "train.precision"),
                           generate=args.generate)
+    if args.data is None and sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise KilnError("no input: give DATA, or pipe lines on stdin (it is closed)")
     if args.data is None and sys.stdin.isatty():
         return _interactive(predictor)
     source = args.data or "<stdin>"
