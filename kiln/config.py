@@ -23,12 +23,13 @@ from kiln.errors import KilnError
 
 def setting(default: Any, doc: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
             minimum: float | None = None, above: float | None = None, maximum: float | None = None,
-            parse: Any = None) -> Any:
+            parse: Any = None, resumable: bool = False) -> Any:
     """Declare a config field: its default, its one-line doc and, optionally, its CLI flag, its
-    choices, its range (``minimum`` <= value, ``above`` < value, value <= ``maximum``) and a
-    ``parse`` function that must accept the value (e.g. a duration)."""
+    choices, its range (``minimum`` <= value, ``above`` < value, value <= ``maximum``), a
+    ``parse`` function that must accept the value (e.g. a duration), and whether ``--resume`` may
+    change it (``resumable``: how long to train and how to save and report, never what is computed)."""
     metadata = {"doc": doc, "flag": flag, "choices": choices, "minimum": minimum, "above": above,
-                "maximum": maximum, "parse": parse}
+                "maximum": maximum, "parse": parse, "resumable": resumable}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -139,13 +140,13 @@ class TrainConfig:
     """The training loop."""
 
     epochs: float = setting(3, "Epochs to train (fractions allowed; 0 with max_steps or a budget).",
-                            flag="--epochs", minimum=0)
+                            flag="--epochs", minimum=0, resumable=True)
     max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", flag="--max-steps",
-                             minimum=0)
+                             minimum=0, resumable=True)
     budget: str = setting(
         "", "Wall-clock training budget, e.g. 45m, 2h, 1d: train until it is spent (epochs are then "
         "ignored); the LR schedule and batch ramp follow the elapsed fraction of it (or of max_steps, "
-        "whichever ends first).", flag="--budget", parse=parse_duration,
+        "whichever ends first).", flag="--budget", parse=parse_duration, resumable=True,
     )
     batch_ramp: float = setting(
         0.0, "Grow gradient accumulation linearly from 1 to grad_accum until this fraction of training "
@@ -170,20 +171,22 @@ class TrainConfig:
         "AVX512-BF16), else fp32.", flag="--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
-    device: str = setting("auto", "Device: auto, cpu, cuda or cuda:N.", flag="--device")
+    device: str = setting("auto", "Device: auto, cpu, cuda or cuda:N.", flag="--device", resumable=True)
     seed: int = setting(42, "Random seed for init, shuffling and dropout.", flag="--seed")
     eval_every: int = setting(0, "Evaluate every N optimizer steps (0: once per epoch).", flag="--eval-every",
                               minimum=0)
     patience: int = setting(0, "Stop after N evaluations without improvement (0: never).", flag="--patience",
-                            minimum=0)
+                            minimum=0, resumable=True)
     metric: str = setting("", "Metric that picks the best checkpoint (empty: the task's main metric).")
-    log_every: int = setting(50, "Write a metrics.jsonl line every N optimizer steps.", minimum=1)
-    keep_checkpoints: bool = setting(True, "Keep checkpoints/ after training (model/ is always written).")
+    log_every: int = setting(50, "Write a metrics.jsonl line every N optimizer steps.", minimum=1,
+                             resumable=True)
+    keep_checkpoints: bool = setting(True, "Keep checkpoints/ after training (model/ is always written).",
+                                     resumable=True)
     save_every: str = setting(
         "", "Also checkpoint every N optimizer steps ('500') or every span of wall-clock time ('10m'); "
-        "empty: at evaluations only.", flag="--save-every", parse=parse_save_every)
+        "empty: at evaluations only.", flag="--save-every", parse=parse_save_every, resumable=True)
     keep_last: int = setting(1, "Checkpoints kept besides the best one (the newest K).", flag="--keep-last",
-                             minimum=1)
+                             minimum=1, resumable=True)
     nonfinite_limit: int = setting(
         10, "Stop (with a resumable checkpoint) after this many consecutive steps whose loss or gradient "
         "was not finite; each such step is skipped, not applied.", minimum=1)
@@ -202,10 +205,10 @@ class TrainConfig:
     dist_timeout: str = setting(
         "30m", "Several processes: how long a rank waits for the others in a collective before the job "
         "fails (a stuck or lost peer then ends the job instead of hanging it); e.g. 10m, 1h.",
-        flag="--dist-timeout", parse=parse_duration)
+        flag="--dist-timeout", parse=parse_duration, resumable=True)
     report_to: str = setting(
         "none", "Trackers to report to, comma-separated: tensorboard, mlflow (or none).", flag="--report-to",
-        parse=parse_report_to)
+        parse=parse_report_to, resumable=True)
 
 
 @dataclass
@@ -538,6 +541,53 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def resumable_keys() -> list[str]:
+    """The settings ``--resume`` may change (declared ``resumable``)."""
+    return [key for key, f in iter_settings() if f.metadata.get("resumable")]
+
+
+def changed_settings(before: dict, after: dict, *, resumable: bool = False) -> list[tuple[str, Any, Any]]:
+    """``(key, before, after)`` for each setting two saved configs (``to_dict()``) hold differently;
+    the ``resumable`` ones are left out unless asked for."""
+    old, new, allowed = flatten(before), flatten(after), set(resumable_keys())
+    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and (resumable or key not in allowed)]
+
+
+def resume_config(saved: Config, flags: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+                  ) -> tuple[Config, list[tuple[str, Any, Any]]]:
+    """The saved run's config with the settings ``--resume`` was given (``flags``, ``-c``
+    ``overrides``) applied, and the ``(key, before, after)`` changes that makes. A value equal to the
+    saved one is no change; changing a setting not declared ``resumable`` would make the resumed run
+    another run: KilnError naming each such setting."""
+    requested = {resolve_key(k): v for k, v in flags.items() if v is not None}
+    for key, value in map(parse_override, overrides):
+        requested[resolve_key(key)] = value
+    checked = ConfigBuilder()  # each value's type and range, as a new run checks them
+    for key, value in requested.items():
+        checked.set(key, value, "flag")
+    builder = ConfigBuilder(ranges=False)
+    builder.apply(saved.to_dict(), "file")
+    allowed = resumable_keys()
+    refused, changes = [], []
+    for key in requested:
+        if key.startswith("model.config."):
+            sub = key.removeprefix("model.config.")
+            old, new = saved.model.config.get(sub), checked.values["model.config"][sub]
+        else:
+            old, new = saved.get(key), checked.values[key]
+        if new != old:
+            (changes if key in allowed else refused).append((key, old, new))
+            builder.set(key, new, "flag")
+    if refused:
+        shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
+        raise KilnError(f"--resume continues a run with the settings it started with, and {shown} would make "
+                        f"it another run: resume without {'it' if len(refused) == 1 else 'them'}, or start a "
+                        f"new run (another -n, or --overwrite); a resume may change only "
+                        f"{', '.join(key.split('.')[-1] for key in allowed)}")
+    return builder.build(), changes
 
 
 def config_from_dict(tree: dict) -> Config:

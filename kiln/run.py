@@ -16,7 +16,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from kiln import __version__
-from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key
+from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key, resume_config
 from kiln.errors import ColumnsMismatch, KilnError, MissingLabels
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
@@ -122,6 +122,46 @@ def resolve_config(task: str, profile: str | None, init: str | None, flags: dict
     return builder_for(profile, dotted, overrides)
 
 
+LENGTH_SETTINGS = ("train.epochs", "train.max_steps", "train.budget")
+
+
+def check_same_start(run_dir: Path, saved: dict, task: str, data: str | Path, profile: str | None,
+                     init: str | Path | None) -> None:
+    """Refuse a ``--resume`` whose task, data, profile or ``--init`` is not the run's own: it would
+    silently continue the saved run while the command line says another."""
+    given = []
+    if task != saved["task"]:
+        given.append(f"task {task} (the run's is {saved['task']})")
+    if Path(data).resolve() != Path(saved["data"]).resolve():
+        given.append(f"data {data} (the run's is {saved['data']})")
+    if profile is not None and saved.get("profile") is not None:
+        name = resolve_config(task, profile, None, {}).build().name
+        if name != saved["profile"]:
+            given.append(f"profile {profile} (the run's is {saved['profile']})")
+    if init is not None:
+        from kiln.pretrained import resolve_init
+
+        if not saved.get("init") or resolve_init(init).resolve() != Path(saved["init"]).resolve():
+            given.append(f"--init {init} (the run's is {saved.get('init') or 'none: it started from scratch'})")
+    if given:
+        raise KilnError(f"--resume continues this run as it started, but the command gives {'; '.join(given)}: "
+                        "give the run's own, or start a new run (another -n)", run_dir)
+
+
+def fingerprint(splits: dict[str, Any]) -> dict[str, str]:
+    """``{file: "BYTES:SHA256"}`` of every data file (resolved): what a resume checks is unchanged."""
+    import hashlib
+
+    found = {}
+    for files in splits.values():
+        for path in files if isinstance(files, list | tuple) else [files]:
+            path = Path(path).resolve()
+            if path.is_file():
+                with open(path, "rb") as stream:
+                    found[str(path)] = f"{path.stat().st_size}:{hashlib.file_digest(stream, 'sha256').hexdigest()}"
+    return found
+
+
 def _read_splits(task: Any, data: str | Path) -> tuple[Dataset, Dataset, Dataset | None, dict[str, str]]:
     """``(train, validation, labelled test or None, {split: where it comes from})``."""
     splits = task.find_splits(data)
@@ -194,12 +234,18 @@ def train(
         if not (run_dir / "config.yaml").is_file():
             raise KilnError("nothing to resume: no config.yaml in the run directory", run_dir)
         saved_meta = ckpt.read_json(run_dir / RUN_FILE, required=("task", "data", "config"))
-        config = config_from_dict(saved_meta["config"])
-        task, data, init = saved_meta["task"], saved_meta["data"], saved_meta.get("init")
         checkpoints = run_dir / "checkpoints"
-        for saved in (ckpt.last_checkpoint(checkpoints, strict=True), ckpt.last_checkpoint(checkpoints, "best")):
+        belongs = ckpt.same_run(saved_meta)
+        for saved in (ckpt.last_checkpoint(checkpoints, strict=True, belongs=belongs),
+                      ckpt.last_checkpoint(checkpoints, "best")):
             if saved is not None:  # a damaged file is reported now, not after reading the data
                 ckpt.verify_checkpoint(saved)
+        check_same_start(run_dir, saved_meta, task, data, profile, init)
+        config, changes = resume_config(config_from_dict(saved_meta["config"]), flags, overrides)
+        for key, old, new in changes:
+            log.info(f"  resuming with {key} {old!r} -> {new!r}"
+                     + (" (the schedule follows the new length from here)" if key in LENGTH_SETTINGS else ""))
+        task, data, init = saved_meta["task"], saved_meta["data"], saved_meta.get("init")
     else:
         builder = resolve_config(task, profile, str(init) if init else None, flags, overrides)
         log.debug("settings not at their defaults: " + ", ".join(
@@ -221,6 +267,11 @@ def train(
         raise KilnError(f"profile '{config.name}' does not support task '{task}' "
                         f"(it supports {', '.join(config.tasks)})")
     train_ds, validation_ds, test_ds, sources = _read_splits(task_obj, data)
+    data_files = fingerprint(task_obj.find_splits(data))
+    if resume and saved_meta.get("data_files", data_files) != data_files:
+        changed = sorted(set(saved_meta["data_files"].items()) ^ set(data_files.items()))
+        raise KilnError("the data changed since the run started, so resuming would not continue the same run: "
+                        "restore it, or start a new run (another -n, or --overwrite)", changed[0][0])
     try:
         if not resume:
             task_obj.fit(train_ds)
@@ -244,7 +295,7 @@ def train(
 
     torch.manual_seed(config.train.seed)
     init_dir = None
-    last = ckpt.last_checkpoint(run_dir / "checkpoints") if resume else None
+    last = ckpt.last_checkpoint(run_dir / "checkpoints", belongs=ckpt.same_run(saved_meta)) if resume else None
     if last is not None:
         tok = load_tokenizer(last)
         model = task_obj.load_model(last)
@@ -286,7 +337,8 @@ def train(
         "task": task,
         "task_state": task_obj.state,
         "profile": config.name,
-        "data": str(data),
+        "data": str(Path(data).resolve()),  # a resume from another directory reads the same files
+        "data_files": data_files,
         "init": str(init_dir or init) if (init_dir or init) else None,
         "max_length": max_length,
         "precision": precision,
@@ -309,7 +361,10 @@ def train(
         # run.json first and each file whole: a kill here leaves a run that --resume or --overwrite takes
         ckpt.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
         ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
-            {"task": task, "data": str(data), "init": meta["init"], **config.to_dict()}, sort_keys=False))
+            {"task": task, "data": meta["data"], "init": meta["init"], **config.to_dict()}, sort_keys=False))
+    elif resume and changes and is_main_process():  # the next resume, and the report, see what this one ran
+        ckpt.write_text_atomic(run_dir / RUN_FILE, json.dumps({**saved_meta, "config": config.to_dict()},
+                                                              indent=2) + "\n")
 
     metrics = trainer.train(resume=resume)
     is_main = trainer.is_main

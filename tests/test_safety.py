@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -382,3 +383,87 @@ def test_generate_on_a_model_that_does_not_generate_is_refused(command, trained,
                  "-o", str(out)]) == 2
     one_line_error(capsys, "--generate", "this sequence model does not generate")
     assert not out.exists()
+
+
+# -- --resume: damaged records, foreign checkpoints, and what a resume may change ---------------
+
+def resume(run_copy: Path, data: Path | str, *flags: str) -> int:
+    return main(["train", "sequence", str(data), "-n", "run", "--output-dir", str(run_copy.parent), "--resume",
+                 *flags])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda lines: lines.insert(1, b'{"step": 1, "loss": 0.5, "note": "caf\xe9"}'), "not UTF-8"),
+    (lambda lines: lines.insert(1, b'{"step": "abc", "loss": 0.5}'), "'step' is 'abc'"),
+    (lambda lines: lines.insert(1, b'{"step": null, "loss": 0.5}'), "'step' is None"),
+    (lambda lines: lines.insert(1, b'{"step": 1, "loss'), "not a JSON record"),
+])
+def test_damaged_metrics_records_are_one_line_on_resume(damage, needle, trained, run_copy, capsys):
+    metrics = run_copy / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines()
+    damage(lines)
+    metrics.write_bytes(b"\n".join(lines) + b"\n")
+    before = tree(run_copy)
+    assert resume(run_copy, trained[1]) == 2
+    one_line_error(capsys, f"{metrics}:2: {needle}")
+    assert tree(run_copy) == before
+
+
+@pytest.mark.parametrize("entry, value", [("step", "abc"), ("step", -5), ("step", True), ("epoch", None),
+                                          ("world_size", 0), ("window", []), ("train_seconds", "1s")])
+def test_trainer_state_entries_are_checked(entry, value, tmp_path):
+    from kiln.training.trainer import TrainerState
+
+    good = {"step": 7, "epoch": 1, "best_metric": None, "last_eval_step": -1, "train_seconds": 2.5}
+    assert TrainerState.from_saved(good, tmp_path).step == 7
+    with pytest.raises(KilnError, match=re.escape(f"'{entry}' is {value!r}")):
+        TrainerState.from_saved({**good, entry: value}, tmp_path / "trainer_state.json")
+
+
+def test_a_checkpoint_of_another_run_is_skipped_and_named(trained, run_copy, tmp_path, capsys, caplog):
+    other = tmp_path / "other"
+    assert main(["train", "sequence", str(trained[1]), "-n", "run", "--profile", str(trained[2]), "--output-dir",
+                 str(other), "--max-steps", "2", "--lr", "1e-2", "-c", "train.keep_checkpoints=true", "-q"]) == 0
+    own = max((run_copy / "checkpoints").glob("step-*"))
+    foreign = run_copy / "checkpoints" / "step-99999999"
+    shutil.copytree(max((other / "run" / "checkpoints").glob("step-*")), foreign)
+    assert resume(run_copy, trained[1]) == 0
+    warned = caplog.text
+    assert f"{foreign} was saved by another run (optim.lr" in warned and f"using {own} instead" in warned
+    shutil.rmtree(own)  # now no checkpoint of this run is left: one line naming the foreign one
+    capsys.readouterr()
+    assert resume(run_copy, trained[1]) == 2
+    one_line_error(capsys, str(foreign), "was saved by another run")
+
+
+def test_resume_refuses_settings_and_data_that_make_another_run(trained, run_copy, tmp_path, capsys):
+    before = tree(run_copy)
+    assert resume(run_copy, trained[1], "--lr", "0.5") == 2
+    one_line_error(capsys, "optim.lr", "-> 0.5", "start a new run")
+    assert resume(run_copy, trained[1], "-c", "model.config.hidden_size=48") == 2
+    one_line_error(capsys, "model.config.hidden_size")
+    assert resume(run_copy, trained[1] / "train.tsv") == 2
+    one_line_error(capsys, "the command gives data", "the run's is")
+    edited = tmp_path / "edited"
+    shutil.copytree(trained[1], edited)
+    meta = json.loads((run_copy / "run.json").read_text())
+    meta["data"] = str(edited)  # the run's own data directory, whose training file then changes
+    meta["data_files"] = {k.replace(str(trained[1].resolve()), str(edited)): v for k, v in meta["data_files"].items()}
+    (run_copy / "run.json").write_text(json.dumps(meta))
+    with open(edited / "train.tsv", "a") as out:
+        out.write("one more review .\tpos\n")
+    before = tree(run_copy)
+    assert resume(run_copy, edited) == 2
+    one_line_error(capsys, str(edited / "train.tsv"), "the data changed since the run started")
+    assert tree(run_copy) == before
+
+
+def test_resume_may_extend_a_run_and_says_so(trained, run_copy, tmp_path, monkeypatch, caplog):
+    meta = json.loads((run_copy / "run.json").read_text())
+    assert Path(meta["data"]).is_absolute()  # a resume from another directory reads the same data
+    steps = int(max((run_copy / "checkpoints").glob("step-*")).name.removeprefix("step-"))
+    monkeypatch.chdir(tmp_path)
+    assert resume(run_copy, trained[1], "--max-steps", str(steps + 3), "--lr", str(meta["config"]["optim"]["lr"])) == 0
+    assert f"resuming with train.max_steps 0 -> {steps + 3}" in caplog.text
+    assert json.loads((run_copy / "run.json").read_text())["config"]["train"]["max_steps"] == steps + 3
+    assert (run_copy / "checkpoints" / f"step-{steps + 3:08d}").is_dir()

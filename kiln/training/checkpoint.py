@@ -248,7 +248,31 @@ def _complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file() and (path / "config.json").is_file()
 
 
-def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool = False) -> Path | None:
+class ForeignCheckpoint(KilnError):
+    """A checkpoint that verifies but was saved by another run (another task or configuration)."""
+
+
+def same_run(meta: dict) -> Callable[[Path], None]:
+    """A check for :func:`last_checkpoint`: the checkpoint's ``kiln.json`` has the task and the
+    configuration (up to the settings a resume may change) of the run whose ``run.json`` is ``meta``;
+    else :class:`ForeignCheckpoint`."""
+    from kiln.config import changed_settings
+
+    def check(path: Path) -> None:
+        saved = read_json(path / KILN_FILE, required=("task", "config"))
+        if saved["task"] != meta["task"]:
+            raise ForeignCheckpoint(f"is a {saved['task']} checkpoint, not one of this {meta['task']} run",
+                                    path)
+        changed = changed_settings(meta["config"], saved["config"])
+        if changed:
+            key, ours, theirs = changed[0]
+            raise ForeignCheckpoint(f"was saved by another run ({key} is {theirs!r} there, {ours!r} here)", path)
+
+    return check
+
+
+def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool = False,
+                    belongs: Callable[[Path], None] | None = None) -> Path | None:
     """The checkpoint to resume from (or, with ``name="best"``, to export), or None.
 
     Without ``name``: the highest ``step-*`` directory that verifies (:func:`verify_checkpoint`);
@@ -257,6 +281,8 @@ def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool 
     cut off between two renames leaves the directory it was replacing as ``.name.old``, which is
     used then. ``strict``: when there are step checkpoints but none verifies, raise the newest one's
     KilnError instead of returning None (so that ``--resume`` does not quietly start over).
+    ``belongs`` (e.g. :func:`same_run`) raises a KilnError for a step checkpoint that verifies but is
+    not this run's: it is skipped like a damaged one.
     """
     checkpoints = Path(checkpoints)
     damaged: list[tuple[Path, KilnError]] = []
@@ -264,6 +290,8 @@ def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool 
     for candidate in [] if name else _step_candidates(checkpoints):
         try:
             verify_checkpoint(candidate)
+            if belongs is not None:
+                belongs(candidate)
         except KilnError as err:
             damaged.append((candidate, err))
             continue
@@ -275,7 +303,9 @@ def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool 
     if found is None and damaged and strict:  # the error says it: no warning line besides
         raise damaged[0][1]
     for candidate, err in damaged:
-        message = (f"{candidate} is damaged ({_reason(candidate, err)}); "
+        problem = (err.message if isinstance(err, ForeignCheckpoint)
+                   else f"is damaged ({_reason(candidate, err)})")
+        message = (f"{candidate} {problem}; "
                    + (f"using {found} instead" if found else "no other checkpoint verifies"))
         if message not in _reported:
             _reported.add(message)
@@ -456,8 +486,8 @@ def load_weights(model: Any, path: Path) -> None:
     missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
     tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
     if unexpected or any(key not in tied for key in missing):
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
+        raise KilnError(f"does not hold this model's weights (missing {len(missing)}, e.g. {missing[:2]}; "
+                        f"unexpected {len(unexpected)}, e.g. {unexpected[:2]})", path)
     unwrapped.tie_weights()
 
 

@@ -75,6 +75,30 @@ class TrainerState:
     # The logging window in progress (its sums), so a resumed run logs the same lines.
     window: dict = field(default_factory=lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "examples": 0})
 
+    @classmethod
+    def from_saved(cls, saved: dict, path: Path) -> TrainerState:
+        """The state a checkpoint's ``trainer_state.json`` holds, each known entry checked for its
+        type and range (a damaged or hand-edited file is one line naming it, not a TypeError later)."""
+        state = cls()
+        for name, declared in cls.__dataclass_fields__.items():
+            if name not in saved:
+                continue
+            value, default = saved[name], getattr(state, name)
+            if name == "window":
+                ok = isinstance(value, dict) and all(_is_number(v) for v in value.values())
+            elif name == "best_metric":
+                ok = value is None or _is_number(value)
+            elif isinstance(default, float):
+                ok = _is_number(value) and (name == "best_loss" or value >= 0)
+            else:  # counts; best_step and last_eval_step are -1 before the first evaluation
+                lowest = -1 if name in ("best_step", "last_eval_step") else 1 if name in (
+                    "world_size", "micro_split") else 0
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+            if not ok:
+                raise KilnError(f"'{name}' is {value!r}, not a valid {declared.type}; {ckpt.DAMAGED}", path)
+            setattr(state, name, value)
+        return state
+
 
 @dataclass
 class Step:
@@ -673,7 +697,9 @@ class Trainer:
         return states
 
     def _checkpoint_to_resume(self) -> Path | None:
-        path = ckpt.last_checkpoint(self.run_dir / "checkpoints") if self.run_dir else None
+        meta = self.kiln_meta
+        belongs = ckpt.same_run(meta) if {"task", "config"} <= meta.keys() else None
+        path = ckpt.last_checkpoint(self.run_dir / "checkpoints", belongs=belongs) if self.run_dir else None
         if path is None:
             self._say("  no checkpoint to resume from; starting from step 0")
         return path
@@ -689,8 +715,7 @@ class Trainer:
         scaler_state = state.pop("grad_scaler", None)
         if scaler_state and self.scaler is not None:
             self.scaler.load_state_dict(scaler_state)
-        known = TrainerState.__dataclass_fields__
-        self.state = TrainerState(**{k: v for k, v in state.items() if k in known})
+        self.state = TrainerState.from_saved(state, path / ckpt.STATE_FILE)
         self._keep_global_batch()
         # A run resumed after it had stopped early (patience, budget) stops again, not one step later.
         patience, state = self.config.train.patience, self.state
@@ -748,6 +773,10 @@ def _split(ids: list[int], pieces: int) -> list[list[int]]:
     return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _finite(value: float) -> float | None:
     """``value``, or None (JSON null) for NaN and infinities, which strict JSON readers refuse."""
     return value if math.isfinite(value) else None
@@ -760,15 +789,22 @@ def _cut_metrics(path: Path, step: int, evaluated: bool = True) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_bytes().splitlines()
+    for number, raw in enumerate(lines, 1):
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if number == len(lines):  # a kill cut the last line short: the resumed run writes it again
+                continue
+            what = "not UTF-8" if isinstance(err, UnicodeDecodeError) else "not a JSON record"
+            raise KilnError(f"{what}; {ckpt.DAMAGED}", path, number) from None
         # The test split's record is written after training, by the export: a resumed run writes it again.
         if not isinstance(record, dict) or record.get("split") == "test":
             continue
         at = record.get("step", 0)
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise KilnError(f"'step' is {at!r}, not a step number; {ckpt.DAMAGED}", path, number)
         if at < step or (at == step and (evaluated or record.get("split") != "validation")):
             kept.append(line)
     ckpt.write_text_atomic(path, "".join(f"{line}\n" for line in kept))
