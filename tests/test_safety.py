@@ -467,3 +467,38 @@ def test_resume_may_extend_a_run_and_says_so(trained, run_copy, tmp_path, monkey
     assert f"resuming with train.max_steps 0 -> {steps + 3}" in caplog.text
     assert json.loads((run_copy / "run.json").read_text())["config"]["train"]["max_steps"] == steps + 3
     assert (run_copy / "checkpoints" / f"step-{steps + 3:08d}").is_dir()
+
+
+# -- several processes fail as one does ---------------------------------------------------------
+
+def kiln_train(*args: str, nproc: int | None = None) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    launch = ["--nproc", str(nproc)] if nproc else []
+    done = subprocess.run([sys.executable, "-m", "kiln", "train", *args, *launch], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return done.returncode, done.stderr.strip()
+
+
+def test_a_workers_user_error_is_the_one_line_of_one_process(trained, tmp_path):
+    ragged = tmp_path / "ragged"
+    ragged.mkdir()
+    rows = "".join(f"a fine film {i} .\tpos\n" for i in range(20))
+    (ragged / "train.tsv").write_text("sentence\tlabel\n" + rows + "a bad\tfilm\tneg\n")
+    common = ["sequence", str(ragged), "-n", "r", "--profile", str(trained[2]), "--output-dir", str(tmp_path / "runs")]
+    alone = kiln_train(*common)
+    assert alone[0] == 2 and alone[1] == f"{ragged / 'train.tsv'}:22: expected 2 columns like the header, found 3"
+    assert kiln_train(*common, nproc=2) == alone
+    missing = ["sequence", str(trained[1]), "-n", "nothere", "--output-dir", str(tmp_path / "runs"), "--resume"]
+    alone = kiln_train(*missing)
+    assert alone[0] == 2 and "nothing to resume" in alone[1] and "\n" not in alone[1]
+    assert kiln_train(*missing, nproc=2) == alone
+    assert not (tmp_path / "runs").exists()
+
+
+def test_more_processes_than_the_machine_has_are_refused(trained, tmp_path, capsys):
+    assert main(["train", "sequence", str(trained[1]), "-n", "r", "--output-dir", str(tmp_path), "--nproc", "999"]) == 2
+    one_line_error(capsys, "--nproc 999: this machine has", "use --nproc")
+    assert not any(tmp_path.iterdir())

@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except KilnError as err:
-        print(f"kiln: {err}" if err.path is None else str(err), file=sys.stderr)
+        from kiln.cli.torchrun import worker_error
+
+        line = f"kiln: {err}" if err.path is None else str(err)
+        if not worker_error(line):  # under kiln's launcher it prints the line once, not once per rank
+            print(line, file=sys.stderr)
         return 2
     except RunStopped as stop:  # a checkpoint is written; the message says how to continue
         from kiln.training.distributed import world

@@ -110,6 +110,7 @@ def launch(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise KilnError(f"--nproc must be at least 1, got {args.nproc}")
+    check_nproc(args.nproc, getattr(args, "train.device"))
     if not args.resume and not Path(args.data).exists():  # one line here, not one per worker
         raise KilnError("no such file or directory", args.data)
     torchrun = ["--nproc_per_node", str(args.nproc)]
@@ -129,7 +130,7 @@ def launch(args: argparse.Namespace) -> int:
             skip = True
         elif word.split("=", 1)[0] not in own:
             kept.append(word)
-    command = [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "kiln", *kept]
+    command = [sys.executable, "-m", "kiln.cli.torchrun", *torchrun, "-m", "kiln", *kept]
     logging.getLogger("kiln").debug("launching " + shlex.join(command))
     # torchrun runs in a session of its own, so a terminal's Ctrl-C reaches only this process, which
     # passes each signal straight to the workers: they stop at the step's end with a checkpoint and
@@ -148,6 +149,26 @@ def launch(args: argparse.Namespace) -> int:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def check_nproc(nproc: int, device: str | None) -> None:
+    """Refuse more processes than this machine has devices for: a GPU each on CUDA (unless
+    ``--device cpu`` asks for CPU processes), a core each on CPU. More would not train faster; they
+    would fail to find their GPU, or share cores to a crawl."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() and not (device or "").startswith("cpu"):
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise KilnError(f"--nproc {nproc}: this machine has {gpus} GPU{'s' * (gpus != 1)}, one per process; "
+                            f"use --nproc {gpus} or fewer (or --device cpu for CPU processes)")
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc > cores:
+        raise KilnError(f"--nproc {nproc}: this machine has {cores} CPU core{'s' * (cores != 1)} and no GPU for "
+                        f"kiln, and each process needs a core; use --nproc {cores} or fewer")
 
 
 def _children(pid: int) -> list[int]:
