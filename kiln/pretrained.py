@@ -49,7 +49,7 @@ def resolve_init(spec: str | Path) -> Path:
     if path.exists() or not HUB_ID.fullmatch(str(spec)):
         if not path.exists():
             raise KilnError("no such checkpoint directory", path)
-        return model_dir_of(path)
+        return known_architecture(model_dir_of(path))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -61,7 +61,21 @@ def resolve_init(spec: str | Path) -> Path:
             f"--init {spec}: not a local directory, and not in the local Hugging Face cache ({cache}); kiln "
             f"never downloads. On a machine with internet run `hf download {spec}`, then copy its cache "
             "here (or point HF_HOME at the copy), or pass the checkpoint's directory") from None
-    return model_dir_of(snapshot)
+    return known_architecture(model_dir_of(snapshot))
+
+
+def known_architecture(model_dir: Path) -> Path:
+    """``model_dir``, once its ``config.json`` names an architecture this transformers knows."""
+    from transformers import CONFIG_MAPPING
+
+    from kiln.training.checkpoint import read_json
+
+    config = model_dir / "config.json"
+    model_type = read_json(config).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise KilnError(f"model_type {model_type!r} is not an architecture transformers knows (kiln loads "
+                        "checkpoints without remote code): start from a supported one", config)
+    return model_dir
 
 
 def sha256(path: Path) -> str:

@@ -122,6 +122,18 @@ def resolve_config(task: str, profile: str | None, init: str | None, flags: dict
     return builder_for(profile, dotted, overrides)
 
 
+def give_pad_token(tok: Any, model: Any, start: Path) -> None:
+    """A start whose tokenizer has no pad token (GPT-2, Llama) pads with its eos token, as HF
+    fine-tuning recipes do: the attention mask keeps it out of the model's view, and the model's
+    config learns the id (a sequence head finds each text's last token by it)."""
+    if tok.eos_token is None:
+        raise KilnError("the tokenizer has neither a pad token nor an eos token to pad with; add a pad token "
+                        "to it (tokenizer.add_special_tokens) or pass --tokenizer", start)
+    tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    log.info(f"  {start} has no pad token: padding with its eos token {tok.eos_token!r}")
+
+
 LENGTH_SETTINGS = ("train.epochs", "train.max_steps", "train.budget")
 
 
@@ -150,15 +162,14 @@ def check_same_start(run_dir: Path, saved: dict, task: str, data: str | Path, pr
 
 def fingerprint(splits: dict[str, Any]) -> dict[str, str]:
     """``{file: "BYTES:SHA256"}`` of every data file (resolved): what a resume checks is unchanged."""
-    import hashlib
+    from kiln.pretrained import sha256
 
     found = {}
     for files in splits.values():
         for path in files if isinstance(files, list | tuple) else [files]:
             path = Path(path).resolve()
             if path.is_file():
-                with open(path, "rb") as stream:
-                    found[str(path)] = f"{path.stat().st_size}:{hashlib.file_digest(stream, 'sha256').hexdigest()}"
+                found[str(path)] = f"{path.stat().st_size}:{sha256(path)}"
     return found
 
 
@@ -305,6 +316,8 @@ def train(
         init_dir = resolve_init(init)
         tok = load_tokenizer(tokenizer or init_dir)
         model = task_obj.load_model(init_dir, ignore_mismatched_sizes=True, **task_obj.model_kwargs())
+        if task_obj.needs_pad_token and tok.pad_token is None:
+            give_pad_token(tok, model, init_dir)
     else:
         if tokenizer:
             tok = load_tokenizer(tokenizer)

@@ -132,10 +132,13 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
                "started": results.get("started", [])}
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")  # the start is fixed from now on
     for task in selected:
-        if task.name in results["tasks"]:
-            log.info(f"{task.name}: done before, not trained again ({output_dir / task.name})")
-            continue
         run_dir = output_dir / task.name
+        if task.name in results["tasks"]:
+            if (run_dir / RUN_FILE).is_file() and (run_dir / "model" / "config.json").is_file():
+                log.info(f"{task.name}: done before, not trained again ({run_dir})")
+                continue
+            log.warning(f"{task.name}: done before, but its run {run_dir} is gone; training it again")
+            del results["tasks"][task.name]
         if run_dir.exists() and task.name not in results["started"]:
             raise KilnError("holds a run this suite did not start; kiln will not take it over or replace it: "
                             "use another --output-dir", run_dir)

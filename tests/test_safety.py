@@ -502,3 +502,56 @@ def test_more_processes_than_the_machine_has_are_refused(trained, tmp_path, caps
     assert main(["train", "sequence", str(trained[1]), "-n", "r", "--output-dir", str(tmp_path), "--nproc", "999"]) == 2
     one_line_error(capsys, "--nproc 999: this machine has", "use --nproc")
     assert not any(tmp_path.iterdir())
+
+
+# -- --init: a start without a pad token, an architecture transformers does not know ---------------
+
+def gpt2_start(folder: Path) -> Path:
+    """A tiny GPT-2-shaped checkpoint whose tokenizer has no pad token, as GPT-2's has none."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["the", "a", "film", "movie", "plot", "cast", "scene", "is", "was", "great", "good", "fine", "superb",
+             "bad", "dull", "awful", "boring", "."]
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                        bos_token="<|endoftext|>", unk_token="[UNK]")
+    config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_start_without_a_pad_token_pads_with_eos(trained, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    start = gpt2_start(tmp_path / "gpt2")
+    before = tree(start)
+    assert main(["train", "sequence", str(trained[1]), "-n", "g", "--init", str(start), "--output-dir",
+                 str(tmp_path / "runs"), "--max-steps", "3", "--precision", "fp32", "-q"]) == 0
+    assert tree(start) == before
+    model_dir = tmp_path / "runs" / "g" / "model"
+    texts = ["the film is great .", "a dull and boring plot", "the cast is superb ."]
+    ours = kiln.load(model_dir, precision="fp32").predict(texts)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.pad_token == "<|endoftext|>" and model.config.pad_token_id == tokenizer.pad_token_id == 0
+    with torch.no_grad():  # texts of different lengths: the padded batch must give each its own answer
+        probs = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    for row, mine in zip(probs, ours, strict=True):
+        assert model.config.id2label[int(row.argmax())] == mine["label"]
+        assert float(row.max()) == pytest.approx(mine["score"], abs=1e-5)
+
+
+def test_an_unknown_architecture_is_one_line(trained, tmp_path, capsys):
+    start = gpt2_start(tmp_path / "odd")
+    config = json.loads((start / "config.json").read_text())
+    (start / "config.json").write_text(json.dumps({**config, "model_type": "frobnicator"}))
+    assert main(["train", "sequence", str(trained[1]), "-n", "o", "--init", str(start), "--output-dir",
+                 str(tmp_path / "runs")]) == 2
+    one_line_error(capsys, str(start / "config.json"), "'frobnicator' is not an architecture transformers knows")
+    assert not (tmp_path / "runs").exists()

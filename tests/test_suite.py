@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import pytest
 from conftest import SUBJECTS, sentiment_rows
@@ -39,7 +40,7 @@ def suite_args(glue_dir, tiny_profile, out, *extra):
 
 
 def test_suite_trains_each_task_prints_the_table_and_writes_json(glue_dir, tiny_profile, tmp_path, capsys,
-                                                                monkeypatch):
+                                                                monkeypatch, caplog):
     out = tmp_path / "suite"
     assert main(suite_args(glue_dir, tiny_profile, out)) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -59,8 +60,16 @@ def test_suite_trains_each_task_prints_the_table_and_writes_json(glue_dir, tiny_
     assert config["train"]["epochs"] == 1
 
     # Done tasks are not trained again.
+    real_train = kiln.train
     monkeypatch.setattr(kiln, "train", lambda *a, **k: pytest.fail("a finished task was trained again"))
     assert main(suite_args(glue_dir, tiny_profile, out)) == 0
+    # ...unless the run is gone: then its score would describe nothing there, so it is trained again.
+    shutil.rmtree(out / "rte")
+    trained = []
+    monkeypatch.setattr(kiln, "train", lambda *a, **k: trained.append(k["name"]) or real_train(*a, **k))
+    assert main(suite_args(glue_dir, tiny_profile, out)) == 0
+    assert trained == ["rte"] and (out / "rte" / "model" / "config.json").is_file()
+    assert "its run" in caplog.text and "is gone; training it again" in caplog.text
 
 
 def test_the_fast_recipe_gives_large_sets_token_batches_on_top_of_the_common_settings():

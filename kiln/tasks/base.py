@@ -89,6 +89,9 @@ class Task:
     tokenizer: Any = None  # set by the pipeline; tasks that decode text need it
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
     outputs_need_forward: ClassVar[bool] = True  # False: unlabelled inference skips model.forward
+    # Batches pad with the tokenizer's pad token, so a start without one (GPT-2) needs it set; the
+    # generative tasks pad with the eos token themselves.
+    needs_pad_token: ClassVar[bool] = True
     load_note: str | None = None  # what the last load_model initialised afresh (a new head), for the summary
     example_fields: ClassVar[tuple[str, ...]] = ()  # an example's text fields that make a request item
 

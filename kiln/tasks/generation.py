@@ -39,6 +39,7 @@ class GenerationTask(Task):
     """Generate a target text from a source text."""
 
     outputs_need_forward: ClassVar[bool] = False  # outputs come from generate(), not the forward pass
+    needs_pad_token: ClassVar[bool] = False
     name: ClassVar[str] = "generation"
     suffixes: ClassVar[tuple[str, ...]] = (".tsv", ".jsonl", ".csv")
     main_metric: ClassVar[str] = "loss"

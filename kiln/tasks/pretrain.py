@@ -518,6 +518,8 @@ class GenerativePretrainTask(PretrainTask):
     """clm and span predict by generating text. The decoding is the generation task's, reused as it
     is: the ``generate.*`` settings as ``generate()`` arguments, the prompt batching and the call."""
 
+    needs_pad_token: ClassVar[bool] = False
+
     # Predict batches go to generate(); a corpus batch is labelled, so evaluation still runs forward.
     outputs_need_forward: ClassVar[bool] = False
     decoding_state: dict
