@@ -130,9 +130,56 @@ class Lengths:
         return self.count <= self.size
 
 
+# A text longer than this many characters (a whole book on one line) is worked through in pieces
+# of about this size, cut at whitespace: a copy, a word list or an encoding of it whole would take
+# many times its size in memory.
+LONG_TEXT = 1 << 20
+
+
+def pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """``text`` in consecutive pieces of about ``size`` (default :data:`LONG_TEXT`) characters, each
+    ending in whitespace where the piece has any (so no word is cut), together exactly ``text``."""
+    size = size or LONG_TEXT
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        cut = end
+        while cut > start and end < len(text) and not text[cut - 1].isspace():
+            cut -= 1
+        end = cut if cut > start else end
+        yield text[start:end]
+        start = end
+
+
 def digest(text: str) -> int:
     """An 8-byte fingerprint of ``text``."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    if len(text) <= LONG_TEXT:
+        return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                              "little")
+    hashed = hashlib.blake2b(digest_size=8)
+    for piece in pieces(text):
+        hashed.update(piece.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(hashed.digest(), "little")
+
+
+def normal_digest(text: str) -> int:
+    """:func:`digest` of :func:`normalise` ``(text)``, a piece at a time."""
+    if len(text) <= LONG_TEXT:
+        return digest(normalise(text))
+    hashed, first = hashlib.blake2b(digest_size=8), True
+    for piece in pieces(text):
+        words = normalise(piece)
+        if words:
+            hashed.update(((" " if not first else "") + words).encode("utf-8", "surrogatepass"))
+            first = False
+    return int.from_bytes(hashed.digest(), "little")
+
+
+def words(text: str) -> int:
+    """Whitespace-separated words in ``text``, counted a piece at a time."""
+    if len(text) <= LONG_TEXT:
+        return len(text.split())
+    return sum(len(piece.split()) for piece in pieces(text))
 
 
 def normalise(text: str) -> str:
@@ -241,7 +288,9 @@ class TokenCounter:
     def count(self, inputs: Sequence[tuple[str, ...]], special: bool = True) -> list[int]:
         """Tokens per input (one text, or a pair encoded together)."""
         if self.backend is None:
-            return [sum(len(text.split()) for text in texts) for texts in inputs]
+            return [sum(words(text) for text in texts) for texts in inputs]
+        if any(len(text) > LONG_TEXT for texts in inputs for text in texts):
+            return [self._count_long(texts, special) for texts in inputs]
         counts: list[int] = []
         for start in range(0, len(inputs), TOKENIZE_BATCH):
             batch = [texts[0] if len(texts) == 1 else (texts[0], texts[1])
@@ -249,11 +298,25 @@ class TokenCounter:
             counts += [len(encoding.ids) for encoding in self.backend.encode_batch(batch, add_special_tokens=special)]
         return counts
 
-    def tokens(self, texts: Sequence[str]) -> Iterator[list[str]]:
-        """The tokens of each text (no special tokens), one text's at a time."""
-        if self.backend is None:
-            return (text.split() for text in texts)
-        return (encoding.tokens for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False))
+    def _count_long(self, texts: tuple[str, ...], special: bool) -> int:
+        """Tokens of an input with a long text, encoded a piece at a time: exact where the
+        tokenizer splits at whitespace before it merges (every word-level and byte-level BPE does)."""
+        assert self.backend is not None
+        specials = len(self.backend.encode("", "" if len(texts) > 1 else None, add_special_tokens=special).ids)
+        return specials + sum(len(self.backend.encode(piece, add_special_tokens=False).ids)
+                              for text in texts for piece in pieces(text))
+
+    def tokens(self, texts: Sequence[str]) -> Iterator[Iterable[list[str]]]:
+        """The tokens of each text (no special tokens), one text's at a time, as lists of tokens to
+        consume in turn: a long text's come a :func:`pieces` piece at a time, encoded on demand."""
+        backend = self.backend
+        if backend is None:
+            yield from ((piece.split() for piece in pieces(text)) for text in texts)
+        elif all(len(text) <= LONG_TEXT for text in texts):  # the common case: one batch, encoded in parallel
+            yield from ([encoding.tokens] for encoding in backend.encode_batch(list(texts), add_special_tokens=False))
+        else:
+            for text in texts:
+                yield (backend.encode(piece, add_special_tokens=False).tokens for piece in pieces(text))
 
 
 def progress(total: int | None, unit: str, description: str) -> Any:
@@ -283,7 +346,7 @@ class SplitStats:
 
     def add_text(self, text: str, earlier: Sequence[SplitStats]) -> None:
         """Count ``text`` for duplicates within this split and against the ``earlier`` splits."""
-        keys = (digest(text), digest(normalise(text)))
+        keys = (digest(text), normal_digest(text))
         for other in earlier:
             pair = self.overlaps.setdefault(other.name, (Overlap(level=other.exact.level),
                                                          Overlap(level=other.normal.level)))
@@ -297,7 +360,7 @@ class SplitStats:
 
 
 def _shorten(text: str, limit: int = 90) -> str:
-    text = " ".join(text.split())
+    text = " ".join(text[:limit * 16].split())  # the start is all that is shown
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
@@ -956,10 +1019,13 @@ def describe_documents(split: SplitStats, documents: Iterable[str], counter: Tok
     chars = 0
 
     def flush() -> None:
-        for tokens in counter.tokens(batch):
-            split.tokens.add(len(tokens))
-            split.extra["tokens"] += len(tokens)
-            top.update(tokens)
+        for parts in counter.tokens(batch):
+            count = 0
+            for part in parts:
+                count += len(part)
+                top.update(part)
+            split.tokens.add(count)
+            split.extra["tokens"] += count
         batch.clear()
 
     for text in documents:

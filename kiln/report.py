@@ -17,7 +17,7 @@ import functools
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,46 +120,89 @@ def load_run(path: str | Path, name: str | None = None) -> RunLog:
     if not isinstance(meta["config"], dict):
         raise KilnError("'config' must be an object", path / RUN_FILE)
     run = RunLog(path, name or path.name, meta)
-    records, run.findings = read_metrics(path / METRICS_FILE)
-    by_step: dict[str, dict[Any, dict]] = {"train": {}, "validation": {}, "test": {}}
-    for record in records:
+    train = Thinned(TRAIN_POINTS)
+    by_step: dict[str, dict[Any, dict]] = {"validation": {}, "test": {}}
+    for record in read_metrics(path / METRICS_FILE, run.findings):
         split = record.get("split")
-        if not isinstance(split, str | None):
+        if not isinstance(split, str | None) or not _number(record.get("step")):
             continue  # not one kiln writes
-        kind = "train" if split is None and "loss" in record else split
-        if kind in by_step and _number(record.get("step")):
-            by_step[kind][record["step"]] = record  # a resumed run logs its last steps again: the later wins
-    run.train = sorted(by_step["train"].values(), key=lambda r: r["step"])
+        if split is None and "loss" in record:
+            train.add(record)
+        elif split in by_step:
+            by_step[split][record["step"]] = record  # a resumed run logs its last steps again: the later wins
+    run.train = train.records()
+    if train.factor > 1:
+        run.findings.append(f"{path / METRICS_FILE}: {train.seen:,} training records; the curves show every "
+                            f"{train.factor}th logged step (and the last)")
     run.evals = sorted(by_step["validation"].values(), key=lambda r: r["step"])
     run.tests = list(by_step["test"].values())
     run.parameters, run.parameters_from = stored_parameters(path, run.findings)
     return run
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
-    """The records of ``metrics.jsonl`` and what was wrong with it. A half-written last line (the
-    run is writing it) is left out quietly; a bad line elsewhere is left out and reported."""
+# Training records kept per run: a curve of more points shows nothing more, and a long run's
+# metrics.jsonl (millions of lines) would otherwise take gigabytes as Python objects.
+TRAIN_POINTS = 20_000
+
+
+class Thinned:
+    """Training records by step, at most about ``cap`` of them, read in one pass: past the cap only
+    every ``factor``-th logged step is kept (``factor`` doubles each time), and always the last. A
+    step logged twice (a resumed run logs its last steps again) keeps the later record."""
+
+    def __init__(self, cap: int):
+        self.cap, self.factor, self.seen = cap, 1, 0
+        self.base: float | None = None  # the logging interval: the smallest gap between two steps
+        self.kept: dict[float, dict] = {}
+        self.last: dict | None = None
+
+    def add(self, record: dict) -> None:
+        step = record["step"]
+        self.seen += 1
+        if self.last is not None and step != self.last["step"]:
+            gap = abs(step - self.last["step"])
+            self.base = gap if self.base is None else min(self.base, gap)
+        self.last = record
+        if self._wanted(step):
+            self.kept[step] = record
+            if len(self.kept) > self.cap:
+                self.factor *= 2
+                self.kept = {s: r for s, r in self.kept.items() if self._wanted(s)}
+
+    def _wanted(self, step: float) -> bool:
+        return self.factor == 1 or not self.base or round(step / self.base) % self.factor == 0
+
+    def records(self) -> list[dict]:
+        """The kept records (and the last), by step."""
+        kept = dict(self.kept)
+        if self.last is not None:
+            kept[self.last["step"]] = self.last
+        return sorted(kept.values(), key=lambda r: r["step"])
+
+
+def read_metrics(path: Path, findings: list[str]) -> Iterator[dict]:
+    """The records of ``metrics.jsonl``, one line at a time; what is wrong with it goes to
+    ``findings``. A half-written last line (the run is writing it) is left out and said so; a bad
+    line elsewhere is left out and reported."""
     if not path.is_file():
-        return [], [f"{path}: no metrics yet"]
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    records, findings = [], []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if number == len(lines):  # no newline after it yet: still being written
-                findings.append(f"{path}:{number}: last line incomplete (the run is writing it), left out")
+        findings.append(f"{path}: no metrics yet")
+        return
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if not raw.endswith(b"\n"):  # no newline after it yet: still being written
+                    findings.append(f"{path}:{number}: last line incomplete (the run is writing it), left out")
+                else:
+                    findings.append(f"{path}:{number}: not a JSON record, left out")
+                continue
+            if isinstance(record, dict):
+                yield record
             else:
-                findings.append(f"{path}:{number}: not a JSON record, left out")
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            findings.append(f"{path}:{number}: not a JSON object, left out")
-    return records, findings
+                findings.append(f"{path}:{number}: not a JSON object, left out")
 
 
 def stored_parameters(run_dir: Path, findings: list[str]) -> tuple[int | None, str]:

@@ -355,3 +355,35 @@ def test_a_problem_with_the_whole_file_is_reported_once(tmp_path: Path) -> None:
     assert caught.value.path == str(data) and caught.value.line == 1
     described = describe("sequence", data, columns="text=3,label=1")
     assert split(described, "train").labels == {"0": 5, "1": 5} and findings(described) == []
+
+
+def test_a_long_text_is_worked_through_in_pieces_with_the_same_results(monkeypatch) -> None:
+    import kiln.describe as module
+
+    text = "The film -- it is GREAT!!  a\tplot\n" * 40 + "end"
+    assert "".join(module.pieces(text, 50)) == text
+    assert all(piece[-1].isspace() for piece in list(module.pieces(text, 50))[:-1])  # no word cut
+    assert list(module.pieces("x" * 120, 50)) == ["x" * 50, "x" * 50, "x" * 20]  # no whitespace: cut anyway
+    whole = (module.words(text), digest(text), module.normal_digest(text))
+    assert whole == (len(text.split()), digest(text), digest(normalise(text)))
+    monkeypatch.setattr(module, "LONG_TEXT", 64)  # now the text is long: the same numbers, a piece at a time
+    assert (module.words(text), digest(text), module.normal_digest(text)) == whole
+    assert TokenCounter().count([(text,)]) == [len(text.split())]
+    assert [sum(map(len, parts)) for parts in TokenCounter().tokens([text, "a b"])] == [len(text.split()), 2]
+
+
+def test_describing_one_huge_line_takes_memory_near_its_size(tmp_path, monkeypatch) -> None:
+    import kiln.describe as module
+
+    monkeypatch.setattr(module, "LONG_TEXT", 1 << 16)  # pieces small beside the line, as for a 200 MB one
+    line = " ".join(f"word{i % 977}" for i in range(400_000))  # 3.2 MB, 400,000 words on one line
+    path = tmp_path / "train.tsv"
+    path.write_text(f"sentence\tlabel\n{line}\tpos\nshort one\tneg\n")
+    tracemalloc.start()
+    description = describe("sequence", path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert sorted(split(description, "train").tokens.sample) == [2, 400_000]
+    # Its words as a list would be ~50 bytes each (20 MB, 6x the line); reading the file holds the
+    # line about three times over (bytes, text, row), and describing it adds pieces, not copies.
+    assert peak < 4 * len(line), f"peak {peak / 2**20:.1f} MiB for a {len(line) / 2**20:.1f} MiB line"

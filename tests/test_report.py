@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -206,3 +207,24 @@ def test_describe_counts_tokens_with_a_runs_tokenizer(runs: tuple[Path, Path]) -
     train = next(s for s in counted.splits if s.name == "train")
     words = next(s for s in describe("sequence", data).splits if s.name == "train")
     assert train.tokens.low >= words.tokens.low + 2  # [CLS] and [SEP] at least
+
+
+def test_a_long_runs_training_records_are_thinned_in_one_pass(runs, tmp_path, monkeypatch):
+    import kiln.report as module
+
+    monkeypatch.setattr(module, "TRAIN_POINTS", 100)
+    run = tmp_path / "long"
+    shutil.copytree(runs[0], run)
+    with open(run / "metrics.jsonl", "w") as out:
+        for step in range(10, 10_010, 10):  # logged every 10 steps, 1,000 records
+            out.write(json.dumps({"step": step, "loss": 1 / step, "lr": 0.1, "elapsed": step / 100}) + "\n")
+        for step in (9_990, 10_000, 10_003):  # a resume logs its last steps again; the budget's last step
+            out.write(json.dumps({"step": step, "loss": 2.0, "lr": 0.1, "elapsed": step / 100}) + "\n")
+    log = load_run(run)
+    steps = [r["step"] for r in log.train]
+    assert 50 <= len(steps) <= 101 and steps == sorted(steps)
+    assert len({b - a for a, b in itertools.pairwise(steps[:-1])}) == 1  # evenly spaced
+    assert steps[-1] == 10_003 and log.train[-1]["loss"] == 2.0  # the last is always kept
+    kept = {r["step"]: r for r in log.train}
+    assert 10_000 not in kept or kept[10_000]["loss"] == 2.0  # the later record of a step wins
+    assert any("1,003 training records; the curves show every" in f for f in log.findings)
