@@ -111,6 +111,27 @@ def _fp32_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
         return forward(*(up(a) for a in args), **{k: up(v) for k, v in kwargs.items()})
 
 
+# CPU training in bf16 runs attention as matmuls and a softmax ("eager") when no training input is
+# longer than this: on a 2-core AMX CPU (torch 2.13) a BERT layer's training step is ~20 % faster
+# than with torch's CPU flash attention at 64-128 tokens (its backward is slow), equal at 256 and
+# 1.5x slower at 512. fp32 and inference gain nothing from it, and GPUs have fast fused kernels.
+EAGER_ATTENTION_MAX_LEN = 128
+
+
+def training_attention(model: Any, device: Any, precision: str, longest: int) -> str | None:
+    """Switch ``model`` to eager attention where that trains faster (see :data:`EAGER_ATTENTION_MAX_LEN`);
+    returns ``"eager"`` when it did. The math is the same and nothing of it is saved."""
+    if device.type != "cpu" or precision != "bf16" or longest > EAGER_ATTENTION_MAX_LEN:
+        return None
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return None
+    try:
+        model.set_attn_implementation("eager")
+    except (ValueError, ImportError):  # a family without it keeps its attention
+        return None
+    return "eager"
+
+
 def max_positions(config: Any) -> int:
     """Longest input (in tokens) the model's position embeddings allow."""
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -50,9 +50,14 @@ def special_tokens(style: str) -> list[str]:
     return list(dict.fromkeys(STYLES[style].values())) + (MBART_CODES if style == "mbart" else [])
 
 
+def kiln_cache() -> Path:
+    """kiln's cache: ``$KILN_CACHE`` or ``~/.cache/kiln``."""
+    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
+
+
 def cache_root() -> Path:
-    """Where trained tokenizers are cached (``$KILN_CACHE`` or ``~/.cache/kiln``)."""
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "tokenizers"
+    """Where trained tokenizers are cached (``kiln_cache()/tokenizers``)."""
+    return kiln_cache() / "tokenizers"
 
 
 def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> None:

@@ -89,6 +89,11 @@ class SummaryCallback(Callback):
             f"  batch     {batch} x {train.grad_accum * trainer.world_size} (accumulation x ranks) per step, "
             f"{steps}, lr {trainer.config.optim.lr:g} ({trainer.config.schedule.name})",
         ]
+        speed = [f"compiled by inductor{' (shapes counted at the end)' if trainer.compile_watch else ''}"
+                 if trainer.compile_watch else "", "eager attention (faster for short inputs on a CPU)"
+                 if getattr(trainer, "attention", None) == "eager" else ""]
+        if any(speed):
+            lines.append("  speed     " + "; ".join(s for s in speed if s))
         if trainer.world_size > 1:
             lines.append(f"  ranks     {trainer.world_size} processes, {trainer.strategy.name}"
                          + (f" ({train.fsdp})" if trainer.strategy.name == "fsdp" else ""))
@@ -99,6 +104,10 @@ class SummaryCallback(Callback):
         log.info("\n".join(lines))
         short = trainer.total_steps <= 10  # over by the time an ETA could be timed
         self.eta_at = None if trainer.state.step or trainer.budget or short else 10
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.is_main and getattr(trainer, "compile_watch", None) is not None:
+            log.info(f"  compile   {trainer.compile_watch.summary()}")
 
     def on_step_end(self, trainer: Trainer, logs: dict | None) -> None:
         if trainer.is_main and trainer.state.step == getattr(self, "eta_at", None):

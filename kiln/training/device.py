@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 from kiln.errors import KilnError
@@ -89,3 +90,37 @@ def autocast(device: Any, precision: str) -> Any:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def mark(name: str) -> Any:
+    """A named range for ``torch.profiler`` (``benchmarks/profile_step.py`` sorts time by these);
+    a few microseconds when no profiler runs."""
+    import torch
+
+    return torch.profiler.record_function(name)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to reuse freed memory instead of handing it back to the kernel.
+
+    By default every tensor over 32 MiB is its own ``mmap`` and is unmapped when freed, and the top
+    of the heap is trimmed; a training step frees and re-allocates the same buffers (activations,
+    autocast's weight copies, gradients), so each step page-faults them in again, which the kernel
+    zero-fills. On a 2-core AMX CPU that was ~20 % of a BERT step (``fill_``/``copy_`` in
+    ``benchmarks/profile_step.py``). Keeping the memory costs nothing at the peak: it is what the
+    step needs anyway. Returns False where there is no glibc (macOS, musl), which changes nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))

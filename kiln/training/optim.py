@@ -19,17 +19,25 @@ def parameter_groups(model: Any, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: Any, config: OptimConfig, device_type: str = "cpu") -> Any:
-    """The optimizer named in ``config``; fused AdamW on CUDA, foreach elsewhere."""
+# Devices with torch's fused (single-kernel) Adam/AdamW. On CPU it is ~4x faster than foreach for a
+# BERT-base step (one pass over each tensor instead of one per element-wise op: add_, mul_, sqrt, ...).
+FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def build_optimizer(model: Any, config: OptimConfig, device_type: str = "cpu", fused: bool | None = None) -> Any:
+    """The optimizer named in ``config``: Adam/AdamW fused where torch has the kernel (``fused``:
+    None decides by ``device_type``; False forces foreach, the multi-tensor path), foreach otherwise."""
     import torch
 
     groups = parameter_groups(model, config.weight_decay)
     betas = tuple(config.betas)
+    if fused is None:
+        fused = device_type in FUSED_DEVICES
+    fast = {"fused": True} if fused else {"foreach": True}
     if config.name == "adamw":
-        fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps, **fast)
     if config.name == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, betas=betas, eps=config.eps, foreach=True)
+        return torch.optim.Adam(groups, lr=config.lr, betas=betas, eps=config.eps, **fast)
     if config.name == "radam":
         return torch.optim.RAdam(groups, lr=config.lr, betas=betas, eps=config.eps, foreach=True)
     if config.name == "adafactor":

@@ -26,8 +26,9 @@ from typing import Any
 
 from kiln.config import Config, parse_duration, parse_save_every
 from kiln.errors import KilnError, RunStopped
-from kiln.models import set_dropout
+from kiln.models import set_dropout, training_attention
 from kiln.training import checkpoint as ckpt
+from kiln.training import compile as compiling
 from kiln.training.batching import TokenBudgetSampler, feature_lengths
 from kiln.training.callbacks import (
     Callback,
@@ -36,7 +37,7 @@ from kiln.training.callbacks import (
     SummaryCallback,
     duration,
 )
-from kiln.training.device import autocast, resolve_device, resolve_precision
+from kiln.training.device import autocast, keep_freed_memory, mark, resolve_device, resolve_precision
 from kiln.training.distributed import strategy_for, world
 from kiln.training.inference import run_inference_share, to_device
 from kiln.training.optim import (
@@ -177,6 +178,7 @@ class Trainer:
         train = self.config.train
         self.device = resolve_device(train.device)
         self.precision = resolve_precision(train.precision, self.device)
+        keep_freed_memory()
         if train.dropout is not None:
             set_dropout(self.model, train.dropout)
         if self.device.type == "cuda":
@@ -187,6 +189,8 @@ class Trainer:
         self.strategy = strategy_for(self.device, train.fsdp, self.precision, train.cpu_offload,
                                      parse_duration(train.dist_timeout))
         self.model.to(self.device)
+        self.attention = training_attention(self.model, self.device, self.precision,
+                                            int(self.sampler.lengths.max()))
         if train.grad_checkpoint:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         resumed = self._checkpoint_to_resume() if resume else None
@@ -206,9 +210,23 @@ class Trainer:
         self._epoch_sizes, self._planned_batches = self._planned_micro_batches()
         self.total_steps = self._total_steps()
         self.warmup = warmup_steps(self.config.schedule, self.total_steps)
+        self._compile()
         log.debug(f"set-up: {self.total_steps} steps ({self.warmup} warmup), {len(self._epoch_sizes)} epochs of "
                   f"{self._epoch_sizes} micro-batches per rank, {type(self.optimizer).__name__}, best by "
                   f"{self.metric}, {self.strategy.name}, rank {self.rank} of {self.world_size}")
+
+    def _compile(self) -> None:
+        """``train.compile``: the module the loop calls, compiled by inductor where that is wanted and
+        can work (else eager, said once); :attr:`compile_watch` counts and times its shapes."""
+        self.compile_watch: compiling.CompileWatch | None = None
+        self._eager_module = self.module
+        long_run = (self.budget >= compiling.AUTO_MIN_SECONDS if self.budget
+                    else self.total_steps >= compiling.AUTO_MIN_STEPS)
+        if not compiling.wanted(self.config.train.compile, self.device, long_run):
+            return
+        compiled = compiling.compile_module(self.module, self.device)
+        if compiled is not None:
+            self.module, self.compile_watch = compiled, compiling.CompileWatch()
 
     def _planned_micro_batches(self) -> tuple[list[int], int]:
         """Micro-batches per rank in each epoch that ``train.epochs`` covers, and how many to train."""
@@ -255,9 +273,19 @@ class Trainer:
         for index, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
             with self.strategy.sync(self.module, last=index == len(micro_batches) - 1):
-                loss = self.compute_loss(self.module, batch) / units
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                with mark("kiln.forward"):
+                    loss = self.compute_loss(self.module, batch) / units
+                with mark("kiln.backward"):
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
+        with mark("kiln.optimizer"):
+            self._update()
+        return total
+
+    def _update(self) -> None:
+        """Clip and apply the accumulated gradient (or skip a non-finite one), then drop it."""
+        import torch
+
         self._updating = True  # from here on an out-of-memory is the optimizer's: splitting cannot help
         self._set_lr()
         if self.scaler:
@@ -273,7 +301,6 @@ class Trainer:
             self.state.skipped_steps += 1
             self.state.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return total
 
     def evaluate(self, features: list[dict] | None = None, dataset: Any = None) -> dict:
         """Loss and task metrics on ``features`` (default: the validation set), computed once over the
@@ -410,10 +437,17 @@ class Trainer:
 
         while True:
             pieces = [piece for ids in step.micro_batches for piece in _split(ids, self.state.micro_split)]
-            micro = [self.task.collate_training([self.train_features[i] for i in ids], self.pad_id,
-                                                self.state.epoch) for ids in pieces]
+            with mark("kiln.collate"):
+                micro = [self.task.collate_training([self.train_features[i] for i in ids], self.pad_id,
+                                                    self.state.epoch) for ids in pieces]
+            watch = self.compile_watch
             try:
-                return self.training_step(micro)
+                if watch is not None:
+                    watch.begin(micro)
+                loss = self.training_step(micro)
+                if watch is not None:
+                    watch.end()
+                return loss
             except torch.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 largest = max(len(ids) for ids in step.micro_batches)
@@ -424,6 +458,13 @@ class Trainer:
                 self._say(f"  out of memory at step {self.state.step + 1}: micro-batches now run in "
                           f"{self.state.micro_split} pieces (--auto-batch; the effective batch is unchanged)",
                           logging.WARNING)
+            except Exception as error:
+                if watch is None or not compiling.compile_failed(error) or self._updating:
+                    raise
+                compiling.fall_back(error)  # an architecture inductor cannot compile: the step again, eagerly
+                self.optimizer.zero_grad(set_to_none=True)
+                self.module, self.compile_watch = self._eager_module, None
+                continue
 
     def _count(self, step: Step, started: float) -> None:
         state = self.state
