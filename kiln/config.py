@@ -174,8 +174,9 @@ class TrainConfig:
     )
     device: str = setting("auto", "Device: auto, cpu, cuda or cuda:N.", flag="--device", resumable=True)
     compile: str = setting(
-        "auto", "torch.compile the model (inductor): on, off, or auto (on CUDA, and on a CPU for runs of at "
-        "least 300 steps or a 10m budget). Without a C++ compiler (CPU) or triton (CUDA): eager, said once.",
+        "auto", "torch.compile the model (inductor): on, off, or auto (CUDA runs of at least 300 steps or a "
+        "10m budget; on CPUs it measured no faster). Without a C++ compiler (CPU) or triton (CUDA): eager, "
+        "said once.",
         flag="--compile", choices=COMPILE_CHOICES, resumable=True)
     seed: int = setting(42, "Random seed for init, shuffling and dropout.", flag="--seed")
     eval_every: int = setting(0, "Evaluate every N optimizer steps (0: once per epoch).", flag="--eval-every",

@@ -89,7 +89,7 @@ class SummaryCallback(Callback):
             f"  batch     {batch} x {train.grad_accum * trainer.world_size} (accumulation x ranks) per step, "
             f"{steps}, lr {trainer.config.optim.lr:g} ({trainer.config.schedule.name})",
         ]
-        speed = [f"compiled by inductor{' (shapes counted at the end)' if trainer.compile_watch else ''}"
+        speed = ["torch.compile (inductor)"
                  if trainer.compile_watch else "", "eager attention (faster for short inputs on a CPU)"
                  if getattr(trainer, "attention", None) == "eager" else ""]
         if any(speed):

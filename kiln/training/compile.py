@@ -17,8 +17,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# `auto` compiles a run long enough to pay a compilation (tens of seconds on 2 CPU cores) back:
-# at least this many optimizer steps, or a budget of at least this many seconds.
+# `auto` compiles a CUDA run long enough to pay a compilation back: at least this many optimizer steps,
+# or a budget of at least this many seconds. Not on a CPU: on a 2-core AMX CPU (torch 2.13) a
+# compiled BERT-base MLM step took as long as an eager one (1,422 vs 1,446 ms): inductor's fused CPU
+# kernels cost what eager's casts and element-wise ops cost, and the matmuls are oneDNN's either way.
 AUTO_MIN_STEPS = 300
 AUTO_MIN_SECONDS = 600.0
 
@@ -47,11 +49,11 @@ def unavailable(device: Any) -> str | None:
 
 
 def wanted(setting: str, device: Any, long_run: bool) -> bool:
-    """Whether to compile: ``on``/``off`` as said; ``auto`` on CUDA, and on a CPU for a ``long_run``
+    """Whether to compile: ``on``/``off`` as said; ``auto`` for a ``long_run`` on CUDA
     (:data:`AUTO_MIN_STEPS` steps or :data:`AUTO_MIN_SECONDS` of budget)."""
     if setting != "auto":
         return setting == "on"
-    return device.type == "cuda" or long_run
+    return device.type == "cuda" and long_run
 
 
 def compile_module(module: Any, device: Any, *, training: bool = True) -> Any | None:
@@ -65,10 +67,19 @@ def compile_module(module: Any, device: Any, *, training: bool = True) -> Any | 
         log.warning(f"  compile   off: {reason}; running eagerly")
         return None
     import torch
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
     import torch._dynamo
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    # torch fills the variable in with its default (a temporary directory) on first use: replace that,
+    # never a directory the user chose.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
+
+    import torch._inductor.config
+
+    # Inductor reads CXX once, at its import; kiln checked the compiler the environment names now.
+    torch._inductor.config.cpp.cxx = (None, os.environ.get("CXX") or "g++")
     # Many buckets of a long tail of lengths must not end in dynamo's 'recompile limit' eager fallback.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(module, mode=None if training else "max-autotune-no-cudagraphs", dynamic=None)
@@ -88,7 +99,8 @@ def fall_back(error: BaseException) -> None:
 
 class CompileWatch:
     """Counts the input shapes a compiled module met and the seconds their first steps took beyond an
-    ordinary step, and whether inductor's cache served them (a warm start)."""
+    ordinary step, and whether every graph came from a cache (a warm start: inductor's on-disk cache
+    in a new process, dynamo's own in the same one)."""
 
     def __init__(self) -> None:
         self.shapes: set[tuple] = set()
@@ -96,6 +108,7 @@ class CompileWatch:
         self.other_seconds: list[float] = []
         self._new = False
         self._start = 0.0
+        self._compiled_before = inductor_compilations()
 
     def begin(self, batches: list[dict]) -> None:
         """Before a step over ``batches``: note whether it brings a shape not seen before."""
@@ -114,18 +127,21 @@ class CompileWatch:
         ordinary = sorted(self.other_seconds)[len(self.other_seconds) // 2] if self.other_seconds else 0.0
         return max(0.0, sum(s - ordinary for s in self.first_seconds))
 
+    def warm(self) -> bool:
+        """True when no graph had to be compiled afresh."""
+        return bool(self.shapes) and inductor_compilations() == self._compiled_before
+
     def summary(self) -> str:
-        """``compiled 3 shapes in 41s (warm: inductor's cache)``."""
-        hits = cache_hits()
-        warm = " (warm: from inductor's cache)" if hits else ""
+        """``compiled 3 shapes in 41s``, with ``(warm: from the cache)`` on a warm start."""
         count = len(self.shapes)
+        warm = " (warm: from the cache)" if self.warm() else ""
         return f"compiled {count} shape{'s' * (count != 1)} in {self.seconds():.0f}s{warm}"
 
 
-def cache_hits() -> int:
-    """Graphs inductor loaded from its cache in this process instead of compiling them."""
+def inductor_compilations() -> int:
+    """Graphs inductor compiled afresh in this process (cache misses)."""
     try:
         from torch._dynamo.utils import counters
     except Exception:
         return 0
-    return int(counters["inductor"].get("fxgraph_cache_hit", 0))
+    return int(counters["inductor"].get("fxgraph_cache_miss", 0))
