@@ -49,11 +49,12 @@ def mlm_loss(model_dir: str | Path, tokenizer_dir: str | Path, valid: Path, batc
 
 def hf_train_mlm(*, tokenizer_dir: str, train: Path, out: Path, hidden: int, layers: int, heads: int,
                  intermediate: int, batch: int, lr: float, max_steps: int, budget_s: float = 0.0,
-                 bf16: bool = False, warmup_ratio: float = 0.0) -> dict:
+                 bf16: bool = False, warmup_ratio: float = 0.0, best: bool = False) -> dict:
     """HF ``Trainer`` + ``DataCollatorForLanguageModeling`` on ``run_mlm``-style grouped 128-token blocks.
 
     With ``budget_s`` a callback stops training when the wall clock since ``train()`` began runs out;
     the linear schedule is sized to ``max_steps`` (the caller's estimate of the budget's steps).
+    ``best``: HF's fastest switches, ``torch_compile=True`` and ``optim="adamw_torch_fused"``.
     """
     import torch
     from transformers import (
@@ -92,7 +93,8 @@ def hf_train_mlm(*, tokenizer_dir: str, train: Path, out: Path, hidden: int, lay
         # transformers 5 has no warmup_ratio: a float warmup_steps below 1 is the ratio.
         max_steps=max_steps, warmup_steps=warmup_ratio, lr_scheduler_type="linear", seed=42, bf16=bf16,
         use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", eval_strategy="no",
-        logging_steps=10**9, dataloader_num_workers=0, disable_tqdm=True)
+        logging_steps=10**9, dataloader_num_workers=0, disable_tqdm=True, torch_compile=best,
+        optim="adamw_torch_fused" if best else "adamw_torch")
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=0.15)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=[Budget()])

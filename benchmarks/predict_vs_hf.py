@@ -24,6 +24,9 @@ Contenders, each in its own process (``workers.py``), one after the other:
 * ``kiln``: ``kiln.load(RUN, precision="fp32")`` (the default), one warm-up ``predict`` of 64
   inputs, then timed what ``kiln predict RUN FILE --json`` does after loading: read the file,
   ``predict_dataset``, ``task.format`` (length-sorted token-budget batches; printing excluded).
+* ``--kiln-variants bf16,compile``: kiln again in bf16 (``--precision bf16``: for CPUs with native
+  bf16, AMX or AVX512-BF16, and GPUs) and with ``--compile on`` (fp32), each compared with kiln's
+  fp32 outputs; the summary names the fastest kiln path against the pipeline's best.
 * ``hf-pipeline`` at each ``--batch-sizes`` (1, 8, 32, 64): the pipeline built (not timed), one
   warm-up call on 64 inputs, then timed: read the file (the same parsing rules as kiln's reader) and
   one pipeline call on the whole list with ``batch_size`` (file-order batches padded to their longest).
@@ -116,7 +119,7 @@ def digest(texts: list[str]) -> str:
 def run_kiln(spec: dict) -> dict:
     import kiln
 
-    model = kiln.load(spec["run"], precision="fp32")
+    model = kiln.load(spec["run"], precision=spec.get("precision", "fp32"), compile=spec.get("compile", "off"))
     model.predict(texts_of(spec["task"], spec["data"], spec["limit"])[:WARMUP])  # thread pools, allocations
     start = time.perf_counter()
     dataset = model.read(spec["data"], labelled=False)
@@ -267,6 +270,10 @@ def bench(name: str, task: str, run: str, data: Path, args: argparse.Namespace) 
     texts = texts_of(task, data, args.limit)
     common = {"task": task, "run": run, "data": str(data), "limit": args.limit, "aggregation": args.aggregation}
     rows = [{"contender": "kiln", **run_worker(__file__, {**common, "contender": "kiln", "label": f"{name} kiln"})}]
+    for variant in args.kiln_variants:  # kiln's faster paths: bf16 (native-bf16 CPUs, GPUs), torch.compile
+        spec = {**common, "contender": "kiln", "label": f"{name} kiln {variant}",
+                **({"precision": "bf16"} if variant == "bf16" else {"compile": "on"})}
+        rows.append({"contender": f"kiln-{variant}", **run_worker(__file__, spec)})
     for size in args.batch_sizes:
         spec = {**common, "contender": "hf-pipeline", "batch_size": size, "label": f"{name} hf-pipeline b={size}"}
         rows.append({"contender": "hf-pipeline", "batch_size": size, **run_worker(__file__, spec)})
@@ -274,14 +281,22 @@ def bench(name: str, task: str, run: str, data: Path, args: argparse.Namespace) 
         if row["digest"] != digest(texts):
             raise SystemExit(f"{name}: {row['contender']} read other inputs than the comparison")
         row["examples_per_s"] = len(texts) / row["seconds"]
-    kiln, pipes = rows[0], rows[1:]
+    kiln = rows[0]
+    variants = [r for r in rows[1:] if r["contender"].startswith("kiln-")]
+    pipes = [r for r in rows[1:] if r["contender"] == "hf-pipeline"]
     best = max(pipes, key=lambda r: r["examples_per_s"])
-    for row in pipes:
+    for row in pipes + variants:
         if task == "sequence":
             row.update(compare_sequence(kiln["outputs"], row["outputs"]))
-        else:
+        elif row in pipes:
             row.update(compare_token(texts, kiln["outputs"], row))
+        else:  # a kiln variant against kiln in fp32: the same reader, so entity lists compare directly
+            same = sum([span_key(g) for g in a] == [span_key(g) for g in b]
+                       for a, b in zip(kiln["outputs"], row["outputs"], strict=True))
+            row["agreement"] = same / len(texts)
     ratio = kiln["examples_per_s"] / best["examples_per_s"]
+    fastest = max([kiln, *variants], key=lambda r: r["examples_per_s"])
+    fastest_ratio = fastest["examples_per_s"] / best["examples_per_s"]
 
     unit = "sentences" if task == "sequence" else "sentences (CoNLL)"
     print(f"\n{name}: {data} ({len(texts)} {unit}), run {run}")
@@ -295,6 +310,8 @@ def bench(name: str, task: str, run: str, data: Path, args: argparse.Namespace) 
               f"{agree:>13} {delta:>13}")
     verdict = "met" if ratio >= GOAL else f"MISSED by {1 - ratio / GOAL:.0%}"
     print(f"goal kiln >= {GOAL:.0f}x the pipeline's best (batch {best['batch_size']}): {ratio:.2f}x, {verdict}")
+    if variants:
+        print(f"fastest kiln path ({fastest['contender']}): {fastest_ratio:.2f}x the pipeline's best")
     what = "labels" if task == "sequence" else "entity lists (type, start, end)"
     print(f"'same as kiln': share of inputs with the same {what}; max |Δscore| over "
           f"{'all inputs' if task == 'sequence' else 'the entities both found that hold no word the pipeline splits'}")
@@ -303,6 +320,7 @@ def bench(name: str, task: str, run: str, data: Path, args: argparse.Namespace) 
     summary: dict[str, Any] = {
         "data": str(data), "run": run, "n": len(texts), "goal": GOAL, "ratio_vs_best": ratio,
         "goal_met": ratio >= GOAL, "best_pipeline_batch_size": best["batch_size"],
+        "fastest_kiln": fastest["contender"], "fastest_ratio_vs_best": fastest_ratio,
         "over_length": {"kiln_max_length": kiln["max_length"], "kiln": len(kiln["over_length"]),
                         "pipeline_max_length": best["max_length"], "pipeline": len(best["over_length"])},
         "contenders": [{k: v for k, v in row.items() if k not in ("outputs", "split_words", "differing")}
@@ -342,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the pipeline's batch sizes, comma-separated (default 1,8,32,64)")
     parser.add_argument("--aggregation", default="first", choices=["simple", "first", "average", "max"],
                         help="the token pipeline's aggregation_strategy (default first: kiln's rule)")
+    parser.add_argument("--kiln-variants", type=lambda s: [v for v in s.split(",") if v], default=[],
+                        help="kiln's faster paths to time too, comma-separated: bf16, compile")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -15,7 +15,9 @@ Precision is ``auto`` for both (bf16 where the CPU has native bf16, i.e. AMX/AVX
 Tokens/s: steps x 32 x 128 over the training seconds (kiln: ``elapsed`` of the last step in
 ``metrics.jsonl``; HF: ``train_runtime``). Loss: one shared evaluator (``mlm_common.mlm_loss``) loads
 both saved models through ``AutoModelForMaskedLM`` and scores ``valid.txt`` with a fixed 15 % mask.
-Target: kiln ≥ 3x HF Trainer tokens/s on 2 CPU cores.
+A third contender, ``hf-best``, is HF Trainer with its fastest switches (``torch_compile=True``,
+``optim="adamw_torch_fused"``; its compilation counts in its training time). Target: kiln ≥ 3x the
+faster HF contender's tokens/s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def run_hf(spec: dict) -> dict:
     bf16 = resolve_precision("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")) == "bf16"
     result = hf_train_mlm(tokenizer_dir=spec["tokenizer"], train=Path(spec["data"]) / "train.txt",
                           out=Path(spec["workdir"]), hidden=512, layers=4, heads=8, intermediate=2048,
-                          batch=BATCH, lr=LR, max_steps=spec["steps"], warmup_ratio=WARMUP, bf16=bf16)
-    return {"contender": "hf", **result}
+                          batch=BATCH, lr=LR, max_steps=spec["steps"], warmup_ratio=WARMUP, bf16=bf16,
+                          best=spec["contender"] == "hf-best")
+    return {"contender": spec["contender"], **result}
 
 
 def run_eval(spec: dict) -> dict:
@@ -72,7 +75,8 @@ def run_eval(spec: dict) -> dict:
     return {"loss": mlm_loss(spec["model"], spec["tokenizer"], Path(spec["data"]) / "valid.txt")}
 
 
-WORKERS = {"kiln": run_kiln, "hf": run_hf, "eval": run_eval}
+WORKERS = {"kiln": run_kiln, "hf": run_hf, "hf-best": run_hf, "eval": run_eval}
+LABELS = {"kiln": "kiln train mlm", "hf": "HF Trainer + MLM collator", "hf-best": "HF + compile + fused AdamW"}
 
 
 def spawn(spec: dict) -> dict:
@@ -90,20 +94,24 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         common = {"data": str(args.data.resolve()), "workdir": tmp, "steps": args.steps}
         results = {"kiln": spawn({**common, "contender": "kiln"})}
-        results["hf"] = spawn({**common, "contender": "hf", "tokenizer": results["kiln"]["tokenizer"]})
+        for name in ("hf", "hf-best"):
+            results[name] = spawn({**common, "contender": name, "tokenizer": results["kiln"]["tokenizer"]})
         for r in results.values():
             r["valid_mlm_loss"] = spawn({**common, "contender": "eval", "model": r["model"],
                                          "tokenizer": results["kiln"]["tokenizer"]})["loss"]
     print()
     print(f"{'contender':<28}{'tokens/s':>10}{'train s':>10}{'steps':>7}{'valid MLM loss':>16}")
     for name, r in results.items():
-        label = "kiln train mlm" if name == "kiln" else "HF Trainer + MLM collator"
-        print(f"{label:<28}{r['tokens_per_s']:>10.0f}{r['train_seconds']:>10.1f}{r['steps']:>7}"
+        print(f"{LABELS[name]:<28}{r['tokens_per_s']:>10.0f}{r['train_seconds']:>10.1f}{r['steps']:>7}"
               f"{r['valid_mlm_loss']:>16.4f}")
-    ratio = results["kiln"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
-    print(f"\nkiln/HF: {ratio:.2f}x tokens/s (target >= {TARGET:g}x: {'met' if ratio >= TARGET else 'NOT met'})")
+    best = max(("hf", "hf-best"), key=lambda name: results[name]["tokens_per_s"])
+    ratio = results["kiln"]["tokens_per_s"] / results[best]["tokens_per_s"]
+    print(f"\nkiln/HF at its best ({LABELS[best]}): {ratio:.2f}x tokens/s "
+          f"(target >= {TARGET:g}x: {'met' if ratio >= TARGET else 'NOT met'}); "
+          f"kiln/HF defaults: {results['kiln']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"steps": args.steps, "results": results, "ratio": ratio}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"steps": args.steps, "results": results, "ratio": ratio, "best_hf": best},
+                                       indent=2) + "\n")
         print(f"wrote {args.out}")
 
 

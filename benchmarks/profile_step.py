@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--task", default="mlm", help="kiln task")
     parser.add_argument("--data", type=Path, default=None, help="data directory (see the module doc)")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    parser.add_argument("--compile", default="off", help="kiln's --compile: off, on or auto")
+    parser.add_argument("--compile", default=None, help="kiln's --compile: on, off or auto (default: kiln's)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--batch-size", type=int, default=16, help="examples per step (0: the profile's)")
     parser.add_argument("--seq-len", type=int, default=128, help="pretraining block length")
@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
             (train_data / "valid.txt").write_text("\n".join(valid) + "\n", encoding="utf-8")
         run = kiln.train(args.task, train_data, name="profile", profile=args.profile, output_dir=tmp,
                          max_steps=args.warmup + args.steps, precision=args.precision, overrides=overrides,
-                         callbacks=[probe], keep_checkpoints=False, **{"train.compile": args.compile})
+                         callbacks=[probe], keep_checkpoints=False,
+                         **({"train.compile": args.compile} if args.compile else {}))
         precision = json.loads((run.path / "run.json").read_text())["config"]["train"]["precision"]
     device = probe.profiler.use_device is not None and torch.cuda.is_available()
     wall_us = sum(probe.walls) * 1e6
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
               "top_ops": {k: {op: round(us / 1e3 / args.steps, 2) for op, us in sorted(
                   ops.items(), key=lambda item: -item[1])[:5]} for k, ops in by_op.items()},
               "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_name()}
-    print(f"{args.profile} {args.task}, precision {args.precision}, compile {args.compile}: "
+    print(f"{args.profile} {args.task}, precision {args.precision}, compile {args.compile or 'default'}: "
           f"{step_ms:.0f} ms per step ({args.steps} steps after {args.warmup}), {cpu_name()}")
     print(f"{'category':<20}{'ms/step':>10}{'share':>8}")
     for name in CATEGORIES:

@@ -22,6 +22,8 @@ class Predictor:
 
     ``precision`` is ``fp32`` unless given (or set by ``KILN_PRECISION``): fp32 predictions agree
     with plain transformers; ``bf16`` or ``auto`` (the hardware's fast precision) trade that for speed.
+    ``compile``: ``on`` runs the forward through ``torch.compile`` (``auto``: on CUDA only); where
+    compiling fails the predictor says so once and runs eagerly.
 
     Thread-safe: the shared task and config are never changed after loading (a call's own settings,
     ``parameters`` or ``columns``, go to a per-call copy), and inferences run one at a time, since
@@ -29,10 +31,12 @@ class Predictor:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None,
-                 batch_tokens: int | None = None, generate: list[str] | tuple[str, ...] = ()):
+                 batch_tokens: int | None = None, generate: list[str] | tuple[str, ...] = (),
+                 compile: str = "off"):
         from kiln.run import model_dir_of
         from kiln.tokenizers import load_tokenizer
-        from kiln.training.device import inference_precision, resolve_device
+        from kiln.training import compile as compiling
+        from kiln.training.device import inference_precision, keep_freed_memory, resolve_device
 
         self.path = model_dir_of(path)
         meta_path = self.path / KILN_FILE
@@ -53,6 +57,10 @@ class Predictor:
         self.device = resolve_device(device)
         self.precision = inference_precision(precision, self.device)
         self.model = self.task.load_model(self.path).to(self.device).eval()
+        keep_freed_memory()
+        self.module = None  # the compiled forward, when compiling
+        if compiling.wanted(compile, self.device, long_run=True):
+            self.module = compiling.compile_module(self.task.training_module(self.model), self.device)
         self.max_length = int(self.meta["max_length"])
         self.batch_tokens = batch_tokens or self.config.train.batch_tokens * 2
         self._inference = threading.Lock()
@@ -88,16 +96,24 @@ class Predictor:
         return self._task_for({allowed[name]: value for name, value in checked.items()})
 
     def _run(self, dataset: Dataset, task: Task | None = None) -> tuple[list[Any], float, int]:
+        from kiln.training import compile as compiling
         from kiln.training.inference import run_inference
 
         task = task or self._task_for()
         with self._inference:
             features = task.encode(dataset, self.tokenizer, self.max_length)
-            outputs, loss_sum, units = run_inference(
-                self.model, task, features, device=self.device, precision=self.precision,
-                batch_tokens=self.batch_tokens, max_batch_size=self.config.train.max_batch_size * 2,
-                pad_id=self.tokenizer.pad_token_id or 0,
-            )
+            while True:
+                try:
+                    outputs, loss_sum, units = run_inference(
+                        self.model, task, features, device=self.device, precision=self.precision,
+                        batch_tokens=self.batch_tokens, max_batch_size=self.config.train.max_batch_size * 2,
+                        pad_id=self.tokenizer.pad_token_id or 0, module=self.module)
+                    break
+                except Exception as error:
+                    if self.module is None or not compiling.compile_failed(error):
+                        raise
+                    compiling.fall_back(error)
+                    self.module = None
             return task.decode(outputs, features, dataset), loss_sum, units
 
     def read(self, path: str | Path, *, labelled: bool, stream: TextIO | None = None,

@@ -21,10 +21,18 @@ def train(tiny_profile, data, name, tmp_path, **flags):
                       max_steps=4, precision="fp32", seed=3, **{"train.dropout": 0.0, **flags})
 
 
-def weights(run):
+def trains_eagerly_after_one_warning(tiny_profile, sentiment_dir, tmp_path, caplog, reason):
+    """Train with compile on: one warning naming ``reason``, and the weights of an eager run, bit for bit."""
     from safetensors.torch import load_file
 
-    return load_file(run.model_dir / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        run = train(tiny_profile, sentiment_dir, "compiled", tmp_path, compile="on")
+    warnings = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0] and "eagerly" in warnings[0]
+    eager = train(tiny_profile, sentiment_dir, "eager", tmp_path, compile="off")
+    compiled = load_file(run.model_dir / "model.safetensors")
+    for name, tensor in load_file(eager.model_dir / "model.safetensors").items():
+        assert torch.equal(compiled[name], tensor), name
 
 
 def test_auto_compiles_long_cuda_runs_only():
@@ -38,13 +46,7 @@ def test_auto_compiles_long_cuda_runs_only():
 def test_compile_without_a_compiler_warns_once_and_trains_eagerly(tiny_profile, sentiment_dir, tmp_path,
                                                                    monkeypatch, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger="kiln"):
-        run = train(tiny_profile, sentiment_dir, "nocc", tmp_path, compile="on")
-    warnings = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
-    assert len(warnings) == 1 and "no C++ compiler" in warnings[0] and "eagerly" in warnings[0]
-    eager = train(tiny_profile, sentiment_dir, "eager", tmp_path, compile="off")
-    for name, tensor in weights(eager).items():
-        assert torch.equal(weights(run)[name], tensor), name
+    trains_eagerly_after_one_warning(tiny_profile, sentiment_dir, tmp_path, caplog, "no C++ compiler")
 
 
 def test_a_model_that_fails_to_compile_trains_eagerly(tiny_profile, sentiment_dir, tmp_path, monkeypatch, caplog):
@@ -60,14 +62,8 @@ def test_a_model_that_fails_to_compile_trains_eagerly(tiny_profile, sentiment_di
         def forward(self, **inputs):
             raise Unsupported("graph break in an unsupported op")
 
-    monkeypatch.setattr(compiling, "compile_module", lambda module, device, training=True: FailsToCompile(module))
-    with caplog.at_level(logging.WARNING, logger="kiln"):
-        run = train(tiny_profile, sentiment_dir, "fails", tmp_path, compile="on")
-    warnings = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
-    assert len(warnings) == 1 and "Unsupported" in warnings[0] and "eagerly" in warnings[0]
-    eager = train(tiny_profile, sentiment_dir, "eager", tmp_path, compile="off")
-    for name, tensor in weights(eager).items():
-        assert torch.equal(weights(run)[name], tensor), name
+    monkeypatch.setattr(compiling, "compile_module", lambda module, device: FailsToCompile(module))
+    trains_eagerly_after_one_warning(tiny_profile, sentiment_dir, tmp_path, caplog, "Unsupported")
 
 
 def test_a_model_error_is_not_taken_for_a_compile_error():
@@ -106,6 +102,9 @@ def test_compiled_training_exports_what_transformers_reproduces_and_starts_warm(
     with torch.no_grad():
         probs = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits.softmax(-1).max(-1).values
     torch.testing.assert_close(torch.tensor(ours), probs, rtol=0, atol=1e-5)
+    compiled = kiln.load(run.path, compile="on")  # predict/serve --compile on
+    assert compiled.module is not None
+    torch.testing.assert_close(torch.tensor([p["score"] for p in compiled.predict(texts)]), probs, rtol=0, atol=1e-5)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="kiln"):
         train(tiny_profile, sentiment_dir, "compiled-again", tmp_path, compile="on")
@@ -163,3 +162,23 @@ def test_profile_categories():
     assert totals["python/framework"] == 5 + (100 - 75)  # the range's own time and the unaccounted rest
     assert sum(totals.values()) == 100 and by_op["matmul"] == {"aten::mm": 60}
     json.dumps(totals)
+
+
+def test_predict_falls_back_to_eager_when_compiling_fails(tiny_profile, sentiment_dir, tmp_path, monkeypatch,
+                                                          caplog):
+    from torch._dynamo.exc import Unsupported
+
+    run = train(tiny_profile, sentiment_dir, "run", tmp_path)
+    texts = ["the film is wonderful .", "every scene is dull ."]
+    eager = kiln.load(run.path).predict(texts)
+
+    def fails(**inputs):
+        raise Unsupported("graph break in an unsupported op")
+
+    monkeypatch.setattr(compiling, "compile_module", lambda module, device: fails)
+    predictor = kiln.load(run.path, compile="on")
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        assert predictor.predict(texts) == eager
+        assert predictor.predict(texts) == eager
+    assert predictor.module is None
+    assert len([r for r in caplog.records if "compile" in r.getMessage()]) == 1

@@ -27,6 +27,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_setting_flag(parser, "data.columns", default="default: the run's own setting")
     add_setting_flag(parser, "train.precision", default="default: fp32, which agrees with transformers; "
                                                         "KILN_PRECISION when set")
+    add_setting_flag(parser, "train.compile", default="default: off here; auto compiles on CUDA")
     parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
                         help="generation, clm, span: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:  # before loading: a refused target costs nothing
         check_output(args.output, [args.run_dir, args.data])
     predictor = kiln.load(args.run_dir, device=args.device, precision=getattr(args, "train.precision"),
-                          generate=args.generate)
+                          generate=args.generate, compile=getattr(args, "train.compile") or "off")
     if args.data is None and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise KilnError("no input: give DATA, or pipe lines on stdin (it is closed)")
     if args.data is None and sys.stdin.isatty():

@@ -31,6 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_setting_flag(model, "train.precision", default="default: fp32, which agrees with transformers; "
                                                        "KILN_PRECISION when set")
+    add_setting_flag(model, "train.compile", default="default: off here; auto compiles on CUDA")
     model.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
                        help="generation: a decoding default, e.g. --generate num_beams=4 (a request's "
                             "parameters override it for that request)")
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     def load() -> object:
         return kiln.load(args.run_dir, device=args.device, precision=getattr(args, "train.precision"),
-                         generate=args.generate, batch_tokens=settings.max_batch_tokens or None)
+                         generate=args.generate, batch_tokens=settings.max_batch_tokens or None,
+                         compile=getattr(args, "train.compile") or "off")
 
     serve(load, settings, name=str(args.run_dir), verbose=args.verbose)
     return 0

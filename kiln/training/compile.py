@@ -56,7 +56,7 @@ def wanted(setting: str, device: Any, long_run: bool) -> bool:
     return device.type == "cuda" and long_run
 
 
-def compile_module(module: Any, device: Any, *, training: bool = True) -> Any | None:
+def compile_module(module: Any, device: Any) -> Any | None:
     """``module`` compiled by inductor, or None (after one warning) where compiling cannot work.
 
     Shapes are left to dynamo's automatic dynamism: the first shape is compiled static (fastest), a
@@ -82,7 +82,7 @@ def compile_module(module: Any, device: Any, *, training: bool = True) -> Any | 
     torch._inductor.config.cpp.cxx = (None, os.environ.get("CXX") or "g++")
     # Many buckets of a long tail of lengths must not end in dynamo's 'recompile limit' eager fallback.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(module, mode=None if training else "max-autotune-no-cudagraphs", dynamic=None)
+    return torch.compile(module, dynamic=None)
 
 
 def compile_failed(error: BaseException) -> bool:

@@ -16,14 +16,16 @@ def to_device(batch: dict, device: Any) -> dict:
 
 
 def run_inference(model: Any, task: Any, features: list[dict], *, device: Any, precision: str,
-                  batch_tokens: int, max_batch_size: int, pad_id: int) -> tuple[list[Any], float, int]:
+                  batch_tokens: int, max_batch_size: int, pad_id: int,
+                  module: Any = None) -> tuple[list[Any], float, int]:
     """Forward every feature once. Returns ``(outputs in feature order, loss sum, loss units)``.
 
-    Loss is only computed when the features carry labels.
+    Loss is only computed when the features carry labels. ``module``: what to call instead of the
+    task's training module of ``model`` (e.g. its compiled form).
     """
     outputs, losses, units = run_inference_share(model, task, features, device=device, precision=precision,
                                                  batch_tokens=batch_tokens, max_batch_size=max_batch_size,
-                                                 pad_id=pad_id)
+                                                 pad_id=pad_id, module=module)
     return outputs, sum(losses[b] for b in sorted(losses)), units
 
 
