@@ -23,7 +23,8 @@ class Predictor:
     ``precision`` is ``fp32`` unless given (or set by ``KILN_PRECISION``): fp32 predictions agree
     with plain transformers; ``bf16`` or ``auto`` (the hardware's fast precision) trade that for speed.
     ``compile``: ``on`` runs the forward through ``torch.compile`` (``auto``: on CUDA only); where
-    compiling fails the predictor says so once and runs eagerly.
+    compiling fails the predictor says so once and runs eagerly. A directory ``kiln export`` wrote
+    runs its ONNX graph with onnxruntime, on the CPU.
 
     Thread-safe: the shared task and config are never changed after loading (a call's own settings,
     ``parameters`` or ``columns``, go to a per-call copy), and inferences run one at a time, since
@@ -33,6 +34,7 @@ class Predictor:
     def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None,
                  batch_tokens: int | None = None, generate: list[str] | tuple[str, ...] = (),
                  compile: str = "off"):
+        from kiln.export import ONNX_FILE, OnnxModule, is_onnx_export
         from kiln.run import model_dir_of
         from kiln.tokenizers import load_tokenizer
         from kiln.training import compile as compiling
@@ -42,7 +44,9 @@ class Predictor:
         meta_path = self.path / KILN_FILE
         if not meta_path.is_file():
             raise KilnError(f"no {KILN_FILE}: not a model kiln saved", self.path)
-        verify_model_dir(self.path)  # every file, before any is loaded: a damaged one is one line
+        self.runtime = "onnx" if is_onnx_export(self.path) else "torch"
+        if self.runtime == "torch":
+            verify_model_dir(self.path)  # every file, before any is loaded: a damaged one is one line
         self.meta = read_json(meta_path, required=KILN_KEYS)
         self.config = config_from_dict(self.meta["config"])
         for text in generate:  # decoding overrides (--generate key=value), e.g. num_beams=4
@@ -56,15 +60,35 @@ class Predictor:
         self.task.tokenizer = self.tokenizer
         self.device = resolve_device(device)
         self.precision = inference_precision(precision, self.device)
-        self.model = self.task.load_model(self.path).to(self.device).eval()
         keep_freed_memory()
-        self.module = None  # the compiled forward, when compiling
-        if compiling.wanted(compile, self.device, long_run=True):
-            self.module = compiling.compile_module(self.task.training_module(self.model), self.device)
+        self.module = None  # what runs the forward when not the task's module of the model: compiled, ONNX
+        if self.runtime == "onnx":  # the graph is what it was exported as (fp32 or int8), on the CPU
+            self.device, self.precision = resolve_device("cpu"), "fp32"
+            self.model = self.module = OnnxModule(self.path / ONNX_FILE)
+            self.task.forward_args = set(self.model.input_names)
+        else:
+            self.model = self.task.load_model(self.path).to(self.device).eval()
+            if compiling.wanted(compile, self.device, long_run=True):
+                self.module = compiling.compile_module(self.task.training_module(self.model), self.device)
         self.max_length = int(self.meta["max_length"])
         self.batch_tokens = batch_tokens or self.config.train.batch_tokens * 2
         self._inference = threading.Lock()
         log.debug(f"loaded {self.path} ({self.meta['task']}) on {self.device} in {self.precision}")
+
+    def num_parameters(self) -> int:
+        """The model's parameter count (an ONNX export states its model's)."""
+        from kiln.models import count_parameters
+
+        if self.runtime == "onnx":
+            return int(self.meta["export"].get("num_parameters", 0))
+        return count_parameters(self.model)
+
+    def with_module(self, module: Any) -> Predictor:
+        """This predictor running ``module`` for the forward (another runtime of the same model, such
+        as its ONNX graph), sharing everything else."""
+        other = copy.copy(self)
+        other.module, other._inference = module, threading.Lock()
+        return other
 
     def parameters(self) -> dict[str, Any]:
         """The task's per-call parameters (HF pipeline names) and the value each has without an override."""

@@ -25,6 +25,7 @@ COMMANDS = {
     "serve": "kiln.cli.serve",
     "describe": "kiln.cli.describe",
     "report": "kiln.cli.report",
+    "export": "kiln.cli.export",
 }
 
 

@@ -71,7 +71,6 @@ class ServeState:
             self.on_ready(self)
 
     def _start(self, predictor: Any) -> None:
-        from kiln.models import count_parameters
 
         # kiln serve loads the predictor with the same budget: one gathered batch, one forward pass.
         budget = self.settings.max_batch_tokens or predictor.batch_tokens
@@ -82,7 +81,8 @@ class ServeState:
             "task": predictor.meta["task"],
             "labels": predictor.task.state.get("labels") or None,
             "profile": predictor.config.name,
-            "num_parameters": count_parameters(predictor.model),
+            "num_parameters": predictor.num_parameters(),
+            "runtime": predictor.runtime,
             "parameters": predictor.parameters(),
             "precision": predictor.precision,
             "device": str(predictor.device),

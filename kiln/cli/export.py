@@ -1,0 +1,49 @@
+"""``kiln export RUN --format onnx [--quantize int8] [-o DIR]``: a model for onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``kiln export``."""
+    parser = commands.add_parser(
+        "export", help="export a trained model as ONNX (optionally int8)",
+        description="Write RUN's model as a self-contained ONNX directory (model.onnx with dynamic batch and "
+                    "sequence axes, tokenizer, kiln.json, model card), checked against PyTorch with onnxruntime. "
+                    "kiln predict, evaluate and serve accept the directory as they accept a run.",
+    )
+    parser.add_argument("run_dir", metavar="RUN", help="run directory (runs/NAME) or model directory")
+    parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="int8: onnxruntime's dynamic quantization of the weights (per channel)")
+    parser.add_argument("-o", "--output", metavar="DIR", default=None,
+                        help="the directory to write (new or empty; default exports/NAME)")
+    parser.add_argument("--eval", metavar="FILE", default=None,
+                        help="labelled data to state the export's metrics on (default: the run's validation file)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, then say what was written and how well it scores."""
+    import logging
+
+    from kiln.export import export
+    from kiln.outputs import check_output
+    from kiln.run import model_dir_of
+
+    model_dir = model_dir_of(args.run_dir)
+    name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+    out = Path(args.output) if args.output else Path("exports") / name
+    check_output(out, [args.run_dir, args.eval], directory=True)
+    entry = export(args.run_dir, out, quantize=args.quantize, eval_data=args.eval)
+    log = logging.getLogger("kiln")
+    kind = "int8 (dynamic quantization)" if entry["quantize"] else "fp32"
+    log.info(f"exported {out}/model.onnx ({kind}); fp32 graph within {entry['parity_fp32_max_abs_diff']:.1e} "
+             "of PyTorch")
+    for key, label in (("metrics_fp32", "fp32"), ("metrics_int8", "int8")):
+        if key in entry:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in entry[key].items() if k != "n")
+            log.info(f"{label:<5} {Path(entry['eval_data']).name}: {shown}")
+    return 0

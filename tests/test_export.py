@@ -1,0 +1,157 @@
+"""kiln export: ONNX directories that onnxruntime runs on its own, equal to PyTorch, and that kiln predict,
+evaluate and serve take as they take a run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.errors import KilnError
+from kiln.export import PARITY_TOLERANCE, export
+
+pytest.importorskip("onnxruntime")
+
+from test_qa import make_examples
+from test_token import sentences, write_conll
+
+TEXTS = ["the film is wonderful .", "every scene is dull .", "the cast is bland ."]
+
+
+def train(tiny_profile, task, data, tmp_path, **flags):
+    return kiln.train(task, data, name=task, profile=str(tiny_profile), output_dir=tmp_path / "runs", max_steps=3,
+                      precision="fp32", **flags)
+
+
+def test_sequence_export_runs_in_onnxruntime_alone_and_in_kiln(tiny_profile, sentiment_dir, tmp_path):
+    import onnxruntime as ort
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = train(tiny_profile, "sequence", sentiment_dir, tmp_path)
+    out = tmp_path / "exports" / "sst"
+    entry = export(run.path, out, eval_data=sentiment_dir / "dev.tsv")
+    assert entry["parity_fp32_max_abs_diff"] <= PARITY_TOLERANCE
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["README.md", "config.json", "kiln.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"])
+    assert json.loads((out / "kiln.json").read_text())["export"]["metrics_fp32"]["accuracy"] == \
+        entry["metrics_fp32"]["accuracy"]
+    assert "## ONNX export" in (out / "README.md").read_text()
+
+    # onnxruntime on its own, with the directory's tokenizer, reproduces transformers on the run's model.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    encoded = tokenizer(TEXTS, return_tensors="np", padding=True)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    (logits,) = session.run(None, {name: encoded[name].astype(np.int64) for name in names})
+    model = AutoModelForSequenceClassification.from_pretrained(run.model_dir).eval()
+    with torch.no_grad():
+        reference = model(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits.numpy()
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4)
+
+    # kiln predicts and evaluates with the export as with the run.
+    on_run, on_export = kiln.load(run.path), kiln.load(out)
+    assert on_export.runtime == "onnx"
+    ours, theirs = on_run.predict(TEXTS), on_export.predict(TEXTS)
+    assert [p["label"] for p in ours] == [p["label"] for p in theirs]
+    np.testing.assert_allclose([p["score"] for p in ours], [p["score"] for p in theirs], rtol=0, atol=1e-4)
+    assert on_export.evaluate(sentiment_dir / "dev.tsv")["accuracy"] == on_run.evaluate(sentiment_dir / "dev.tsv")[
+        "accuracy"]
+
+
+def test_int8_export_states_both_metrics_and_predicts(tiny_profile, sentiment_dir, tmp_path):
+    run = train(tiny_profile, "sequence", sentiment_dir, tmp_path)
+    out = tmp_path / "int8"
+    entry = export(run.path, out, quantize="int8", eval_data=sentiment_dir / "dev.tsv")
+    assert entry["quantize"] == "int8" and {"metrics_fp32", "metrics_int8"} <= set(entry)
+    assert entry["metrics_int8"]["n"] == entry["metrics_fp32"]["n"] == 40
+    import onnx
+
+    fp32 = tmp_path / "fp32"
+    export(run.path, fp32)
+    ops = {name: {node.op_type for node in onnx.load(str(path / "model.onnx")).graph.node}
+           for name, path in (("int8", out), ("fp32", fp32))}
+    assert "MatMulInteger" in ops["int8"] and "MatMulInteger" not in ops["fp32"]  # int8 weights in the matmuls
+    assert len(kiln.load(out).predict(TEXTS)) == len(TEXTS)
+
+
+def test_token_and_qa_exports_predict_as_their_runs(tiny_profile, tmp_path):
+    conll = tmp_path / "conll"
+    conll.mkdir()
+    write_conll(conll / "train.txt", sentences(60, 1))
+    write_conll(conll / "valid.txt", sentences(20, 2))
+    qa = tmp_path / "qa"
+    qa.mkdir()
+    for name, rows in (("train.jsonl", make_examples(60, 1)), ("validation.jsonl", make_examples(20, 2))):
+        (qa / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for task, data, inputs in (("token", conll, ["Alice met Bob in Paris", "Acme went to Berlin today"]),
+                               ("qa", qa, [{"question": "Where does Anna live ?",
+                                            "context": "it was warm . Anna lives in Rome . sunny ."}])):
+        run = train(tiny_profile, task, data, tmp_path)
+        out = tmp_path / f"{task}-onnx"
+        entry = export(run.path, out)
+        assert entry["parity_fp32_max_abs_diff"] <= PARITY_TOLERANCE, task
+        assert "metrics_fp32" in entry  # the run's own validation file
+        ours, theirs = kiln.load(run.path).predict(inputs), kiln.load(out).predict(inputs)
+        if task == "token":
+            assert [[(g["entity_group"], g["start"], g["end"]) for g in s] for s in ours] == \
+                [[(g["entity_group"], g["start"], g["end"]) for g in s] for s in theirs]
+        else:
+            assert [(a["answer"], a["start"], a["end"]) for a in ours] == [(a["answer"], a["start"], a["end"])
+                                                                           for a in theirs]
+
+
+def test_refusals_write_nothing(tiny_profile, sentiment_dir, tmp_path):
+    run = train(tiny_profile, "sequence", sentiment_dir, tmp_path)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep me\n")
+    with pytest.raises(KilnError, match="not an empty directory"):
+        export(run.path, taken)
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"]
+    with pytest.raises(KilnError, match="takes int8"):
+        export(run.path, tmp_path / "x", quantize="int4")
+    assert not (tmp_path / "x").exists()
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "train.txt").write_text("\n".join(f"line {i} of some text here" for i in range(200)) + "\n")
+    clm = kiln.train("clm", text, name="clm", output_dir=tmp_path / "runs", max_steps=1, precision="fp32",
+                     **{"model.config.n_layer": 1, "model.config.n_embd": 16, "model.config.n_head": 2,
+                        "tokenizer.vocab_size": 300, "pretrain.seq_len": 16})
+    with pytest.raises(KilnError, match="writes ONNX for sequence"):
+        export(clm.path, tmp_path / "clm-onnx")
+    assert not (tmp_path / "clm-onnx").exists()
+
+
+def test_cli_export_one_line_errors(tiny_profile, sentiment_dir, tmp_path):
+    run = train(tiny_profile, "sequence", sentiment_dir, tmp_path)
+    kiln_cli = [sys.executable, "-m", "kiln"]
+    done = subprocess.run([*kiln_cli, "export", str(run.path), "-o", str(tmp_path / "e")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and (tmp_path / "e" / "model.onnx").is_file(), done.stderr
+    again = subprocess.run([*kiln_cli, "export", str(run.path), "-o", str(tmp_path / "e")], capture_output=True,
+                           text=True)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    missing = subprocess.run([*kiln_cli, "export", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "not a run" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_kiln_serve_answers_from_an_export(tiny_profile, sentiment_dir, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from kiln.serve.app import create_app
+    from kiln.serve.settings import ServeSettings
+
+    run = train(tiny_profile, "sequence", sentiment_dir, tmp_path)
+    out = tmp_path / "served"
+    export(run.path, out, quantize="int8")
+    predictor = kiln.load(out)
+    with TestClient(create_app(predictor, ServeSettings())) as api:
+        info = api.get("/info").json()
+        assert info["runtime"] == "onnx" and info["num_parameters"] == kiln.load(run.path).num_parameters()
+        answer = api.post("/predict", json={"inputs": TEXTS})
+        assert answer.status_code == 200
+        assert answer.json() == predictor.predict(TEXTS)
