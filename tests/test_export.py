@@ -155,3 +155,11 @@ def test_kiln_serve_answers_from_an_export(tiny_profile, sentiment_dir, tmp_path
         answer = api.post("/predict", json={"inputs": TEXTS})
         assert answer.status_code == 200
         assert answer.json() == predictor.predict(TEXTS)
+
+
+def test_without_onnxruntime_one_line_says_how_to_get_it(monkeypatch):
+    from kiln.export import onnxruntime
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without the extra has
+    with pytest.raises(KilnError, match=r"pip install 'kiln-nlp\[onnx\]'"):
+        onnxruntime()
