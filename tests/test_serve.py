@@ -156,7 +156,8 @@ def test_every_endpoint(predictors):
         assert api.get("/health").json() == {"status": "ok"}
         info = api.get("/info").json()
         assert info == {"task": "sequence", "labels": ["neg", "pos"], "profile": "test-tiny",
-                        "num_parameters": sum(p.numel() for p in predictor.model.parameters()), "parameters": {},
+                        "num_parameters": sum(p.numel() for p in predictor.model.parameters()), "runtime": "torch",
+                        "parameters": {},
                         "precision": "fp32", "device": "cpu", "kiln_version": kiln.__version__, "max_inputs": 7,
                         "examples": predictor.meta.get("examples", [])}
         answer = api.post("/predict", json={"inputs": ["the film is great .", {"text": "a dull mess"}]})
@@ -174,7 +175,8 @@ def test_every_endpoint(predictors):
         schema = api.get("/openapi.json").json()
         body = schema["components"]["schemas"]["PredictRequest"]
         assert body["properties"]["inputs"]["maxItems"] == 7
-        assert set(schema["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "401", "413", "422", "503"}
+        assert set(schema["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "401", "413", "415", "422",
+                                                                          "503"}
         assert "swagger" in api.get("/docs").text.lower()
         page = api.get("/")
         if (Path(kiln.__file__).parent / "serve" / "static" / "index.html").is_file():
@@ -239,6 +241,9 @@ def test_parameters_change_generation_as_predict_generate_does(runs, predictors,
             assert message in answer.json()["error"]
 
 
+JSON = {"content-type": "application/json"}
+
+
 def test_limits_and_errors(predictors):
     predictor = predictors["sequence"]
 
@@ -249,13 +254,21 @@ def test_limits_and_errors(predictors):
         assert message in body["error"]
 
     with client(predictor, max_body_bytes=2000, max_inputs=3) as api:
-        refused(api.post("/predict", content=b'{"inputs": ["a"'), 400, message="not valid JSON")
-        refused(api.post("/predict", content=b""), 400, message="empty body")
-        refused(api.post("/predict", content=b'{"inputs": [NaN]}'), 400, message="NaN is not JSON")
-        refused(api.post("/predict", content=b"\xff\xfe{}"), 400)
-        refused(api.post("/predict", content=b"[" * 5000), 413)
-        refused(api.post("/predict", content=b"[" * 1500), 400, message="nested too deeply")
-        refused(api.post("/predict", content=json.dumps({"inputs": ["x" * 3000]})), 413, message="at most 2000")
+        # JSON only: a cross-origin page can send text/plain or a form without a CORS preflight.
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            refused(api.post("/predict", headers={"content-type": kind}, content=b'{"inputs": ["a"]}'), 415,
+                    message="application/json")
+        refused(api.post("/predict", content=b'{"inputs": ["a"]}'), 415, message="Content-Type: none")
+        assert api.post("/predict", headers={"content-type": "application/json; charset=utf-8"},
+                        content=b'{"inputs": ["a"]}').status_code == 200
+        refused(api.post("/predict", headers=JSON, content=b'{"inputs": ["a"'), 400, message="not valid JSON")
+        refused(api.post("/predict", headers=JSON, content=b""), 400, message="empty body")
+        refused(api.post("/predict", headers=JSON, content=b'{"inputs": [NaN]}'), 400, message="NaN is not JSON")
+        refused(api.post("/predict", headers=JSON, content=b"\xff\xfe{}"), 400)
+        refused(api.post("/predict", headers=JSON, content=b"[" * 5000), 413)
+        refused(api.post("/predict", headers=JSON, content=b"[" * 1500), 400, message="nested too deeply")
+        refused(api.post("/predict", headers=JSON, content=json.dumps({"inputs": ["x" * 3000]})), 413,
+                message="at most 2000")
 
         def chunks():  # no Content-Length: the streamed size is what counts
             yield b'{"inputs": ["'
@@ -263,7 +276,7 @@ def test_limits_and_errors(predictors):
                 yield b"x" * 100
             yield b'"]}'
 
-        refused(api.post("/predict", content=chunks()), 413, message="over 2000 bytes")
+        refused(api.post("/predict", headers=JSON, content=chunks()), 413, message="over 2000 bytes")
         refused(api.post("/predict", json={"inputs": ["a", "b", "c", "d"]}), 422, "inputs", "at most 3 inputs")
         refused(api.post("/predict", json={"inputs": []}), 422, "inputs", "at least one input")
         refused(api.post("/predict", json={"texts": ["a"]}), 422, "texts", "unknown field")
@@ -273,7 +286,8 @@ def test_limits_and_errors(predictors):
         refused(api.post("/predict", json={"inputs": ["a", None]}), 422, "inputs[1]", "got null")
         refused(api.post("/predict", json={"inputs": [{"text": 1}]}), 422, "inputs[0].text", "expected a string")
         refused(api.post("/predict", json={"inputs": [{"txt": "a"}]}), 422, "inputs[0].txt", 'expected "text"')
-        refused(api.post("/predict", content=b'{"inputs": ["\\ud800"]}'), 422, "inputs[0]", "lone surrogate")
+        refused(api.post("/predict", headers=JSON, content=b'{"inputs": ["\\ud800"]}'), 422, "inputs[0]",
+                "lone surrogate")
         refused(api.post("/predict", json={"inputs": ["a"], "parameters": [1]}), 422, "parameters")
         refused(api.post("/predict", json={"inputs": ["a"], "parameters": {"top_k": 2}}), 422, "parameters.top_k",
                 "takes: none")
@@ -660,3 +674,26 @@ def test_fuzz_long(task, predictors):
     # Generation may be asked for 64 beams over the model's whole length: slow, but not a hang.
     fuzz(create_app(predictors[task], ServeSettings(max_inputs=4)), max_examples=150, derandomize=False,
          timeout=600)
+
+
+def test_python_clients_read_the_413_of_an_oversized_body(runs):
+    """A 5 MB body: the server reads it to the end before answering 413, so urllib, requests and httpx
+    get the answer instead of a connection reset or broken pipe."""
+    import urllib.error
+    import urllib.request
+
+    import requests
+
+    body = json.dumps({"inputs": ["x" * (5 * 1024 * 1024)]}).encode()
+    server = Server(runs["sequence"])
+    try:
+        url = f"{server.url}/predict"
+        request = urllib.request.Request(url, data=body, headers=JSON, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 413
+        assert requests.post(url, data=body, headers=JSON, timeout=60).status_code == 413
+        assert httpx.post(url, content=body, headers=JSON, timeout=60).status_code == 413
+        assert httpx.post(url, json={"inputs": ["a fine film ."]}, timeout=60).status_code == 200  # still serving
+    finally:
+        assert server.stop() == 0

@@ -141,6 +141,7 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
     error_model = schemas.error_model()
     errors = {status: {"model": error_model, "description": description} for status, description in (
         (400, "The body is not JSON."), (401, "Missing or wrong API key."), (413, "The body is too large."),
+        (415, "The body is not sent as application/json."),
         (422, "JSON of the wrong shape, an unknown parameter, or an input the task refuses."),
         (503, "The model is still loading, or the server is shutting down."))}
 
@@ -150,7 +151,13 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
         """One prediction per input, in input order, with exactly the shapes of ``kiln predict --json``.
         Concurrent requests with identical parameters share micro-batches."""
         predictor = state.require()
-        payload = schemas.parse_json(await read_body(request, settings.max_body_bytes))
+        body = await read_body(request, settings.max_body_bytes)
+        # JSON only: a page on another origin can POST text/plain or a form without a CORS preflight.
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+            raise RequestError(415, "the body must be sent as application/json "
+                                    f"(this request's Content-Type: {kind or 'none'})")
+        payload = schemas.parse_json(body)
         items, raw_parameters = schemas.check_request(payload, state.info["task"], settings.max_inputs)
         parameters = {}
         for name, value in raw_parameters.items():
@@ -245,21 +252,45 @@ def _describe_predict(schema: dict, task: str, parameters: dict[str, str], max_i
                                      "content": {"application/json": {"schema": answer}}}
 
 
+# An oversized body is read (and thrown away) up to this many bytes before the 413 goes out: a client
+# still sending when the server answers and closes gets a connection reset instead of the answer
+# (Python's urllib, requests and httpx do). Past it, the server answers and closes without reading.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as its declared or streamed size passes ``limit``."""
+    """The request body, refused (413) as soon as its declared or streamed size passes ``limit``; the
+    rest of an oversized body is drained first (up to :data:`DRAIN_LIMIT`) so the client reads the 413."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _drain(request, int(declared))
         raise RequestError(413, f"the body has {int(declared)} bytes; this server takes at most {limit}")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:  # chunked uploads declare no length
+                await _drain(request, None)
                 raise RequestError(413, f"the body is over {limit} bytes, the most this server takes")
             chunks.append(chunk)
     except ClientDisconnect:  # nobody is left to answer; counted as the client's doing, not a crash
         raise RequestError(400, "the client disconnected before sending the whole body") from None
     return b"".join(chunks)
+
+
+async def _drain(request: Request, declared: int | None) -> None:
+    """Read and drop what is left of the body, unless it is declared (or turns out) larger than
+    :data:`DRAIN_LIMIT`."""
+    if declared is not None and declared > DRAIN_LIMIT:
+        return
+    drained = 0
+    try:
+        async for chunk in request.stream():
+            drained += len(chunk)
+            if drained > DRAIN_LIMIT:
+                return
+    except (ClientDisconnect, RuntimeError):  # gone, or the stream was already consumed
+        return
 
 
 def _json_error(status: int, message: str, field: str | None = None, kind: str | None = None,
