@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -275,7 +276,7 @@ class PretrainConfig:
 class GenerateConfig:
     """Decoding for the generation task (transformers ``generate()``); ``--generate key=value`` overrides."""
 
-    max_new_tokens: int = setting(64, "Longest output, in tokens.", minimum=1)
+    max_new_tokens: int = setting(64, "Longest output, in tokens.", minimum=1, maximum=100_000)
     num_beams: int = setting(1, "Beam width (1: greedy or sampling).", minimum=1, maximum=64)
     length_penalty: float = setting(1.0, "Beam search length penalty (the score is divided by length ** this).",
                                     minimum=-10, maximum=10)  # a long output's length ** 100 overflows
@@ -382,6 +383,8 @@ def coerce(key: str, value: Any, where: str = "", ranges: bool = True) -> Any:
         kind = typing.get_origin(kind) or kind
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
+            if not math.isfinite(value):  # nan passes every range check, inf most
+                raise KilnError(f"setting '{key}' must be a finite number, not {value}", where or None)
         elif kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # `-c train.budget=90`: YAML read the text as a number
         elif kind is int and isinstance(value, float) and value.is_integer():

@@ -34,7 +34,7 @@ import kiln
 from kiln.cli import main
 from kiln.errors import KilnError
 from kiln.serve.app import create_app
-from kiln.serve.batcher import MicroBatcher
+from kiln.serve.batcher import Full, MicroBatcher
 from kiln.serve.metrics import Histogram, ServeMetrics
 from kiln.serve.settings import ServeSettings
 
@@ -174,9 +174,11 @@ def test_every_endpoint(predictors):
 
         schema = api.get("/openapi.json").json()
         body = schema["components"]["schemas"]["PredictRequest"]
-        assert body["properties"]["inputs"]["maxItems"] == 7
+        many, *one = body["properties"]["inputs"]["anyOf"]  # a list of inputs, or one on its own
+        assert many["type"] == "array" and many["maxItems"] == 7 and many["minItems"] == 1
+        assert one == many["items"]["anyOf"]  # a lone input has an input's shape
         assert set(schema["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "401", "413", "415", "422",
-                                                                          "503"}
+                                                                          "429", "503"}
         assert "swagger" in api.get("/docs").text.lower()
         page = api.get("/")
         if (Path(kiln.__file__).parent / "serve" / "static" / "index.html").is_file():
@@ -697,3 +699,45 @@ def test_python_clients_read_the_413_of_an_oversized_body(runs):
         assert httpx.post(url, json={"inputs": ["a fine film ."]}, timeout=60).status_code == 200  # still serving
     finally:
         assert server.stop() == 0
+
+
+def test_one_request_cannot_take_the_server(predictors):
+    """Per-call work is bounded by the server's limits, floats must be finite, and a request that runs past
+    --timeout is answered 503 with Retry-After while the server goes on."""
+    generator = predictors["generation"]
+    with client(generator, max_new_tokens=16, max_beams=2) as api:
+        for parameters, field, message in (({"max_new_tokens": 10**30}, "parameters.max_new_tokens", "at most"),
+                                           ({"max_new_tokens": 17}, "parameters.max_new_tokens", "--max-new-tokens"),
+                                           ({"num_beams": 3}, "parameters.num_beams", "--max-beams")):
+            answer = api.post("/predict", json={"inputs": ["a b c"], "parameters": parameters})
+            assert answer.status_code == 422 and answer.json()["field"] == field, answer.text
+            assert message in answer.json()["error"]
+        # 1e400 is valid JSON that Python reads as infinity.
+        answer = api.post("/predict", content=b'{"inputs": ["a b c"], "parameters": {"temperature": 1e400}}',
+                          headers={"content-type": "application/json"})
+        assert answer.status_code == 422 and "finite" in answer.json()["error"], answer.text
+        assert api.post("/predict", json={"inputs": ["a b c"], "parameters": {"max_new_tokens": 16,
+                                                                              "num_beams": 2}}).status_code == 200
+    with client(predictors["sequence"], timeout_s=1e-6) as api:
+        answer = api.post("/predict", json={"inputs": TEXTS})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1" and "--timeout" in answer.text
+        assert api.get("/health").json() == {"status": "ok"}
+
+
+def test_a_full_queue_is_refused():
+    async def scenario() -> None:
+        release = threading.Event()
+        batcher = MicroBatcher(lambda examples, parameters: release.wait(10) and examples, max_batch_tokens=8,
+                               max_wait=0, max_queue=2)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(["a"], {}, "", 1))  # taken by the worker
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(batcher.submit([x], {}, "", 1)) for x in "bc"]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Full):
+            await batcher.submit(["d"], {}, "", 1)
+        release.set()
+        assert await running == ["a"] and [await w for w in waiting] == [["b"], ["c"]]
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kiln import __version__
 from kiln.errors import KilnError
 from kiln.serve import schemas
-from kiln.serve.batcher import Closed, MicroBatcher
+from kiln.serve.batcher import Closed, Full, MicroBatcher
 from kiln.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kiln.serve.schemas import RequestError, error_body
 from kiln.serve.settings import ServeSettings
@@ -75,7 +75,8 @@ class ServeState:
         # kiln serve loads the predictor with the same budget: one gathered batch, one forward pass.
         budget = self.settings.max_batch_tokens or predictor.batch_tokens
         batcher = MicroBatcher(predictor.predict_examples, max_batch_tokens=budget,
-                               max_wait=self.settings.max_wait_ms / 1000, on_batch=self.metrics.record_batch)
+                               max_wait=self.settings.max_wait_ms / 1000, on_batch=self.metrics.record_batch,
+                               max_queue=self.settings.max_queue)
         batcher.start()
         self.info = {
             "task": predictor.meta["task"],
@@ -141,7 +142,7 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
     error_model = schemas.error_model()
     errors = {status: {"model": error_model, "description": description} for status, description in (
         (400, "The body is not JSON."), (401, "Missing or wrong API key."), (413, "The body is too large."),
-        (415, "The body is not sent as application/json."),
+        (415, "The body is not sent as application/json."), (429, "Too many requests wait; retry later."),
         (422, "JSON of the wrong shape, an unknown parameter, or an input the task refuses."),
         (503, "The model is still loading, or the server is shutting down."))}
 
@@ -165,6 +166,10 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
                 parameters.update(predictor.check_parameters({name: value}))
             except KilnError as err:
                 raise RequestError(422, err.message, f"parameters.{name}") from None
+        for name, most, flag in (("max_new_tokens", settings.max_new_tokens, "--max-new-tokens"),
+                                 ("num_beams", settings.max_beams, "--max-beams")):
+            if parameters.get(name, 0) > most:  # the server's own bound on one request's work
+                raise RequestError(422, f"{name} may be at most {most} on this server ({flag})", f"parameters.{name}")
         examples = []
         for index, item in enumerate(items):
             try:
@@ -176,9 +181,15 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
         key = json.dumps(parameters, sort_keys=True)
         state.metrics.in_flight += 1
         try:
-            results = await state.batcher.submit(examples, parameters, key, tokens)
+            results = await asyncio.wait_for(state.batcher.submit(examples, parameters, key, tokens),
+                                             settings.timeout_s)
         except Closed:
             raise RequestError(503, "the server is shutting down") from None
+        except Full as err:
+            raise RequestError(429, f"too many requests: {err}; retry soon") from None
+        except TimeoutError:
+            raise RequestError(503, f"the request took longer than {settings.timeout_s:g} s (--timeout); "
+                               "retry, or send fewer inputs") from None
         except KilnError as err:  # an input the task refuses once encoded (too long a question, say)
             field = f"inputs[{err.line - 1}]" if err.line and 0 < err.line <= len(items) else None
             raise RequestError(422, err.message, field) from None
@@ -302,7 +313,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestError)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else \
-            {"Retry-After": "1"} if exc.status == 503 else None
+            {"Retry-After": "1"} if exc.status in (429, 503) else None
         return _json_error(exc.status, exc.message, exc.field, exc.kind, headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:

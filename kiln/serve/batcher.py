@@ -25,6 +25,10 @@ class Closed(Exception):
     """The batcher is shutting down and takes no new requests."""
 
 
+class Full(Exception):
+    """As many requests wait as the batcher holds (``max_queue``)."""
+
+
 @dataclass
 class Job:
     """One request's parsed inputs waiting for a batch."""
@@ -42,8 +46,10 @@ class MicroBatcher:
     result per example, in order) on a single worker thread."""
 
     def __init__(self, predict: Callable[[list[Any], dict[str, Any]], list[Any]], *, max_batch_tokens: int,
-                 max_wait: float, on_batch: Callable[[int, int, float, list[float]], None] | None = None):
+                 max_wait: float, on_batch: Callable[[int, int, float, list[float]], None] | None = None,
+                 max_queue: int = 0):
         self.predict = predict
+        self.max_queue = max_queue  # 0: unbounded
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait  # seconds; 0: every request runs alone
         self.on_batch = on_batch
@@ -62,6 +68,8 @@ class MicroBatcher:
         """Predict ``examples`` in the next batch their parameters allow; raises what prediction raised."""
         if self._closing:
             raise Closed("the server is shutting down")
+        if self.max_queue and sum(not job.future.done() for job in self.pending) >= self.max_queue:
+            raise Full(f"{self.max_queue} requests are already waiting")
         job = Job(examples, parameters, key, tokens, asyncio.get_running_loop().create_future())
         self.pending.append(job)
         self._wake.set()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from kiln.config import iter_settings, setting_type
 
@@ -203,8 +203,9 @@ def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> typ
     hint = STRING_MEANS.get(task, "the text")
     return pydantic.create_model(
         "PredictRequest", __config__=pydantic.ConfigDict(extra="forbid"),
-        inputs=(list[item], pydantic.Field(..., min_length=1, max_length=max_inputs, description=(
-            f"Up to {max_inputs} inputs; a string is {hint}. One input on its own is taken as a list of one."))),
+        inputs=(Annotated[list[item], pydantic.Field(min_length=1, max_length=max_inputs)] | item,
+                pydantic.Field(..., description=f"Up to {max_inputs} inputs; a string is {hint}. One input on "
+                                                "its own is taken as a list of one.")),
         parameters=(params_model | None, pydantic.Field(None, description="Per-call settings, by HF pipeline name; "
                                                                          "GET /info lists them with their defaults.")),
     )

@@ -69,8 +69,11 @@ def serve(load: Callable[[], Any], settings: ServeSettings, *, name: str, verbos
                  f"API docs {url}/docs, demo {url}/ (loaded in {state.loaded_in:.1f}s; Ctrl-C to stop)")
 
     app = create_app(load, settings, on_ready=on_ready)
+    # A connection cap (uvicorn answers 503 past it) and a short keep-alive: idle or slow clients
+    # cannot hold every socket.
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=bool(verbose),
-                            timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on")
+                            timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
+                            limit_concurrency=settings.max_connections, timeout_keep_alive=5)
     server = uvicorn.Server(config)
     # uvicorn raises SIGTERM again after its graceful shutdown, for the default action (exit 143);
     # a drained server has done what SIGTERM asks, so kiln exits 0 instead.

@@ -30,6 +30,17 @@ class ServeSettings:
                               minimum=1)
     api_key: str = setting("", "Require 'Authorization: Bearer KEY' on /predict, /info and /metrics (empty: "
                                "$KILN_API_KEY, else open).", flag="--api-key")
+    max_new_tokens: int = setting(256, "Generation: the most new tokens a request may ask for (422 above).",
+                                  flag="--max-new-tokens", minimum=1)
+    max_beams: int = setting(4, "Generation: the most beams a request may ask for (422 above).", flag="--max-beams",
+                             minimum=1)
+    max_queue: int = setting(256, "Most requests waiting for the model; one more is refused with 429 and "
+                                  "Retry-After.", flag="--max-queue", minimum=1)
+    timeout_s: float = setting(60.0, "A request that waits and runs longer than this is answered 503 with "
+                                     "Retry-After (its batch still completes for the others).", flag="--timeout",
+                               above=0)
+    max_connections: int = setting(512, "Open connections at most; more are answered 503 at once, so slow "
+                                        "clients cannot take every socket.", flag="--max-connections", minimum=1)
 
     def check(self) -> None:
         """Raise a KilnError naming the first value outside its declared type or range."""
