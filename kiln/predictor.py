@@ -83,6 +83,13 @@ class Predictor:
             return int(self.meta["export"].get("num_parameters", 0))
         return count_parameters(self.model)
 
+    def weights_precision(self) -> str:
+        """What the model computes in, as shown to people: the inference precision, or an export's
+        ``int8`` weights."""
+        if self.runtime == "onnx" and self.meta["export"].get("quantize"):
+            return str(self.meta["export"]["quantize"])
+        return self.precision
+
     def with_module(self, module: Any) -> Predictor:
         """This predictor running ``module`` for the forward (another runtime of the same model, such
         as its ONNX graph), sharing everything else."""

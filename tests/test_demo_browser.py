@@ -256,3 +256,26 @@ def test_qa_demo_highlights_the_answer_in_the_context(tmp_path, browser, record_
             assert mark.text == expected["answer"] == context[expected["start"]:expected["end"]]
         screenshot(browser, tmp_path / "demo-qa.png", record_property)
         assert_same_origin(requested_urls(browser), url)
+
+
+def test_demo_page_serves_an_int8_export(tmp_path, browser, record_property):
+    """kiln serve on a `kiln export --quantize int8` directory: the same page, answering what
+    `kiln predict EXPORT --json` prints."""
+    pytest.importorskip("onnxruntime")
+    from selenium.webdriver.common.by import By
+
+    from kiln.export import export
+
+    exported = tmp_path / "exports" / "seq"
+    export(train_sequence(tmp_path), exported, quantize="int8")
+    text = "the ending is superb ."
+    expected = cli_prediction(exported, text)
+    with served(exported, tmp_path / "serve.log") as url:
+        open_page(browser, url)
+        assert browser.find_element(By.ID, "info").get_attribute("data-task") == "sequence"
+        type_into(browser, "input-text", text)
+        shown = run_input(browser)
+        assert shown["label"] == expected["label"] and shown["score"] == pytest.approx(expected["score"], abs=1e-6)
+        assert browser.find_element(By.ID, "error").text == ""
+        screenshot(browser, tmp_path / "demo-export.png", record_property)
+        assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

@@ -152,6 +152,7 @@ def test_kiln_serve_answers_from_an_export(tiny_profile, sentiment_dir, tmp_path
     with TestClient(create_app(predictor, ServeSettings())) as api:
         info = api.get("/info").json()
         assert info["runtime"] == "onnx" and info["num_parameters"] == kiln.load(run.path).num_parameters()
+        assert info["precision"] == "int8"
         answer = api.post("/predict", json={"inputs": TEXTS})
         assert answer.status_code == 200
         assert answer.json() == predictor.predict(TEXTS)

@@ -85,7 +85,7 @@ class ServeState:
             "num_parameters": predictor.num_parameters(),
             "runtime": predictor.runtime,
             "parameters": predictor.parameters(),
-            "precision": predictor.precision,
+            "precision": predictor.weights_precision(),
             "device": str(predictor.device),
             "kiln_version": __version__,
             "max_inputs": self.settings.max_inputs,
