@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 # Tasks exported as one encoder graph, and the model outputs each one's decoding reads.
 GRAPH_OUTPUTS = {"sequence": ("logits",), "sentence-pair": ("logits",), "token": ("logits",),
-                 "qa": ("start_logits", "end_logits")}
+                 "qa": ("start_logits", "end_logits"), "mlm": ("logits",)}
 PARITY_TOLERANCE = 1e-4  # fp32 ONNX against PyTorch, largest |difference| of any output
 COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
           "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "README.md")
@@ -64,10 +64,15 @@ class OnnxModule:
 
         import torch
 
-        feed = {name: inputs[name].cpu().numpy() for name in self.input_names}
-        values = self.session.run(self.output_names, feed)
-        return types.SimpleNamespace(**{name: torch.from_numpy(v) for name, v in zip(self.output_names, values,
-                                                                                      strict=True)})
+        ids = inputs["input_ids"]
+        defaults = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}  # packed blocks have neither
+        feed = {name: (inputs[name] if name in inputs else defaults[name](ids)).cpu().numpy()
+                for name in self.input_names}
+        values = [torch.from_numpy(v) for v in self.session.run(self.output_names, feed)]
+        positions = inputs.get("masked_positions")
+        if positions is not None:  # fill-mask: kiln's head reads the masks only, the graph gives every position
+            values = [v.flatten(0, 1).index_select(0, positions.cpu()) for v in values]
+        return types.SimpleNamespace(**dict(zip(self.output_names, values, strict=True)))
 
     def eval(self) -> OnnxModule:
         return self
@@ -126,7 +131,8 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     model = getattr(transformers, task.auto_model).from_pretrained(predictor.path, local_files_only=True).eval()
     features = _sample_features(predictor, eval_data)
     batch = task.collate(features[:8], predictor.tokenizer.pad_token_id or 0)
-    given = task.model_inputs(batch)
+    given = {**task.model_inputs(batch)}
+    given.setdefault("attention_mask", torch.ones_like(given["input_ids"]))  # padded batches at predict time
     inputs = [name for name in INPUT_ORDER if name in given]
     example = {name: given[name] for name in inputs}
     outputs = GRAPH_OUTPUTS[task.name]
@@ -204,11 +210,12 @@ def _sample_features(predictor: Any, eval_data: str | Path | None) -> list[dict]
     """A few encoded validation examples (or the model's stored examples) to trace and check with."""
     from kiln.tasks.base import Dataset
 
-    evaluation = _evaluation_set(predictor, eval_data)
+    examples = predictor.meta.get("examples")
+    evaluation = None if examples else _evaluation_set(predictor, eval_data)
     if evaluation is not None:
         dataset = evaluation[1]
-    else:
-        examples = predictor.meta.get("examples") or ["a short example sentence ."]
+    else:  # inputs as predict takes them (for mlm: sentences with a mask, not corpus blocks)
+        examples = examples or ["a short example sentence ."]
         dataset = Dataset("<examples>", [predictor.task.parse_input(x, i + 1) for i, x in enumerate(examples)])
     dataset = Dataset(dataset.path, dataset.examples[:16])
     return predictor.task.encode(dataset, predictor.tokenizer, predictor.max_length)

@@ -164,3 +164,24 @@ def test_without_onnxruntime_one_line_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without the extra has
     with pytest.raises(KilnError, match=r"pip install 'kiln-nlp\[onnx\]'"):
         onnxruntime()
+
+
+def test_mlm_export_fills_masks_as_its_run(tiny_profile, tmp_path):
+    """Fill-mask: the graph gives logits at every position (as transformers' model does); kiln reads the
+    masks, as its sparse head does, so the candidates equal the run's."""
+    text = tmp_path / "text"
+    text.mkdir()
+    lines = [f"the {w} sat on the {v} ." for w in ("cat", "dog", "bird", "fox") for v in ("mat", "rug", "sofa")]
+    (text / "train.txt").write_text("\n".join(lines * 20) + "\n")
+    (text / "valid.txt").write_text("\n".join(lines) + "\n")
+    run = kiln.train("mlm", text, name="mlm", profile=str(tiny_profile), output_dir=tmp_path / "runs", max_steps=3,
+                     precision="fp32", **{"pretrain.seq_len": 16})
+    out = tmp_path / "mlm-onnx"
+    entry = export(run.path, out)
+    assert entry["parity_fp32_max_abs_diff"] <= PARITY_TOLERANCE and "attention_mask" in entry["inputs"]
+    inputs = ["the [MASK] sat on the mat .", "the dog sat [MASK] the [MASK] ."]  # padded together, 3 masks
+    ours, theirs = kiln.load(run.path).predict(inputs), kiln.load(out).predict(inputs)
+    assert isinstance(ours[0][0], dict) and isinstance(ours[1][0], list)  # one mask: candidates; two: a list each
+    for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]], strict=True):
+        assert [c["token"] for c in a] == [c["token"] for c in b]
+        np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=0, atol=1e-4)
