@@ -15,11 +15,11 @@ an H100)::
 3. One evaluator scores both saved models on ``valid.txt`` (1,024-token blocks, mean token
    cross-entropy, perplexity = exp of it).
 
-Printed: wall and training seconds, tokens/s, MFU (model FLOPs per token, 6 x non-embedding
-parameters plus attention, 12 x layers x width x 1,024, against the bf16 matmul peak measured on
-the same GPU) and validation perplexity for each, and the historic ``run_clm`` times (66m40s on 1
-GPU, 40m19s on 2, 32m44s on 4, 29m19s on 8). Goal: kiln ≤ 60 s on one H100 at ≥ 50 % MFU, with the
-perplexity of HF's run.
+Printed: wall and training seconds, tokens/s, MFU (model FLOPs per token as ``kiln.estimate``
+counts them, 6 x non-embedding parameters plus attention, plus the tied output projection, against
+the bf16 matmul peak measured on the same GPU) and validation perplexity for each, and the historic
+``run_clm`` times (66m40s on 1 GPU, 40m19s on 2, 32m44s on 4, 29m19s on 8). Goal: kiln ≤ 60 s on
+one H100 at ≥ 50 % MFU, with the perplexity of HF's run.
 
 On a CPU, ``--smoke`` runs the same pipeline end to end with a 2-layer, 64-wide GPT-2, 128-token
 blocks and 5 steps per contender.
@@ -150,12 +150,18 @@ def run_peak(spec: dict) -> dict:
 
 
 def flops_per_token(config: dict, seq: int) -> float:
-    """6 x non-embedding parameters + 12 x layers x width x seq (attention scores and mixing)."""
-    layers, width = config["n_layer"], config["n_embd"]
-    inner = config.get("n_inner") or 4 * width
-    per_layer = 4 * width * width + 2 * width * inner  # attention projections + MLP (biases and norms aside)
-    lm_head = width * config["vocab_size"]  # the tied output projection is computed at every position
-    return 6 * (layers * per_layer + lm_head) + 12 * layers * width * seq
+    """Training FLOPs per token: kiln's PaLM accounting of the transformer (``kiln.estimate``) plus the
+    tied output projection, which runs at every position."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from kiln.estimate import parameter_counts, shape_of, training_flops_per_token
+
+    architecture = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        body = AutoModel.from_config(architecture)
+    head = 6 * architecture.n_embd * architecture.vocab_size
+    return training_flops_per_token(parameter_counts(body)["non_embedding"], shape_of(architecture), seq) + head
 
 
 WORKERS = {"kiln": run_kiln, "hf": run_hf, "eval": run_eval, "peak": run_peak}

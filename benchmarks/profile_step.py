@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kiln import Callback
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kiln import Callback  # noqa: E402  (from the checkout, after the path above)
+
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 DEFAULT_DATA = {"mlm": WIKITEXT, "clm": WIKITEXT, "span": WIKITEXT, "sequence": ROOT / "examples" / "sentiment"}
 

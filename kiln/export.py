@@ -24,8 +24,6 @@ ONNX_FILE = "model.onnx"
 GRAPH_OUTPUTS = {"sequence": ("logits",), "sentence-pair": ("logits",), "token": ("logits",),
                  "qa": ("start_logits", "end_logits"), "mlm": ("logits",)}
 PARITY_TOLERANCE = 1e-4  # fp32 ONNX against PyTorch, largest |difference| of any output
-COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-          "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "README.md")
 
 
 def onnxruntime() -> Any:
@@ -46,13 +44,10 @@ class OnnxModule:
     """An onnxruntime session called like the PyTorch model: keyword tensors in, an object with the
     graph's named outputs (torch tensors) out. Lets kiln's batching, decoding and metrics run on it."""
 
-    def __init__(self, path: Path, threads: int = 0):
+    def __init__(self, path: Path):
         ort = onnxruntime()
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # a damaged or foreign file: onnxruntime's own message, in one line
             raise KilnError(f"onnxruntime cannot load it: {str(error).splitlines()[0][:200]}", path) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -128,8 +123,11 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
         raise KilnError(f"--quantize takes int8, not '{quantize}'")
     import transformers
 
+    # The plain transformers model, not the predictor's (kiln patches a sequence model's last layer to
+    # compute position 0 only): the graph is what transformers computes.
     model = getattr(transformers, task.auto_model).from_pretrained(predictor.path, local_files_only=True).eval()
-    features = _sample_features(predictor, eval_data)
+    evaluation = _evaluation_set(predictor, eval_data)
+    features = _sample_features(predictor, evaluation)
     batch = task.collate(features[:8], predictor.tokenizer.pad_token_id or 0)
     given = {**task.model_inputs(batch)}
     given.setdefault("attention_mask", torch.ones_like(given["input_ids"]))  # padded batches at predict time
@@ -140,9 +138,10 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     tmp, commit = atomic_dir(out)
     try:
         graph_path = tmp / ONNX_FILE
-        _export_graph(_graph(model, outputs), example, outputs, graph_path)
+        graph = _graph(model, outputs)
+        _export_graph(graph, example, outputs, graph_path)
         with torch.inference_mode():
-            reference = _graph(model, outputs)(**example)
+            reference = graph(**example)
         got = OnnxModule(graph_path)(**example)
         difference = max(float((getattr(got, name) - ref).abs().max()) for name, ref in zip(outputs, reference,
                                                                                           strict=True))
@@ -154,7 +153,6 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
         entry: dict[str, Any] = {"format": "onnx", "quantize": quantize, "inputs": inputs, "outputs": list(outputs),
                                  "num_parameters": count_parameters(model),
                                  "parity_fp32_max_abs_diff": difference, "onnxruntime": ort.__version__}
-        evaluation = _evaluation_set(predictor, eval_data)
         if evaluation is not None:
             entry["eval_data"] = str(evaluation[0])
             entry["metrics_fp32"] = _metrics(predictor, graph_path, evaluation[1])
@@ -172,13 +170,18 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
             fp32.unlink()
             if evaluation is not None:
                 entry["metrics_int8"] = _metrics(predictor, graph_path, evaluation[1])
-        for name in COPIED:
-            if (predictor.path / name).is_file():
-                shutil.copy2(predictor.path / name, tmp / name)
+        for source in predictor.path.iterdir():  # all but the PyTorch weights, which the graph holds
+            if source.is_file() and source.name != KILN_FILE and ".safetensors" not in source.name:
+                shutil.copy2(source, tmp / source.name)
         meta = dict(predictor.meta)
         meta["export"] = entry
         (tmp / KILN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _card(tmp, entry)
+        if out.exists():  # the empty directory it was checked to be: rmdir fails if anything arrived since
+            try:
+                out.rmdir()
+            except OSError:
+                raise KilnError("is no longer empty; kiln export replaces nothing", out) from None
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,13 +209,12 @@ def _export_graph(graph: Any, example: dict, outputs: tuple[str, ...], path: Pat
     program.save(str(path))
 
 
-def _sample_features(predictor: Any, eval_data: str | Path | None) -> list[dict]:
-    """A few encoded validation examples (or the model's stored examples) to trace and check with."""
+def _sample_features(predictor: Any, evaluation: tuple[Path, Any] | None) -> list[dict]:
+    """A few encoded inputs to trace and check with: the model's stored examples, else validation ones."""
     from kiln.tasks.base import Dataset
 
     examples = predictor.meta.get("examples")
-    evaluation = None if examples else _evaluation_set(predictor, eval_data)
-    if evaluation is not None:
+    if evaluation is not None and not examples:
         dataset = evaluation[1]
     else:  # inputs as predict takes them (for mlm: sentences with a mask, not corpus blocks)
         examples = examples or ["a short example sentence ."]
@@ -224,19 +226,17 @@ def _sample_features(predictor: Any, eval_data: str | Path | None) -> list[dict]
 def _evaluation_set(predictor: Any, eval_data: str | Path | None) -> tuple[Path, Any] | None:
     """The labelled validation data to state the export's metrics on: ``eval_data``, else the run's own
     validation file when it has one."""
+    from kiln.run import RUN_FILE
+    from kiln.training.checkpoint import read_json
+
     path = Path(eval_data) if eval_data else None
-    if path is None:
-        run_file = predictor.path.parent / "run.json"
-        if not run_file.is_file():
-            return None
-        data = json.loads(run_file.read_text()).get("data")
-        try:
-            path = predictor.task.find_splits(data).get("validation") if data else None
+    run_file = predictor.path.parent / RUN_FILE
+    if path is None and run_file.is_file():
+        try:  # the run's data may have moved since: then there is nothing to state metrics on
+            path = predictor.task.find_splits(read_json(run_file, required=("data",))["data"]).get("validation")
         except KilnError:
             return None
-        if path is None:
-            return None
-    return path, predictor.read(path, labelled=True)
+    return None if path is None else (path, predictor.read(path, labelled=True))
 
 
 def _metrics(predictor: Any, graph: Path, dataset: Any) -> dict:
@@ -246,16 +246,23 @@ def _metrics(predictor: Any, graph: Path, dataset: Any) -> dict:
     return {k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def metric_lines(entry: dict) -> list[str]:
+    """``fp32 dev.tsv: accuracy 0.8888, ...`` for each graph whose validation metrics ``entry`` holds."""
+    lines = []
+    for key, label in (("metrics_fp32", "fp32"), ("metrics_int8", "int8")):
+        if key in entry:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in entry[key].items() if k != "n")
+            lines.append(f"{label:<5} {Path(entry['eval_data']).name}: {shown}")
+    return lines
+
+
 def _card(directory: Path, entry: dict) -> None:
     """Add the export's facts to the model card."""
     card = directory / "README.md"
     lines = ["", "## ONNX export", "",
              f"`model.onnx`{' (int8 weights, dynamic quantization)' if entry['quantize'] else ''}, made by "
              "`kiln export`; onnxruntime runs it on its own, `kiln predict` on this directory too.",
-             f"fp32 graph against PyTorch: largest difference {entry['parity_fp32_max_abs_diff']:.1e}."]
-    for key, label in (("metrics_fp32", "fp32"), ("metrics_int8", "int8")):
-        if key in entry:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in entry[key].items() if k not in ("n", "loss"))
-            lines.append(f"- {label} on {Path(entry['eval_data']).name}: {shown}")
+             f"fp32 graph against PyTorch: largest difference {entry['parity_fp32_max_abs_diff']:.1e}.", "",
+             *(f"- {line}" for line in metric_lines(entry))]
     text = card.read_text(encoding="utf-8") if card.is_file() else "# kiln model\n"
     card.write_text(text.rstrip("\n") + "\n" + "\n".join(lines) + "\n", encoding="utf-8")

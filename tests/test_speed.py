@@ -57,7 +57,7 @@ def test_a_model_that_fails_to_compile_trains_eagerly(tiny_profile, sentiment_di
     class FailsToCompile(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
-            self.inner = inner
+            self._orig_mod = inner  # as torch.compile's wrapper holds what it compiled
 
         def forward(self, **inputs):
             raise Unsupported("graph break in an unsupported op")

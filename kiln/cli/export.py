@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     """Export, then say what was written and how well it scores."""
     import logging
 
-    from kiln.export import export
+    from kiln.export import export, metric_lines
     from kiln.outputs import check_output
     from kiln.run import model_dir_of
 
@@ -42,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
     kind = "int8 (dynamic quantization)" if entry["quantize"] else "fp32"
     log.info(f"exported {out}/model.onnx ({kind}); fp32 graph within {entry['parity_fp32_max_abs_diff']:.1e} "
              "of PyTorch")
-    for key, label in (("metrics_fp32", "fp32"), ("metrics_int8", "int8")):
-        if key in entry:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in entry[key].items() if k != "n")
-            log.info(f"{label:<5} {Path(entry['eval_data']).name}: {shown}")
+    for line in metric_lines(entry):
+        log.info(line)
     return 0

@@ -71,7 +71,6 @@ class ServeState:
             self.on_ready(self)
 
     def _start(self, predictor: Any) -> None:
-
         # kiln serve loads the predictor with the same budget: one gathered batch, one forward pass.
         budget = self.settings.max_batch_tokens or predictor.batch_tokens
         batcher = MicroBatcher(predictor.predict_examples, max_batch_tokens=budget,

@@ -89,11 +89,10 @@ class SummaryCallback(Callback):
             f"  batch     {batch} x {train.grad_accum * trainer.world_size} (accumulation x ranks) per step, "
             f"{steps}, lr {trainer.config.optim.lr:g} ({trainer.config.schedule.name})",
         ]
-        speed = ["torch.compile (inductor)"
-                 if trainer.compile_watch else "", "eager attention (faster for short inputs on a CPU)"
-                 if getattr(trainer, "attention", None) == "eager" else ""]
-        if any(speed):
-            lines.append("  speed     " + "; ".join(s for s in speed if s))
+        speed = [*(["torch.compile (inductor)"] if trainer.compile_watch else []),
+                 *(["eager attention (faster for short inputs on a CPU)"] if trainer.attention == "eager" else [])]
+        if speed:
+            lines.append("  speed     " + "; ".join(speed))
         if trainer.world_size > 1:
             lines.append(f"  ranks     {trainer.world_size} processes, {trainer.strategy.name}"
                          + (f" ({train.fsdp})" if trainer.strategy.name == "fsdp" else ""))
@@ -106,7 +105,7 @@ class SummaryCallback(Callback):
         self.eta_at = None if trainer.state.step or trainer.budget or short else 10
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if trainer.is_main and getattr(trainer, "compile_watch", None) is not None:
+        if trainer.is_main and trainer.compile_watch is not None:
             log.info(f"  compile   {trainer.compile_watch.summary()}")
 
     def on_step_end(self, trainer: Trainer, logs: dict | None) -> None:

@@ -42,10 +42,15 @@ def unavailable(device: Any) -> str | None:
         from torch.utils._triton import has_triton
 
         return None if has_triton() else "triton is not installed"
-    compiler = os.environ.get("CXX") or "g++"
-    if shutil.which(compiler) is None and (os.environ.get("CXX") or shutil.which("c++") is None):
+    compiler = cxx()
+    if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) for inductor's CPU kernels"
     return None
+
+
+def cxx() -> str:
+    """The C++ compiler inductor is to use: ``$CXX``, else g++, else c++ (g++ when neither is found)."""
+    return os.environ.get("CXX") or ("g++" if shutil.which("g++") or not shutil.which("c++") else "c++")
 
 
 def wanted(setting: str, device: Any, long_run: bool) -> bool:
@@ -79,7 +84,7 @@ def compile_module(module: Any, device: Any) -> Any | None:
     import torch._inductor.config
 
     # Inductor reads CXX once, at its import; kiln checked the compiler the environment names now.
-    torch._inductor.config.cpp.cxx = (None, os.environ.get("CXX") or "g++")
+    torch._inductor.config.cpp.cxx = (None, cxx())
     # Many buckets of a long tail of lengths must not end in dynamo's 'recompile limit' eager fallback.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(module, dynamic=None)

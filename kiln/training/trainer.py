@@ -219,7 +219,6 @@ class Trainer:
         """``train.compile``: the module the loop calls, compiled by inductor where that is wanted and
         can work (else eager, said once); :attr:`compile_watch` counts and times its shapes."""
         self.compile_watch: compiling.CompileWatch | None = None
-        self._eager_module = self.module
         long_run = (self.budget >= compiling.AUTO_MIN_SECONDS if self.budget
                     else self.total_steps >= compiling.AUTO_MIN_STEPS)
         if not compiling.wanted(self.config.train.compile, self.device, long_run):
@@ -463,7 +462,7 @@ class Trainer:
                     raise
                 compiling.fall_back(error)  # an architecture inductor cannot compile: the step again, eagerly
                 self.optimizer.zero_grad(set_to_none=True)
-                self.module, self.compile_watch = self._eager_module, None
+                self.module, self.compile_watch = self.module._orig_mod, None  # what torch.compile wrapped
                 continue
 
     def _count(self, step: Step, started: float) -> None:
