@@ -741,3 +741,22 @@ def test_a_full_queue_is_refused():
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_the_nesting_bound_does_not_depend_on_the_recursion_limit():
+    """torch.compile's import raises Python's recursion limit; the JSON nesting bound stays kiln's."""
+    from kiln.serve.schemas import MAX_DEPTH, RequestError, parse_json
+
+    def nested(depth: int) -> bytes:
+        return b'{"inputs": ' + b"[" * (depth - 1) + b'"a"' + b"]" * (depth - 1) + b"}"
+
+    limit = sys.getrecursionlimit()
+    try:
+        for recursion_limit in (limit, 100_000):
+            sys.setrecursionlimit(recursion_limit)
+            assert parse_json(nested(MAX_DEPTH))["inputs"]
+            with pytest.raises(RequestError, match="nested too deeply"):
+                parse_json(nested(MAX_DEPTH + 1))
+    finally:
+        sys.setrecursionlimit(limit)
+    assert parse_json(b'{"inputs": ["[[[[ \\" {{{{"]}') == {"inputs": ['[[[[ " {{{{']}  # brackets in strings
