@@ -103,12 +103,13 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     """Export the model of ``run`` to ``out`` as ONNX (``quantize="int8"``: dynamic int8 weights).
 
     Refuses a task it cannot export and an ``out`` that exists and is not empty; writes to a
-    temporary sibling and renames it into place. Returns the ``export`` entry of ``kiln.json``.
+    temporary sibling and renames it into place (:func:`kiln.training.checkpoint.new_dir`). Returns the
+    ``export`` entry of ``kiln.json``.
     """
     import torch
 
     from kiln.predictor import Predictor
-    from kiln.training.checkpoint import KILN_FILE, atomic_dir
+    from kiln.training.checkpoint import KILN_FILE, new_dir
 
     ort = onnxruntime()
     out = Path(out)
@@ -134,8 +135,7 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     inputs = [name for name in INPUT_ORDER if name in given]
     example = {name: given[name] for name in inputs}
     outputs = GRAPH_OUTPUTS[task.name]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, commit = atomic_dir(out)
+    tmp, commit = new_dir(out)
     try:
         graph_path = tmp / ONNX_FILE
         graph = _graph(model, outputs)
@@ -177,11 +177,6 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
         meta["export"] = entry
         (tmp / KILN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _card(tmp, entry)
-        if out.exists():  # the empty directory it was checked to be: rmdir fails if anything arrived since
-            try:
-                out.rmdir()
-            except OSError:
-                raise KilnError("is no longer empty; kiln export replaces nothing", out) from None
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

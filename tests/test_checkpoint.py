@@ -331,3 +331,28 @@ def test_the_legacy_last_layout_is_still_found(checkpoints):
     assert ckpt.last_checkpoint(checkpoints) == checkpoints / ".last.old"
     with pytest.raises(KilnError, match="not a safetensors file"):
         ckpt.verify_checkpoint(checkpoints / ".last.old")
+
+
+def test_new_dir_replaces_nothing_and_removes_only_its_own(tmp_path):
+    """A user's -o: the rename takes an empty directory's place; a target with files by then is refused
+    and kept; siblings named like kiln's leftovers are not cleaned up (they may be the user's)."""
+    from kiln.training.checkpoint import new_dir
+
+    lookalikes = [tmp_path / ".out.old", tmp_path / ".out.tmp-mine"]
+    for path in lookalikes:
+        path.mkdir()
+        (path / "keep.txt").write_text("mine\n")
+    (tmp_path / "out").mkdir()  # empty: may be replaced
+    tmp, commit = new_dir(tmp_path / "out")
+    (tmp / "model.onnx").write_text("graph\n")
+    commit()
+    assert (tmp_path / "out" / "model.onnx").read_text() == "graph\n" and not tmp.exists()
+    assert all((path / "keep.txt").read_text() == "mine\n" for path in lookalikes)
+
+    tmp, commit = new_dir(tmp_path / "taken")
+    (tmp / "model.onnx").write_text("graph\n")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "user.txt").write_text("written meanwhile\n")
+    with pytest.raises(KilnError, match="not empty"):
+        commit()
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["user.txt"]

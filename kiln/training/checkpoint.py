@@ -115,7 +115,12 @@ def _fresh_tmp(target: Path) -> Path:
         stale += _step_leftovers(parent)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp-"))
+    return _temporary_sibling(target)
+
+
+def _temporary_sibling(target: Path) -> Path:
+    """A new empty directory next to ``target``, named after it, with a new directory's permissions."""
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     # mkdtemp makes it private (0700); the renamed directory (an exported model/) should have the
     # permissions any new directory gets, so that a service account can read it.
     tmp.chmod(0o777 & ~umask())
@@ -175,6 +180,26 @@ def atomic_dir(target: Path) -> tuple[Path, Callable[[], None]]:
     def commit() -> None:
         _sync_files(tmp)
         _settle(target, _swap_in(tmp, target))
+
+    return tmp, commit
+
+
+def new_dir(target: Path) -> tuple[Path, Callable[[], None]]:
+    """:func:`atomic_dir` for a directory kiln does not own (a user's ``-o``): a temporary sibling and
+    a function that syncs it and renames it to ``target``. Nothing but that temporary directory is
+    ever removed (no stale siblings are cleaned up, nothing is replaced): the rename takes the place
+    of a missing or empty ``target`` only, and a target that has files by then is a KilnError."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(target)
+
+    def commit() -> None:
+        _sync_files(tmp)
+        try:
+            os.rename(tmp, target)  # replaces an empty directory, refuses one with entries
+        except OSError:
+            raise KilnError("exists and is not empty (now); nothing was replaced", target) from None
+        _fsync_dir(target.parent)
 
     return tmp, commit
 
