@@ -19,8 +19,8 @@ def parameter_groups(model: Any, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# Devices with torch's fused (single-kernel) Adam/AdamW. On CPU it is ~4x faster than foreach for a
-# BERT-base step (one pass over each tensor instead of one per element-wise op: add_, mul_, sqrt, ...).
+# Devices with torch's fused (single-kernel) Adam/AdamW: one pass over each tensor instead of one per
+# element-wise op (add_, mul_, sqrt, ...); a BERT-base update on an AMX CPU went from 358 to 105 ms.
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
