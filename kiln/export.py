@@ -1,10 +1,17 @@
 """``kiln export``: a trained model as a self-contained ONNX directory (optionally int8), checked
 against PyTorch with onnxruntime, and the runtime that predicts with such a directory.
 
-An export directory holds ``model.onnx`` (dynamic batch and sequence axes), the tokenizer, the
-model's ``config.json``, ``kiln.json`` (task, labels, settings, and an ``export`` entry: format,
+An export directory holds the graphs, the tokenizer, the model's ``config.json`` (and
+``generation_config.json``), ``kiln.json`` (task, labels, settings, and an ``export`` entry: format,
 quantization, the parity check and the validation metrics of the exported graph) and the model
 card. ``kiln predict``, ``kiln evaluate`` and ``kiln serve`` accept it as they accept a run.
+
+Encoder tasks are one graph, ``model.onnx``, with dynamic batch and sequence axes. Generating models
+keep past keys and values between steps, as transformers does, so decoding is not quadratic: a
+decoder-only model is ``decoder_model.onnx`` (``past.*`` in, ``present.*`` out; the first step passes
+a past of length 0); a seq2seq model adds ``encoder_model.onnx``, which also returns the
+cross-attention keys and values each decoding step reads. transformers' ``generate()`` drives the
+graphs (:func:`onnx_model`), so greedy, beam search and sampling decode exactly as the PyTorch model.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,8 @@ from kiln.errors import KilnError
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+DECODER_FILE, ENCODER_FILE = "decoder_model.onnx", "encoder_model.onnx"
+GENERATIVE = ("generation", "clm", "span")  # tasks that generate(): exported as decoder (+ encoder) graphs
 # Tasks exported as one encoder graph, and the model outputs each one's decoding reads.
 GRAPH_OUTPUTS = {"sequence": ("logits",), "sentence-pair": ("logits",), "token": ("logits",),
                  "qa": ("start_logits", "end_logits"), "mlm": ("logits",)}
@@ -37,7 +47,22 @@ def onnxruntime() -> Any:
 
 def is_onnx_export(path: str | Path) -> bool:
     """True when ``path`` is a directory ``kiln export`` wrote."""
-    return (Path(path) / ONNX_FILE).is_file()
+    return any((Path(path) / name).is_file() for name in (ONNX_FILE, DECODER_FILE))
+
+
+def _session(path: Path) -> Any:
+    ort = onnxruntime()
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # a damaged or foreign file: onnxruntime's own message, in one line
+        raise KilnError(f"onnxruntime cannot load it: {str(error).splitlines()[0][:200]}", path) from None
+
+
+def onnx_model(directory: str | Path) -> Any:
+    """What runs an export directory: :class:`OnnxModule` for an encoder graph, else the generating
+    graphs as a transformers model (``generate()`` included)."""
+    directory = Path(directory)
+    return OnnxModule(directory / ONNX_FILE) if (directory / ONNX_FILE).is_file() else _generator(directory)
 
 
 class OnnxModule:
@@ -45,11 +70,7 @@ class OnnxModule:
     graph's named outputs (torch tensors) out. Lets kiln's batching, decoding and metrics run on it."""
 
     def __init__(self, path: Path):
-        ort = onnxruntime()
-        try:
-            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as error:  # a damaged or foreign file: onnxruntime's own message, in one line
-            raise KilnError(f"onnxruntime cannot load it: {str(error).splitlines()[0][:200]}", path) from None
+        self.session = _session(path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.training = False
@@ -79,6 +100,128 @@ class OnnxModule:
         return self
 
 
+def _kv_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def _flat(cache: Any) -> list:
+    """A DynamicCache's tensors, layer by layer: key, value."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+_GENERATOR: Any = None
+
+
+def _generator(directory: Path) -> Any:
+    """The export's generating graphs behind a transformers ``PreTrainedModel`` (made once per process:
+    transformers is imported only when an export generates)."""
+    global _GENERATOR
+    if _GENERATOR is None:
+        _GENERATOR = _generator_class()
+    return _GENERATOR.from_directory(directory)
+
+
+def _generator_class() -> type:
+    from dataclasses import dataclass
+
+    import torch
+    from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput, Seq2SeqLMOutput
+
+    @dataclass
+    class EncoderOutput(ModelOutput):
+        """What the encoder graph gives each decoding step. Both are tensors with the batch first, so
+        ``generate()`` repeats them for beams as it repeats a PyTorch encoder's output."""
+
+        last_hidden_state: Any = None
+        cross_key_values: Any = None  # (batch, 2 * layers, heads, source length, head size)
+
+    class Encoder(torch.nn.Module):
+        main_input_name = "input_ids"  # generate() asks the encoder
+
+        def __init__(self, session: Any) -> None:
+            super().__init__()
+            self.session = session
+
+        def forward(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            hidden, cross = self.session.run(None, {"input_ids": input_ids.cpu().numpy(),
+                                                    "attention_mask": mask.cpu().numpy()})
+            return EncoderOutput(last_hidden_state=torch.from_numpy(hidden), cross_key_values=torch.from_numpy(cross))
+
+    class OnnxGenerator(PreTrainedModel, GenerationMixin):
+        """An exported decoder (and encoder) run by onnxruntime, called like the transformers model it
+        was exported from: ``forward`` takes and updates transformers' cache, so ``generate()`` (greedy,
+        beams, sampling, forced tokens) decodes exactly as it does on the PyTorch model."""
+
+        main_input_name = "input_ids"
+        _supports_sdpa = True  # transformers asks; attention runs inside the graph
+
+        def __init__(self, config: Any, decoder: Any, encoder: Any = None) -> None:
+            super().__init__(config)
+            # generate() reads the device and dtype from a parameter; the graphs hold the weights.
+            self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+            self.decoder_session = decoder  # not 'decoder': transformers takes that for a module
+            self.encoder = None if encoder is None else Encoder(encoder)
+            self.input_names = [i.name for i in decoder.get_inputs()]
+            self.past_names = [n for n in self.input_names if n.startswith("past.")]
+            shape = next(i.shape for i in decoder.get_inputs() if i.name == "past.0.key")
+            self.heads, self.head_size = int(shape[1]), int(shape[3])
+
+        @classmethod
+        def from_directory(cls, directory: Path) -> Any:
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
+            encoder = _session(directory / ENCODER_FILE) if config.is_encoder_decoder else None
+            model = cls(config, _session(directory / DECODER_FILE), encoder)
+            if (directory / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
+            return model.eval()
+
+        def get_encoder(self, modality: str | None = None) -> Any:
+            return self.encoder
+
+        def forward(self, input_ids: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
+                    encoder_outputs: Any = None, position_ids: Any = None, cache: Any = None,
+                    past_key_values: Any = None, **kwargs: Any) -> Any:
+            cache = cache if cache is not None else past_key_values
+            if self.config.is_encoder_decoder:
+                if encoder_outputs is None:
+                    encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+                self_cache = None if cache is None else cache.self_attention_cache
+                ids = decoder_input_ids
+                hidden = encoder_outputs.last_hidden_state
+                mask = attention_mask if attention_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
+                feed = {"decoder_input_ids": ids, "encoder_attention_mask": mask,
+                        "encoder_hidden_states": hidden, "cross_key_values": encoder_outputs.cross_key_values}
+            else:
+                self_cache, ids = cache, input_ids
+                seen = 0 if cache is None else cache.get_seq_length()
+                mask = attention_mask if attention_mask is not None else torch.ones(
+                    ids.shape[0], seen + ids.shape[1], dtype=torch.long)
+                if position_ids is None:  # what transformers uses without them: the cache's next positions
+                    position_ids = torch.arange(seen, seen + ids.shape[1]).expand(ids.shape[0], -1)
+                feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+            seen = 0 if self_cache is None else self_cache.get_seq_length()
+            empty = torch.zeros(ids.shape[0], self.heads, 0, self.head_size)
+            past = _flat(self_cache) if seen else [empty] * len(self.past_names)
+            feed.update(zip(self.past_names, past, strict=True))
+            arrays = {name: feed[name].cpu().contiguous().numpy() for name in self.input_names}
+            values = self.decoder_session.run(None, arrays)
+            logits, present = torch.from_numpy(values[0]), [torch.from_numpy(v) for v in values[1:]]
+            if self_cache is not None:  # the graph returns past + new; the cache appends the new part
+                for layer, (key, value) in enumerate(_pairs(present)):
+                    self_cache.update(key[:, :, seen:], value[:, :, seen:], layer)
+            if self.config.is_encoder_decoder:
+                return Seq2SeqLMOutput(logits=logits, past_key_values=cache)
+            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    return OnnxGenerator
+
+
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -99,6 +242,140 @@ def _graph(model: Any, outputs: tuple[str, ...]) -> Any:
     return Graph().eval()
 
 
+def _generative_graphs(model: Any) -> dict[str, tuple[Any, list[str], list[str]]]:
+    """``{file: (module, input names, output names)}`` for a generating model: the decoder with past
+    keys and values in and out, and for a seq2seq model the encoder, which also computes the
+    decoder's cross-attention keys and values once per input."""
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    past, present = _kv_names("past", layers), _kv_names("present", layers)
+
+    class DecoderOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple:
+            cache = DynamicCache(_pairs(past))
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                cache=cache, use_cache=True, return_dict=True).logits
+            return (logits, *_flat(cache))
+
+    if not model.config.is_encoder_decoder:
+        return {DECODER_FILE: (DecoderOnly(), ["input_ids", "attention_mask", "position_ids", *past],
+                               ["logits", *present])}
+
+    start = model.config.decoder_start_token_id
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> tuple:
+            hidden = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # One decoder step fills the cross-attention cache; the exporter keeps only what that needs
+            # (each layer's key and value projections of the encoder output).
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            self.model.get_decoder()(input_ids=torch.full_like(input_ids[:, :1], start), encoder_hidden_states=hidden,
+                                     encoder_attention_mask=attention_mask, cache=cache, use_cache=True)
+            return hidden, torch.stack(_flat(cache.cross_attention_cache), dim=1)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, decoder_input_ids: Any, encoder_attention_mask: Any, encoder_hidden_states: Any,
+                    cross_key_values: Any, *past: Any) -> tuple:
+            cache = EncoderDecoderCache(DynamicCache(_pairs(past)), DynamicCache(_pairs(cross_key_values.unbind(1))))
+            logits = self.model(decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
+                                encoder_outputs=(encoder_hidden_states,), cache=cache, use_cache=True,
+                                return_dict=True).logits
+            return (logits, *_flat(cache.self_attention_cache))
+
+    return {ENCODER_FILE: (Encoder(), ["input_ids", "attention_mask"], ["last_hidden_state", "cross_key_values"]),
+            DECODER_FILE: (Decoder(), ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states",
+                                       "cross_key_values", *past], ["logits", *present])}
+
+
+def _export_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> tuple:
+    """transformers' SDPA attention, its output in a fresh contiguous tensor: torch 2.13's export
+    decomposition drops the ``.contiguous()`` behind transformers' reshape of the (batch, length,
+    heads, size) output, and T5 then fails to export."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return out.new_empty(out.shape).copy_(out), weights
+
+
+def _generative_examples(model: Any, batch: dict, decoder_only: bool) -> tuple[dict, dict]:
+    """Example inputs for each graph (a past of 3 positions: the exporter needs a length it can
+    make symbolic; the graph then takes any, 0 included) and their dynamic axes."""
+    import torch
+
+    ids = batch["prompt_ids"] if decoder_only else batch["input_ids"]
+    mask = batch["prompt_mask"] if decoder_only else batch["attention_mask"]
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    size = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // \
+        config.num_attention_heads
+    n, steps = ids.shape[0], 3
+    past = [torch.randn(n, heads, steps, size) for _ in range(2 * config.num_hidden_layers)]
+    dim = torch.export.Dim
+    batch_dim, length, past_len = dim("batch", min=1, max=1024), dim("sequence", min=2, max=8192), \
+        dim("past", min=1, max=8192)
+    new, total = dim("new", min=1, max=8192), dim("total", min=2, max=16384)
+    past_axes = tuple({0: batch_dim, 2: past_len} for _ in past)
+    if decoder_only:
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        full_mask = torch.cat([torch.ones(n, steps, dtype=mask.dtype), mask], dim=1)
+        return ({DECODER_FILE: (ids, full_mask, position + steps, *past)},
+                {DECODER_FILE: ({0: batch_dim, 1: new}, {0: batch_dim, 1: total}, {0: batch_dim, 1: new}, past_axes)})
+    with torch.inference_mode():
+        hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        cross = torch.randn(n, 2 * config.num_hidden_layers, heads, ids.shape[1], size)
+    decoder_ids = torch.full((n, 2), model.config.decoder_start_token_id, dtype=torch.long)
+    return ({ENCODER_FILE: (ids, mask), DECODER_FILE: (decoder_ids, mask, hidden, cross, *past)},
+            {ENCODER_FILE: ({0: batch_dim, 1: length}, {0: batch_dim, 1: length}),
+             DECODER_FILE: ({0: batch_dim, 1: new}, {0: batch_dim, 1: length}, {0: batch_dim, 1: length},
+                            {0: batch_dim, 3: length}, past_axes)})
+
+
+def _generative_parity(model: Any, generator: Any, batch: dict, decoder_only: bool) -> float:
+    """Largest |difference| between the PyTorch logits and the graphs', the graphs stepping with their
+    past: all positions but the last, then the last one alone."""
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    with torch.inference_mode():
+        if decoder_only:
+            ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+            position = (mask.cumsum(-1) - 1).clamp(min=0)
+            reference = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
+            cache = DynamicCache()
+            first = generator(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1],
+                              cache=cache).logits
+            last = generator(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position[:, -1:],
+                             cache=cache).logits
+            keep = mask.bool()  # a fully masked (left-padding) position has no right answer
+        else:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            targets = torch.cat([torch.full_like(ids[:, :1], model.config.decoder_start_token_id), ids[:, :4]], 1)
+            reference = model(input_ids=ids, attention_mask=mask, decoder_input_ids=targets).logits
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            encoded = generator.get_encoder()(input_ids=ids, attention_mask=mask)
+            first = generator(decoder_input_ids=targets[:, :-1], attention_mask=mask, encoder_outputs=encoded,
+                              cache=cache).logits
+            last = generator(decoder_input_ids=targets[:, -1:], attention_mask=mask, encoder_outputs=encoded,
+                             cache=cache).logits
+            keep = torch.ones(targets.shape, dtype=torch.bool)
+        got = torch.cat([first, last], dim=1)
+    return float((got - reference).abs()[keep].max())
+
+
 def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_data: str | Path | None = None) -> dict:
     """Export the model of ``run`` to ``out`` as ONNX (``quantize="int8"``: dynamic int8 weights).
 
@@ -106,8 +383,6 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     temporary sibling and renames it into place (:func:`kiln.training.checkpoint.new_dir`). Returns the
     ``export`` entry of ``kiln.json``.
     """
-    import torch
-
     from kiln.predictor import Predictor
     from kiln.training.checkpoint import KILN_FILE, new_dir
 
@@ -117,8 +392,8 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
         raise KilnError("exists and is not an empty directory; kiln export writes a new one (choose another -o)", out)
     predictor = Predictor(run, device="cpu", precision="fp32")
     task = predictor.task
-    if task.name not in GRAPH_OUTPUTS:
-        known = ", ".join(GRAPH_OUTPUTS)
+    if task.name not in GRAPH_OUTPUTS and task.name not in GENERATIVE:
+        known = ", ".join([*GRAPH_OUTPUTS, *GENERATIVE])
         raise KilnError(f"kiln export writes ONNX for {known} models; this one is a {task.name} model", predictor.path)
     if quantize not in (None, "int8"):
         raise KilnError(f"--quantize takes int8, not '{quantize}'")
@@ -128,49 +403,27 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     # compute position 0 only): the graph is what transformers computes.
     model = getattr(transformers, task.auto_model).from_pretrained(predictor.path, local_files_only=True).eval()
     evaluation = _evaluation_set(predictor, eval_data)
-    features = _sample_features(predictor, evaluation)
-    batch = task.collate(features[:8], predictor.tokenizer.pad_token_id or 0)
-    given = {**task.model_inputs(batch)}
-    given.setdefault("attention_mask", torch.ones_like(given["input_ids"]))  # padded batches at predict time
-    inputs = [name for name in INPUT_ORDER if name in given]
-    example = {name: given[name] for name in inputs}
-    outputs = GRAPH_OUTPUTS[task.name]
+    sample = _sample(predictor, evaluation)
     tmp, commit = new_dir(out)
     try:
-        graph_path = tmp / ONNX_FILE
-        graph = _graph(model, outputs)
-        _export_graph(graph, example, outputs, graph_path)
-        with torch.inference_mode():
-            reference = graph(**example)
-        got = OnnxModule(graph_path)(**example)
-        difference = max(float((getattr(got, name) - ref).abs().max()) for name, ref in zip(outputs, reference,
-                                                                                          strict=True))
-        if difference > PARITY_TOLERANCE:
-            raise KilnError(f"the ONNX graph differs from PyTorch by {difference:.2e} (> {PARITY_TOLERANCE:g}); "
-                            "not exported")
+        write = _write_generative if task.name in GENERATIVE else _write_encoder
+        graphs, entry = write(model, predictor, sample, tmp)
+        if entry["parity_fp32_max_abs_diff"] > PARITY_TOLERANCE:
+            raise KilnError(f"the ONNX graph differs from PyTorch by {entry['parity_fp32_max_abs_diff']:.2e} "
+                            f"(> {PARITY_TOLERANCE:g}); not exported")
         from kiln.models import count_parameters
 
-        entry: dict[str, Any] = {"format": "onnx", "quantize": quantize, "inputs": inputs, "outputs": list(outputs),
-                                 "num_parameters": count_parameters(model),
-                                 "parity_fp32_max_abs_diff": difference, "onnxruntime": ort.__version__}
+        entry = {"format": "onnx", "quantize": quantize, "graphs": graphs, **entry,
+                 "num_parameters": count_parameters(model), "onnxruntime": ort.__version__}
         if evaluation is not None:
             entry["eval_data"] = str(evaluation[0])
-            entry["metrics_fp32"] = _metrics(predictor, graph_path, evaluation[1])
+            entry["metrics_fp32"] = _metrics(predictor, tmp, evaluation[1])
         if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            fp32 = tmp / "model.fp32.onnx"
-            graph_path.rename(fp32)
-            root = logging.getLogger()
-            level, root.level = root.level, logging.ERROR  # its advice to pre-process goes to the root logger
-            try:
-                quantize_dynamic(str(fp32), str(graph_path), weight_type=QuantType.QInt8, per_channel=True)
-            finally:
-                root.setLevel(level)
-            fp32.unlink()
+            for graph in graphs:
+                _quantize(tmp / graph)
             if evaluation is not None:
-                entry["metrics_int8"] = _metrics(predictor, graph_path, evaluation[1])
-        for source in predictor.path.iterdir():  # all but the PyTorch weights, which the graph holds
+                entry["metrics_int8"] = _metrics(predictor, tmp, evaluation[1])
+        for source in predictor.path.iterdir():  # all but the PyTorch weights, which the graphs hold
             if source.is_file() and source.name != KILN_FILE and ".safetensors" not in source.name:
                 shutil.copy2(source, tmp / source.name)
         meta = dict(predictor.meta)
@@ -184,28 +437,99 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     return entry
 
 
-def _export_graph(graph: Any, example: dict, outputs: tuple[str, ...], path: Path) -> None:
-    """torch.onnx's dynamo exporter, batch and sequence axes dynamic."""
+def _write_encoder(model: Any, predictor: Any, sample: Any, directory: Path) -> tuple[list[str], dict]:
+    """``model.onnx``, checked against PyTorch on a sample batch."""
+    import torch
+
+    task = predictor.task
+    features = task.encode(sample, predictor.tokenizer, predictor.max_length)
+    batch = task.collate(features[:8], predictor.tokenizer.pad_token_id or 0)
+    given = {**task.model_inputs(batch)}
+    given.setdefault("attention_mask", torch.ones_like(given["input_ids"]))  # padded batches at predict time
+    inputs = [name for name in INPUT_ORDER if name in given]
+    example = {name: given[name] for name in inputs}
+    outputs = GRAPH_OUTPUTS[task.name]
+    graph = _graph(model, outputs)
+    axes = {name: {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=8192)}
+            for name in inputs}
+    _export_graph(graph, tuple(example.values()), inputs, list(outputs), tuple(axes.values()), directory / ONNX_FILE)
+    with torch.inference_mode():
+        reference = graph(**example)
+    got = OnnxModule(directory / ONNX_FILE)(**example)
+    difference = max(float((getattr(got, name) - ref).abs().max()) for name, ref in zip(outputs, reference,
+                                                                                      strict=True))
+    return [ONNX_FILE], {"inputs": inputs, "outputs": list(outputs), "parity_fp32_max_abs_diff": difference}
+
+
+def _write_generative(model: Any, predictor: Any, sample: Any, directory: Path) -> tuple[list[str], dict]:
+    """The decoder (and encoder) graphs, checked against PyTorch stepping with past keys and values,
+    and greedy decoding of the sample inputs compared with the PyTorch model's."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    task = predictor.task
+    decoder_only = not model.config.is_encoder_decoder
+    features = task.encode(sample, predictor.tokenizer, predictor.max_length)
+    batch = task.collate(features[:8], predictor.tokenizer.pad_token_id or 0)
+    graphs = _generative_graphs(model)
+    examples, axes = _generative_examples(model, batch, decoder_only)
+    AttentionInterface.register("kiln_export", _export_attention)
+    AttentionMaskInterface.register("kiln_export", sdpa_mask)  # the masks SDPA takes
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("kiln_export")
+    try:
+        for name, (module, inputs, outputs) in graphs.items():
+            _export_graph(module.eval(), examples[name], inputs, outputs, axes[name], directory / name)
+    finally:
+        model.set_attn_implementation(implementation)
+    for name in ("config.json", "generation_config.json"):  # what the generator reads, before the rest
+        if (predictor.path / name).is_file():
+            shutil.copy2(predictor.path / name, directory / name)
+    generator = task.adopt(_generator(directory))
+    difference = _generative_parity(model, generator, batch, decoder_only)
+    # Greedy decoding of the sample inputs, as kiln predict decodes them, by PyTorch and by the graphs.
+    greedy = predictor._task_for({"generate.num_beams": 1, "generate.do_sample": False})
+    ours = predictor._run(sample, greedy)[0]
+    theirs = predictor.with_module(generator)._run(sample, greedy)[0]
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    return list(graphs), {"parity_fp32_max_abs_diff": difference, "greedy_same_fp32": [same, len(ours)]}
+
+
+def _quantize(graph: Path) -> None:
+    """onnxruntime's dynamic int8 quantization of ``graph``'s weights (per channel), in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = graph.with_suffix(".fp32.onnx")
+    graph.rename(fp32)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process goes to the root logger
+    try:
+        quantize_dynamic(str(fp32), str(graph), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+    fp32.unlink()
+
+
+def _export_graph(module: Any, args: tuple, inputs: list[str], outputs: list[str], axes: tuple, path: Path) -> None:
+    """torch.onnx's dynamo exporter, with the dynamic axes ``axes`` (one entry per argument)."""
     import warnings
 
     import torch
 
-    batch, sequence = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=2, max=8192)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            program = torch.onnx.export(graph, (), kwargs=example, dynamo=True, input_names=list(example),
-                                        output_names=list(outputs), verbose=False,
-                                        dynamic_shapes={name: {0: batch, 1: sequence} for name in example})
+            program = torch.onnx.export(module, args, dynamo=True, input_names=inputs, output_names=outputs,
+                                        verbose=False, dynamic_shapes=axes)
         except Exception as error:
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise KilnError(f"torch.onnx could not export this model ({type(error).__name__}: {first})") from None
     program.save(str(path))
 
 
-def _sample_features(predictor: Any, evaluation: tuple[Path, Any] | None) -> list[dict]:
-    """A few encoded inputs to trace and check with: the model's stored examples, else validation ones."""
+def _sample(predictor: Any, evaluation: tuple[Path, Any] | None) -> Any:
+    """A few inputs to trace and check with: the model's stored examples, else validation ones."""
     from kiln.tasks.base import Dataset
 
     examples = predictor.meta.get("examples")
@@ -214,14 +538,14 @@ def _sample_features(predictor: Any, evaluation: tuple[Path, Any] | None) -> lis
     else:  # inputs as predict takes them (for mlm: sentences with a mask, not corpus blocks)
         examples = examples or ["a short example sentence ."]
         dataset = Dataset("<examples>", [predictor.task.parse_input(x, i + 1) for i, x in enumerate(examples)])
-    dataset = Dataset(dataset.path, dataset.examples[:16])
-    return predictor.task.encode(dataset, predictor.tokenizer, predictor.max_length)
+    return Dataset(dataset.path, dataset.examples[:16])
 
 
 def _evaluation_set(predictor: Any, eval_data: str | Path | None) -> tuple[Path, Any] | None:
     """The labelled validation data to state the export's metrics on: ``eval_data``, else the run's own
     validation file when it has one."""
     from kiln.run import RUN_FILE
+    from kiln.tasks.base import Dataset
     from kiln.training.checkpoint import read_json
 
     path = Path(eval_data) if eval_data else None
@@ -231,12 +555,18 @@ def _evaluation_set(predictor: Any, eval_data: str | Path | None) -> tuple[Path,
             path = predictor.task.find_splits(read_json(run_file, required=("data",))["data"]).get("validation")
         except KilnError:
             return None
-    return None if path is None else (path, predictor.read(path, labelled=True))
+    if path is None:
+        return None
+    dataset = predictor.read(path, labelled=True)
+    cap = predictor.task.eval_cap()  # generation: decode the sample training evaluates on, not all of it
+    if cap and len(dataset) > cap:
+        dataset = Dataset(dataset.path, dataset.examples[:cap], extras=dataset.extras)
+    return path, dataset
 
 
-def _metrics(predictor: Any, graph: Path, dataset: Any) -> dict:
-    """The task's metrics of the ONNX graph at ``graph`` on ``dataset``."""
-    runner = predictor.with_module(OnnxModule(graph))
+def _metrics(predictor: Any, directory: Path, dataset: Any) -> dict:
+    """The task's metrics of the ONNX graphs in ``directory`` on ``dataset``."""
+    runner = predictor.with_module(predictor.task.adopt(onnx_model(directory)))
     metrics = runner.evaluate(dataset)
     return {k: round(float(v), 6) for k, v in metrics.items() if isinstance(v, (int, float))}
 
@@ -247,7 +577,7 @@ def metric_lines(entry: dict) -> list[str]:
     for key, label in (("metrics_fp32", "fp32"), ("metrics_int8", "int8")):
         if key in entry:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in entry[key].items() if k != "n")
-            lines.append(f"{label:<5} {Path(entry['eval_data']).name}: {shown}")
+            lines.append(f"{label:<5} {Path(entry['eval_data']).name} ({entry[key]['n']:g} examples): {shown}")
     return lines
 
 

@@ -34,7 +34,7 @@ class Predictor:
     def __init__(self, path: str | Path, device: str = "auto", precision: str | None = None,
                  batch_tokens: int | None = None, generate: list[str] | tuple[str, ...] = (),
                  compile: str = "off"):
-        from kiln.export import ONNX_FILE, OnnxModule, is_onnx_export
+        from kiln.export import is_onnx_export, onnx_model
         from kiln.run import model_dir_of
         from kiln.tokenizers import load_tokenizer
         from kiln.training import compile as compiling
@@ -64,7 +64,7 @@ class Predictor:
         self.module = None  # what runs the forward when not the task's module of the model: compiled, ONNX
         if self.runtime == "onnx":  # the graph is what it was exported as (fp32 or int8), on the CPU
             self.device, self.precision = resolve_device("cpu"), "fp32"
-            self.model = self.module = OnnxModule(self.path / ONNX_FILE)
+            self.model = self.module = self.task.adopt(onnx_model(self.path))
             self.task.forward_args = set(self.model.input_names)
         else:
             self.model = self.task.load_model(self.path).to(self.device).eval()
@@ -91,10 +91,11 @@ class Predictor:
         return self.precision
 
     def with_module(self, module: Any) -> Predictor:
-        """This predictor running ``module`` for the forward (another runtime of the same model, such
-        as its ONNX graph), sharing everything else."""
+        """This predictor running ``module`` (another runtime of the same model, such as its ONNX
+        graphs) for the forward and for ``generate()``, sharing everything else."""
         other = copy.copy(self)
-        other.module, other._inference = module, threading.Lock()
+        other.model = other.module = module
+        other._inference = threading.Lock()
         return other
 
     def parameters(self) -> dict[str, Any]:

@@ -15,6 +15,11 @@ from kiln.export import PARITY_TOLERANCE, export
 
 pytest.importorskip("onnxruntime")
 
+from test_generation import GPT2_TINY as GPT2_GENERATION
+from test_generation import T5_TINY as T5_GENERATION
+from test_generation import copy_dir  # noqa: F401 (a fixture)
+from test_pretrain_predict import PROFILES, PROMPTS, SENTINELS
+from test_pretrain_predict import sentences as corpus_sentences
 from test_qa import make_examples
 from test_token import sentences, write_conll
 
@@ -103,7 +108,8 @@ def test_token_and_qa_exports_predict_as_their_runs(tiny_profile, tmp_path):
                                                                            for a in theirs]
 
 
-def test_refusals_write_nothing(tiny_profile, sentiment_dir, tmp_path):
+def test_refusals_write_nothing(tiny_profile, sentiment_dir, tmp_path, monkeypatch):
+    before = [p.name for p in tmp_path.iterdir()]
     run = train(tiny_profile, "sequence", sentiment_dir, tmp_path)
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -114,15 +120,14 @@ def test_refusals_write_nothing(tiny_profile, sentiment_dir, tmp_path):
     with pytest.raises(KilnError, match="takes int8"):
         export(run.path, tmp_path / "x", quantize="int4")
     assert not (tmp_path / "x").exists()
-    text = tmp_path / "text"
-    text.mkdir()
-    (text / "train.txt").write_text("\n".join(f"line {i} of some text here" for i in range(200)) + "\n")
-    clm = kiln.train("clm", text, name="clm", output_dir=tmp_path / "runs", max_steps=1, precision="fp32",
-                     **{"model.config.n_layer": 1, "model.config.n_embd": 16, "model.config.n_head": 2,
-                        "tokenizer.vocab_size": 300, "pretrain.seq_len": 16})
-    with pytest.raises(KilnError, match="writes ONNX for sequence"):
-        export(clm.path, tmp_path / "clm-onnx")
-    assert not (tmp_path / "clm-onnx").exists()
+    # A model the exporter fails on: one line, and nothing half-written is left behind.
+    def fails(*args, **kwargs):
+        raise RuntimeError("unsupported operator aten::mystery\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(KilnError, match=r"could not export this model \(RuntimeError: unsupported operator"):
+        export(run.path, tmp_path / "y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "runs", "taken"])
 
 
 def test_cli_export_one_line_errors(tiny_profile, sentiment_dir, tmp_path):
@@ -185,3 +190,78 @@ def test_mlm_export_fills_masks_as_its_run(tiny_profile, tmp_path):
     for a, b in zip([ours[0], *ours[1]], [theirs[0], *theirs[1]], strict=True):
         assert [c["token"] for c in a] == [c["token"] for c in b]
         np.testing.assert_allclose([c["score"] for c in a], [c["score"] for c in b], rtol=0, atol=1e-4)
+
+
+def decode_alike(run_dir, export_dir, inputs, beams=3):
+    """The run and its export generate the same texts, greedy and with beam search."""
+    on_run, on_export = kiln.load(run_dir), kiln.load(export_dir)
+    assert on_export.runtime == "onnx"
+    greedy = on_run.predict(inputs)
+    assert on_export.predict(inputs) == greedy
+    assert len({json.dumps(g) for g in greedy}) > len(inputs) // 2  # varied text, not one answer for all
+    assert on_export.predict(inputs[:6], {"num_beams": beams}) == on_run.predict(inputs[:6], {"num_beams": beams})
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+def test_generation_export_decodes_as_pytorch(kind, copy_dir, tmp_path):  # noqa: F811
+    """Decoder-only and seq2seq: the graphs step with past keys and values, and generate() on them
+    gives the PyTorch model's output on 20 inputs (greedy and beams), fp32."""
+    import onnxruntime as ort
+
+    profile = tmp_path / f"{kind}.yaml"
+    profile.write_text({"gpt2": GPT2_GENERATION, "t5": T5_GENERATION}[kind])
+    # Trained on the copy task, the outputs are varied text (a tiny model near its random start, or
+    # after a few epochs, gives GPT-2 one answer for every input).
+    run = kiln.train("generation", copy_dir, name=kind, profile=str(profile), output_dir=tmp_path / "runs",
+                     precision="fp32")
+    out = tmp_path / "exports" / kind
+    entry = export(run.path, out, eval_data=copy_dir / "dev.tsv")
+    graphs = ["decoder_model.onnx"] if kind == "gpt2" else ["encoder_model.onnx", "decoder_model.onnx"]
+    assert entry["graphs"] == graphs and entry["parity_fp32_max_abs_diff"] <= PARITY_TOLERANCE
+    assert entry["greedy_same_fp32"][0] == entry["greedy_same_fp32"][1] > 0
+    assert {"generation_config.json", "config.json", "kiln.json", *graphs} <= {p.name for p in out.iterdir()}
+    decoder = ort.InferenceSession(str(out / "decoder_model.onnx"), providers=["CPUExecutionProvider"])
+    assert {"past.0.key", "past.1.value"} <= {i.name for i in decoder.get_inputs()}
+    assert {"present.0.key", "present.1.value"} <= {o.name for o in decoder.get_outputs()}
+
+    sources = [line.split("\t")[0] for line in (copy_dir / "dev.tsv").read_text().splitlines()[1:]]
+    assert len(sources) == 20
+    decode_alike(run.path, out, sources)
+    ours, theirs = kiln.load(run.path).evaluate(copy_dir / "dev.tsv"), kiln.load(out).evaluate(copy_dir / "dev.tsv")
+    assert ours["chrf"] == theirs["chrf"] == pytest.approx(entry["metrics_fp32"]["chrf"], abs=1e-6)  # kiln.json rounds
+    assert theirs["loss"] == pytest.approx(ours["loss"], rel=1e-5)
+
+
+def test_int8_generation_export_predicts(copy_dir, tmp_path, capsys):  # noqa: F811
+    from kiln.cli import main
+
+    profile = tmp_path / "gpt2.yaml"
+    profile.write_text(GPT2_GENERATION)
+    run = kiln.train("generation", copy_dir, name="gpt2", profile=str(profile), output_dir=tmp_path / "runs",
+                     max_steps=3, lr=1e-4, precision="fp32")
+    out = tmp_path / "int8"
+    entry = export(run.path, out, quantize="int8", eval_data=copy_dir / "dev.tsv")
+    assert entry["quantize"] == "int8" and set(entry["metrics_int8"]) == set(entry["metrics_fp32"])
+    assert main(["predict", str(out), str(copy_dir / "dev.tsv"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 20 and all(isinstance(r["generated_text"], str) for r in rows)
+
+
+@pytest.mark.parametrize("task", ["clm", "span"])
+def test_pretraining_exports_generate_as_their_runs(task, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n".join(corpus_sentences(600)) + "\n")
+    (corpus / "valid.txt").write_text("\n".join(corpus_sentences(60, seed=1)) + "\n")
+    profile = tmp_path / f"{task}.yaml"
+    profile.write_text(PROFILES[task])
+    run = kiln.train(task, corpus, name=task, profile=str(profile), output_dir=tmp_path / "runs", max_steps=3,
+                     lr=1e-4, precision="fp32")
+    out = tmp_path / f"{task}-onnx"
+    entry = export(run.path, out)
+    assert entry["parity_fp32_max_abs_diff"] <= PARITY_TOLERANCE
+    inputs = PROMPTS if task == "clm" else SENTINELS
+    on_run, on_export = kiln.load(run.path), kiln.load(out)
+    assert on_export.predict(inputs) == on_run.predict(inputs)
+    corpus_loss = on_run.evaluate(corpus / "valid.txt")["loss"]
+    assert on_export.evaluate(corpus / "valid.txt")["loss"] == pytest.approx(corpus_loss, rel=1e-5)

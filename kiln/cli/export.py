@@ -10,9 +10,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``kiln export``."""
     parser = commands.add_parser(
         "export", help="export a trained model as ONNX (optionally int8)",
-        description="Write RUN's model as a self-contained ONNX directory (model.onnx with dynamic batch and "
-                    "sequence axes, tokenizer, kiln.json, model card), checked against PyTorch with onnxruntime. "
-                    "kiln predict, evaluate and serve accept the directory as they accept a run.",
+        description="Write RUN's model as a self-contained ONNX directory (the graphs with dynamic batch and "
+                    "sequence axes: model.onnx, or for generating models decoder_model.onnx with past keys and "
+                    "values and, seq2seq, encoder_model.onnx; tokenizer, kiln.json, model card), checked against "
+                    "PyTorch with onnxruntime. kiln predict, evaluate and serve accept the directory as they "
+                    "accept a run.",
     )
     parser.add_argument("run_dir", metavar="RUN", help="run directory (runs/NAME) or model directory")
     parser.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default onnx)")
@@ -40,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     entry = export(args.run_dir, out, quantize=args.quantize, eval_data=args.eval)
     log = logging.getLogger("kiln")
     kind = "int8 (dynamic quantization)" if entry["quantize"] else "fp32"
-    log.info(f"exported {out}/model.onnx ({kind}); fp32 graph within {entry['parity_fp32_max_abs_diff']:.1e} "
-             "of PyTorch")
+    graphs = " + ".join(entry["graphs"])
+    log.info(f"exported {out}: {graphs} ({kind}); fp32 within {entry['parity_fp32_max_abs_diff']:.1e} of PyTorch")
+    if "greedy_same_fp32" in entry:
+        same, n = entry["greedy_same_fp32"]
+        log.info(f"fp32 greedy decoding equals PyTorch's on {same} of {n} sample inputs")
     for line in metric_lines(entry):
         log.info(line)
     return 0

@@ -236,6 +236,11 @@ class Task:
         keep_in_fp32(model)
         return model
 
+    def adopt(self, model: Any) -> Any:
+        """Take what the task needs from a model loaded elsewhere than :meth:`load_model` (an ONNX
+        export's runtime), as loading would; returns ``model``."""
+        return model
+
     def training_module(self, model: Any) -> Any:
         """The module the loop calls with :meth:`model_inputs` (default: the model itself).
 

@@ -182,6 +182,9 @@ class GenerationTask(Task):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_labels", "id2label", "label2id")}
         return self._remember(super().load_model(path, **kwargs))
 
+    def adopt(self, model: Any) -> Any:
+        return self._remember(model)
+
     def _remember(self, model: Any) -> Any:
         config = model.config
         if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:

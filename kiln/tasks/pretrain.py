@@ -533,6 +533,9 @@ class GenerativePretrainTask(PretrainTask):
     def load_model(self, path: str | Path, **kwargs: Any) -> Any:
         return self._remember_decoding(super().load_model(path, **kwargs))
 
+    def adopt(self, model: Any) -> Any:
+        return self._remember_decoding(model)
+
     def _remember_decoding(self, model: Any) -> Any:
         """Keep the token ids decoding needs, and write the run's decoding into the model's generation
         config (saved as ``generation_config.json``): ``generate()`` on the exported model then
@@ -696,9 +699,11 @@ class SpanCorruptionTask(GenerativePretrainTask):
 
     def load_model(self, path: str | Path, **kwargs: Any) -> Any:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_labels", "id2label", "label2id")}
-        model = super().load_model(path, **kwargs)
+        return self.adopt(super().load_model(path, **kwargs))
+
+    def adopt(self, model: Any) -> Any:
         self.decoder_start = model.config.decoder_start_token_id
-        return model
+        return super().adopt(model)
 
     def example_input(self, example: list[str]) -> str | None:
         """The sentence with its longest word replaced by the first sentinel, ``<extra_id_0>``, for
