@@ -34,7 +34,7 @@ import kiln
 from kiln.cli import main
 from kiln.errors import KilnError
 from kiln.serve.app import create_app
-from kiln.serve.batcher import Full, MicroBatcher
+from kiln.serve.batcher import RECENT_BATCHES, Full, MicroBatcher
 from kiln.serve.metrics import Histogram, ServeMetrics
 from kiln.serve.settings import ServeSettings
 
@@ -177,8 +177,8 @@ def test_every_endpoint(predictors):
         many, *one = body["properties"]["inputs"]["anyOf"]  # a list of inputs, or one on its own
         assert many["type"] == "array" and many["maxItems"] == 7 and many["minItems"] == 1
         assert one == many["items"]["anyOf"]  # a lone input has an input's shape
-        assert set(schema["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "401", "413", "415", "422",
-                                                                          "429", "503"}
+        assert set(schema["paths"]["/predict"]["post"]["responses"]) == {
+            "200", "400", "401", "408", "413", "415", "422", "429", "503"}
         assert "swagger" in api.get("/docs").text.lower()
         page = api.get("/")
         if (Path(kiln.__file__).parent / "serve" / "static" / "index.html").is_file():
@@ -461,6 +461,40 @@ def test_batcher_gathers_by_parameters_and_isolates_a_failing_request():
     assert (["b"], {"p": 1}) in calls and (["bad", "c"], {}) in calls
 
 
+def test_batcher_waits_only_for_as_many_as_came_together_recently():
+    """A lone client is answered at once; clients that sent together are gathered again (up to max_wait),
+    until a few batches have shown that they stopped."""
+    calls: list[list] = []
+
+    def predict(examples: list, parameters: dict) -> list:
+        calls.append(list(examples))
+        return examples
+
+    async def scenario() -> list[float]:
+        batcher = MicroBatcher(predict, max_batch_tokens=100, max_wait=0.2)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+
+        async def timed(name: str, delay: float = 0.0) -> float:
+            await asyncio.sleep(delay)
+            started = loop.time()
+            await batcher.submit([name], {}, "{}", 1)
+            return loop.time() - started
+
+        took = [await timed("lone")]
+        await asyncio.gather(*(timed(name) for name in "abc"))  # three together: one batch
+        await asyncio.gather(*(timed(name, 0.05 * i) for i, name in enumerate("xyz")))  # gathered again
+        took += [await timed(f"alone{i}") for i in range(RECENT_BATCHES + 1)]
+        await batcher.close()
+        return took
+
+    took = asyncio.run(scenario())
+    assert calls[:3] == [["lone"], ["a", "b", "c"], ["x", "y", "z"]] and len(calls) == 4 + RECENT_BATCHES
+    assert took[0] < 0.1
+    assert all(t >= 0.18 for t in took[1:-1])  # each waits for two more that never come
+    assert took[-1] < 0.1  # the groups have left the recent batches
+
+
 def test_metrics_text_format():
     histogram = Histogram("x_seconds", "Doc.", (0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 7):
@@ -603,8 +637,10 @@ def test_max_wait_zero_runs_each_request_alone(predictors):
 
 
 def test_sigterm_finishes_in_flight_requests(runs):
-    # Batches wait up to 1.5 s for company, so all six requests are in flight when SIGTERM comes.
+    # Batches wait up to 1.5 s for as many requests as recent batches held: after 24 clients at once
+    # (batches of more than six), all six requests are in flight when SIGTERM comes.
     server = Server(runs["sequence"], "--max-wait-ms", "1500", "--max-batch-tokens", "100000")
+    assert all(answer.status_code == 200 for _, answer in hammer(server.url, 24, 1, [[text] for text in TEXTS]))
     answers: list = []
     threads = [threading.Thread(target=lambda text=text: answers.append(
         httpx.post(f"{server.url}/predict", json={"inputs": [text]}, timeout=120))) for text in TEXTS]
@@ -697,6 +733,91 @@ def test_python_clients_read_the_413_of_an_oversized_body(runs):
         assert requests.post(url, data=body, headers=JSON, timeout=60).status_code == 413
         assert httpx.post(url, content=body, headers=JSON, timeout=60).status_code == 413
         assert httpx.post(url, json={"inputs": ["a fine film ."]}, timeout=60).status_code == 200  # still serving
+    finally:
+        assert server.stop() == 0
+
+
+def send_head_slowly(host: str, port: int, give_up: float = 8) -> float:
+    """Send a request head a line every 0.2 s; the seconds until the server closes the connection."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=10) as slow:
+        started = time.monotonic()
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        while time.monotonic() - started < give_up:
+            time.sleep(0.2)
+            try:
+                slow.sendall(b"X-Slow: 1\r\n")
+                slow.setblocking(False)
+                if slow.recv(1024) == b"":
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:  # reset: closed as well
+                break
+            finally:
+                slow.setblocking(True)
+        return time.monotonic() - started
+
+
+@pytest.mark.parametrize("base", ["h11", "httptools"])
+def test_head_deadline_for_each_http_protocol(base):
+    """The deadline works on both of uvicorn's HTTP implementations (kiln uses httptools where installed)."""
+    import socket
+
+    import uvicorn
+
+    from kiln.serve.server import head_deadline_protocol
+
+    if base == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as protocol
+    else:
+        pytest.importorskip("httptools")
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as protocol
+
+    async def app(scope, receive, send):  # answers anything with 204
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=head_deadline_protocol(0.5, protocol), lifespan="off",
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        assert 0.4 < send_head_slowly(*sock.getsockname()) < 3
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_slow_clients_are_cut_off(runs):
+    """A head sent a line at a time is cut off --read-timeout after connecting (uvicorn alone would wait
+    for ever); a late body is answered 408; a keep-alive client's next request has its own deadline."""
+    import socket
+
+    server = Server(runs["sequence"], "--read-timeout", "1")
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        assert 0.9 < send_head_slowly(host, int(port)) < 5
+        with socket.create_connection((host, int(port)), timeout=10) as late:
+            late.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 100\r\n\r\n{\"inputs\": ")
+            answer = b""
+            while chunk := late.recv(65536):  # to the end: the 408 closes the connection
+                answer += chunk
+            answer = answer.decode()
+            assert answer.startswith("HTTP/1.1 408") and "--read-timeout" in answer, answer
+        with httpx.Client(base_url=server.url, timeout=10) as keep_alive:
+            for _ in range(2):
+                assert keep_alive.post("/predict", json={"inputs": TEXTS}).status_code == 200
+                time.sleep(0.6)  # more than half the deadline: the second request gets a new one
+            assert keep_alive.post("/predict", json={"inputs": TEXTS}).status_code == 200
     finally:
         assert server.stop() == 0
 

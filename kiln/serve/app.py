@@ -140,7 +140,8 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
     guarded = [Depends(authorize)] if settings.api_key else []
     error_model = schemas.error_model()
     errors = {status: {"model": error_model, "description": description} for status, description in (
-        (400, "The body is not JSON."), (401, "Missing or wrong API key."), (413, "The body is too large."),
+        (400, "The body is not JSON."), (401, "Missing or wrong API key."),
+        (408, "The body did not arrive within the server's --read-timeout."), (413, "The body is too large."),
         (415, "The body is not sent as application/json."), (429, "Too many requests wait; retry later."),
         (422, "JSON of the wrong shape, an unknown parameter, or an input the task refuses."),
         (503, "The model is still loading, or the server is shutting down."))}
@@ -151,7 +152,7 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
         """One prediction per input, in input order, with exactly the shapes of ``kiln predict --json``.
         Concurrent requests with identical parameters share micro-batches."""
         predictor = state.require()
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.read_timeout_s)
         # JSON only: a page on another origin can POST text/plain or a form without a CORS preflight.
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
@@ -268,23 +269,27 @@ def _describe_predict(schema: dict, task: str, parameters: dict[str, str], max_i
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
     """The request body, refused (413) as soon as its declared or streamed size passes ``limit``; the
-    rest of an oversized body is drained first (up to :data:`DRAIN_LIMIT`) so the client reads the 413."""
+    rest of an oversized body is drained first (up to :data:`DRAIN_LIMIT`) so the client reads the 413.
+    A body still incomplete after ``timeout`` seconds is answered 408."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         await _drain(request, int(declared))
         raise RequestError(413, f"the body has {int(declared)} bytes; this server takes at most {limit}")
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # chunked uploads declare no length
-                await _drain(request, None)
-                raise RequestError(413, f"the body is over {limit} bytes, the most this server takes")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # chunked uploads declare no length
+                    await _drain(request, None)
+                    raise RequestError(413, f"the body is over {limit} bytes, the most this server takes")
+                chunks.append(chunk)
     except ClientDisconnect:  # nobody is left to answer; counted as the client's doing, not a crash
         raise RequestError(400, "the client disconnected before sending the whole body") from None
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout:g} s (--read-timeout)") from None
     return b"".join(chunks)
 
 
@@ -312,7 +317,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestError)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else \
-            {"Retry-After": "1"} if exc.status in (429, 503) else None
+            {"Retry-After": "1"} if exc.status in (429, 503) else \
+            {"Connection": "close"} if exc.status == 408 else None  # the rest of a late body may still come
         return _json_error(exc.status, exc.message, exc.field, exc.kind, headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:

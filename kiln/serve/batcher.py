@@ -1,16 +1,19 @@
 """Micro-batching: concurrent requests gathered into token-budget batches for one worker thread.
 
 One request at a time leaves most of a forward pass's width unused; a batch of many costs little more
-than one. The batcher takes the oldest waiting request, waits up to ``max_wait`` (from when that
-request arrived) for others with the same parameters until their estimated tokens fill the budget,
-and runs them as one dataset on the worker thread. While a batch runs, new requests queue up, so
-under load batches grow by themselves and the wait rarely matters. Inference never runs on the event
-loop: health checks and metrics answer while the model works.
+than one. The batcher takes the oldest waiting request and, when recent batches held more requests than
+now wait, waits up to ``max_wait`` (from when that request arrived) for as many with the same
+parameters, or until their estimated tokens fill the budget, then runs them as one dataset on the
+worker thread. So a lone client never waits (its recent batches were itself alone), and clients
+that send together are answered together. While a batch runs, new requests queue up, so under load batches
+grow by themselves. Inference never runs on the event loop: health checks and metrics answer while
+the model works.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import time
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+RECENT_BATCHES = 8  # how many batches' sizes say how many requests come together
 
 
 class Closed(Exception):
@@ -54,6 +59,9 @@ class MicroBatcher:
         self.max_wait = max_wait  # seconds; 0: every request runs alone
         self.on_batch = on_batch
         self.pending: list[Job] = []
+        # Requests in each of the last few batches: as many as the largest are likely to come together
+        # again (the clients of a batch send their next requests once answered).
+        self.recent: collections.deque[int] = collections.deque(maxlen=RECENT_BATCHES)
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -94,7 +102,7 @@ class MicroBatcher:
                 await self._wake.wait()
                 continue
             first = self.pending[0]
-            while self.max_wait > 0 and not self._closing and self._gathered(first.key) < self.max_batch_tokens:
+            while self.max_wait > 0 and not self._closing and self._waiting_for(first.key):
                 remaining = first.arrived + self.max_wait - time.monotonic()
                 if remaining <= 0:
                     break
@@ -104,14 +112,18 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             batch = self._take(first)
+            self.recent.append(len(batch))
             started = time.monotonic()
             await self._run(loop, batch)
             if self.on_batch is not None:
                 self.on_batch(len(batch), sum(len(job.examples) for job in batch), time.monotonic() - started,
                               [started - job.arrived for job in batch])
 
-    def _gathered(self, key: str) -> int:
-        return sum(job.tokens for job in self.pending if job.key == key)
+    def _waiting_for(self, key: str) -> bool:
+        """Whether to wait for more requests like the oldest: fewer wait than recent batches held, and
+        their tokens leave room in the budget."""
+        jobs = [job for job in self.pending if job.key == key]
+        return len(jobs) < max(self.recent, default=1) and sum(job.tokens for job in jobs) < self.max_batch_tokens
 
     def _take(self, first: Job) -> list[Job]:
         """The oldest job, and after it, in arrival order, those with its parameters that fit the budget."""

@@ -65,7 +65,7 @@ class RequestError(Exception):
 
 
 ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               413: "payload_too_large", 422: "validation", 500: "internal", 503: "unavailable"}
+               408: "request_timeout", 413: "payload_too_large", 422: "validation", 500: "internal", 503: "unavailable"}
 
 
 def error_body(status: int, message: str, field: str | None = None, kind: str | None = None) -> dict:

@@ -44,6 +44,45 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def head_deadline_protocol(seconds: float, base: type | None = None) -> type:
+    """uvicorn's HTTP protocol ``base`` (default: httptools' where installed, else h11's), closing a
+    connection whose request head has not arrived in full ``seconds`` after it opened or after the
+    previous answer. uvicorn has no such deadline: its keep-alive timer stops at the first byte, so a
+    client that sends a head a byte at a time would hold its socket for ever."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeadDeadline(base or AutoHTTPProtocol):  # type: ignore[misc]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            # Whatever cycle is current now is the previous request's: a new head makes a new one.
+            self._deadline = self.loop.call_later(seconds, self._expired, self.cycle)
+
+        def _disarm(self) -> None:
+            deadline = getattr(self, "_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+            self._deadline = None
+
+        def _expired(self, previous: Any) -> None:
+            self._deadline = None
+            if self.cycle is previous and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline
+
+
 def serve(load: Callable[[], Any], settings: ServeSettings, *, name: str, verbose: int = 0) -> None:
     """Serve the model ``load()`` returns until SIGTERM or Ctrl-C; ``name`` (the run) is for the
     start-up line. A model that fails to load ends the server with that error."""
@@ -69,11 +108,12 @@ def serve(load: Callable[[], Any], settings: ServeSettings, *, name: str, verbos
                  f"API docs {url}/docs, demo {url}/ (loaded in {state.loaded_in:.1f}s; Ctrl-C to stop)")
 
     app = create_app(load, settings, on_ready=on_ready)
-    # A connection cap (uvicorn answers 503 past it) and a short keep-alive: idle or slow clients
-    # cannot hold every socket.
+    # A connection cap (uvicorn answers 503 past it), a short keep-alive and a deadline for each
+    # request head: idle or slow clients cannot hold every socket.
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=bool(verbose),
                             timeout_graceful_shutdown=GRACEFUL_SECONDS, lifespan="on",
-                            limit_concurrency=settings.max_connections, timeout_keep_alive=5)
+                            limit_concurrency=settings.max_connections, timeout_keep_alive=5,
+                            http=head_deadline_protocol(settings.read_timeout_s))
     server = uvicorn.Server(config)
     # uvicorn raises SIGTERM again after its graceful shutdown, for the default action (exit 143);
     # a drained server has done what SIGTERM asks, so kiln exits 0 instead.

@@ -41,6 +41,10 @@ class ServeSettings:
                                above=0)
     max_connections: int = setting(512, "Open connections at most; more are answered 503 at once, so slow "
                                         "clients cannot take every socket.", flag="--max-connections", minimum=1)
+    read_timeout_s: float = setting(10.0, "Seconds a client has to send a request's head (from connecting, or "
+                                          "from the previous answer) and, again, its body; a slower one is "
+                                          "closed (408 for a late body).", flag="--read-timeout", above=0,
+                                    maximum=3600)
 
     def check(self) -> None:
         """Raise a KilnError naming the first value outside its declared type or range."""
