@@ -1,8 +1,9 @@
 """Micro-batching: concurrent requests gathered into token-budget batches for one worker thread.
 
 One request at a time leaves most of a forward pass's width unused; a batch of many costs little more
-than one. The batcher takes the oldest waiting request and, when recent batches held more requests than
-now wait, waits up to ``max_wait`` (from when that request arrived) for as many with the same
+than one. The batcher takes the oldest waiting request and, when more requests came together around
+recent batches (a batch's requests and those that waited meanwhile) than now wait, waits up to
+``max_wait`` (from when that request arrived or the model became free) for as many with the same
 parameters, or until their estimated tokens fill the budget, then runs them as one dataset on the
 worker thread. So a lone client never waits (its recent batches were itself alone), and clients
 that send together are answered together. While a batch runs, new requests queue up, so under load batches
@@ -59,9 +60,9 @@ class MicroBatcher:
         self.max_wait = max_wait  # seconds; 0: every request runs alone
         self.on_batch = on_batch
         self.pending: list[Job] = []
-        # Requests in each of the last few batches: as many as the largest are likely to come together
-        # again (the clients of a batch send their next requests once answered).
+        # How many requests came together around each of the last few batches (see _loop).
         self.recent: collections.deque[int] = collections.deque(maxlen=RECENT_BATCHES)
+        self._free_since = 0.0  # when the last batch ended
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -103,7 +104,9 @@ class MicroBatcher:
                 continue
             first = self.pending[0]
             while self.max_wait > 0 and not self._closing and self._waiting_for(first.key):
-                remaining = first.arrived + self.max_wait - time.monotonic()
+                # Waiting starts when the request arrived or the model became free, whichever is later:
+                # time spent behind a running batch gathered nothing.
+                remaining = max(first.arrived, self._free_since) + self.max_wait - time.monotonic()
                 if remaining <= 0:
                     break
                 self._wake.clear()
@@ -112,15 +115,18 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             batch = self._take(first)
-            self.recent.append(len(batch))
             started = time.monotonic()
             await self._run(loop, batch)
+            # The batch's clients send again once answered, and those that came meanwhile wait: as many
+            # requests are likely to come together next (two groups that alternate merge into one).
+            self.recent.append(len(batch) + sum(not job.future.done() for job in self.pending))
+            self._free_since = time.monotonic()
             if self.on_batch is not None:
                 self.on_batch(len(batch), sum(len(job.examples) for job in batch), time.monotonic() - started,
                               [started - job.arrived for job in batch])
 
     def _waiting_for(self, key: str) -> bool:
-        """Whether to wait for more requests like the oldest: fewer wait than recent batches held, and
+        """Whether to wait for more requests like the oldest: fewer wait than came together recently, and
         their tokens leave room in the budget."""
         jobs = [job for job in self.pending if job.key == key]
         return len(jobs) < max(self.recent, default=1) and sum(job.tokens for job in jobs) < self.max_batch_tokens
