@@ -9,8 +9,7 @@ from typing import Any
 
 from kiln.log import install_default_handler
 from kiln.training.callbacks import Callback
-
-__version__ = "0.1.0"
+from kiln.version import __version__
 
 install_default_handler()
 

@@ -120,7 +120,7 @@ def model_card(run_dir: Path) -> str:
 
 def write_model_card(run_dir: Path) -> Path:
     """Write ``model/README.md`` atomically."""
-    from kiln.training.checkpoint import write_text_atomic
+    from kiln.files import write_text_atomic
 
     target = run_dir / "model" / "README.md"
     write_text_atomic(target, model_card(run_dir))

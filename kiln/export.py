@@ -380,11 +380,12 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     """Export the model of ``run`` to ``out`` as ONNX (``quantize="int8"``: dynamic int8 weights).
 
     Refuses a task it cannot export and an ``out`` that exists and is not empty; writes to a
-    temporary sibling and renames it into place (:func:`kiln.training.checkpoint.new_dir`). Returns the
+    temporary sibling and renames it into place (:func:`kiln.files.new_dir`). Returns the
     ``export`` entry of ``kiln.json``.
     """
+    from kiln.files import new_dir
+    from kiln.model_files import KILN_FILE
     from kiln.predictor import Predictor
-    from kiln.training.checkpoint import KILN_FILE, new_dir
 
     ort = onnxruntime()
     out = Path(out)
@@ -544,9 +545,9 @@ def _sample(predictor: Any, evaluation: tuple[Path, Any] | None) -> Any:
 def _evaluation_set(predictor: Any, eval_data: str | Path | None) -> tuple[Path, Any] | None:
     """The labelled validation data to state the export's metrics on: ``eval_data``, else the run's own
     validation file when it has one."""
-    from kiln.run import RUN_FILE
+    from kiln.files import read_json
+    from kiln.model_files import RUN_FILE
     from kiln.tasks.base import Dataset
-    from kiln.training.checkpoint import read_json
 
     path = Path(eval_data) if eval_data else None
     run_file = predictor.path.parent / RUN_FILE

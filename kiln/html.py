@@ -184,7 +184,7 @@ def _table_html(table: Table) -> str:
 # -- writing ----------------------------------------------------------------------------------
 def write_page(path: str | Path, title: str, sections: list[Section], subtitle: str = "") -> Path:
     """Render and write the page atomically; returns the path."""
-    from kiln.training.checkpoint import write_text_atomic
+    from kiln.files import write_text_atomic
 
     path = Path(path)
     write_text_atomic(path, render_page(title, sections, subtitle))
@@ -193,7 +193,7 @@ def write_page(path: str | Path, title: str, sections: list[Section], subtitle: 
 
 def write_pngs(directory: str | Path, plots: list[Plot]) -> list[Path]:
     """Each plot as ``directory/NAME.png`` (the directory is created); returns the files."""
-    from kiln.training.checkpoint import atomic_file
+    from kiln.files import atomic_file
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():

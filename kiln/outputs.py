@@ -60,7 +60,7 @@ def kiln_directory(path: Path) -> Path | None:
     """The nearest of ``path`` and its ancestors that is a run directory or a model directory
     (kiln's export or checkpoint, or any HF model directory: ``config.json`` beside weights), if any.
     A lone ``config.json`` is not enough: plenty of project folders have one."""
-    from kiln.run import RUN_FILE
+    from kiln.model_files import RUN_FILE
 
     for folder in (path, *path.parents):
         if (folder / RUN_FILE).is_file() or (folder / "kiln.json").is_file():

@@ -10,9 +10,10 @@ from typing import Any, TextIO
 
 from kiln.config import coerce, config_from_dict, parse_override
 from kiln.errors import KilnError
+from kiln.files import read_json
+from kiln.model_files import KILN_FILE, KILN_KEYS, model_dir_of, verify_model_dir
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset, Task
-from kiln.training.checkpoint import KILN_FILE, KILN_KEYS, read_json, verify_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ class Predictor:
                  batch_tokens: int | None = None, generate: list[str] | tuple[str, ...] = (),
                  compile: str = "off"):
         from kiln.export import is_onnx_export, onnx_model
-        from kiln.run import model_dir_of
         from kiln.tokenizers import load_tokenizer
         from kiln.training import compile as compiling
         from kiln.training.device import inference_precision, keep_freed_memory, resolve_device

@@ -43,7 +43,7 @@ def resolve_init(spec: str | Path) -> Path:
     """The model directory ``--init`` names: a local directory (a kiln run's ``model/`` inside a run),
     else a hub id found in the local cache. Anything else is a one-line error that says how to get
     the checkpoint onto this machine."""
-    from kiln.run import model_dir_of
+    from kiln.model_files import model_dir_of
 
     path = Path(spec).expanduser()
     if path.exists() or not HUB_ID.fullmatch(str(spec)):
@@ -68,7 +68,7 @@ def known_architecture(model_dir: Path) -> Path:
     """``model_dir``, once its ``config.json`` names an architecture this transformers knows."""
     from transformers import CONFIG_MAPPING
 
-    from kiln.training.checkpoint import read_json
+    from kiln.files import read_json
 
     config = model_dir / "config.json"
     model_type = read_json(config).get("model_type")

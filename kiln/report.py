@@ -24,7 +24,7 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.html import Plot, Section, Table
-from kiln.run import RUN_FILE
+from kiln.model_files import RUN_FILE
 from kiln.tasks.base import LOWER_IS_BETTER
 
 METRICS_FILE = "metrics.jsonl"
@@ -107,7 +107,7 @@ def _number(value: Any) -> bool:
 
 def load_run(path: str | Path, name: str | None = None) -> RunLog:
     """Read a run directory; a directory that is not a kiln run is a :class:`KilnError`."""
-    from kiln.training.checkpoint import read_json
+    from kiln.files import read_json
 
     path = Path(path)
     if not path.is_dir():
@@ -208,7 +208,8 @@ def read_metrics(path: Path, findings: list[str]) -> Iterator[dict]:
 def stored_parameters(run_dir: Path, findings: list[str]) -> tuple[int | None, str]:
     """Parameters in the newest saved weights (``model/``, else the best or last checkpoint), counted
     from the safetensors header's shapes (tied weights are stored, and counted, once)."""
-    from kiln.training.checkpoint import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, saved_checkpoints
+    from kiln.model_files import WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+    from kiln.training.checkpoint import saved_checkpoints
 
     # Headers only, never a checksum: a report reads a large (or still training) run in a second.
     candidates = [run_dir / "model", run_dir / "checkpoints" / "best", *saved_checkpoints(run_dir / "checkpoints")]

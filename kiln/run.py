@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from kiln import __version__
 from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key, resume_config
 from kiln.errors import ColumnsMismatch, KilnError, MissingLabels
+from kiln.files import read_json, write_text_atomic
+from kiln.model_files import RUN_FILE
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
+from kiln.version import __version__
 
 MODEL_FILES_SKIP = {ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE}
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"  # marks a directory as a kiln run: --overwrite deletes nothing without it
 
 
 @dataclass
@@ -53,16 +54,6 @@ def is_main_process() -> bool:
     from kiln.training.distributed import world
 
     return world()[0] == 0
-
-
-def model_dir_of(path: str | Path) -> Path:
-    """The model directory inside a run directory, or ``path`` itself when it is one."""
-    path = Path(path)
-    if (path / "model" / "config.json").is_file():
-        return path / "model"
-    if (path / "config.json").is_file():
-        return path
-    raise KilnError("not a run or model directory (no config.json or model/config.json)", path)
 
 
 def check_run_name(name: str) -> None:
@@ -244,7 +235,7 @@ def train(
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise KilnError("nothing to resume: no config.yaml in the run directory", run_dir)
-        saved_meta = ckpt.read_json(run_dir / RUN_FILE, required=("task", "data", "config"))
+        saved_meta = read_json(run_dir / RUN_FILE, required=("task", "data", "config"))
         checkpoints = run_dir / "checkpoints"
         belongs = ckpt.same_run(saved_meta)
         for saved in (ckpt.last_checkpoint(checkpoints, strict=True, belongs=belongs),
@@ -372,11 +363,11 @@ def train(
         import yaml
 
         # run.json first and each file whole: a kill here leaves a run that --resume or --overwrite takes
-        ckpt.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
-        ckpt.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
+        write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
             {"task": task, "data": meta["data"], "init": meta["init"], **config.to_dict()}, sort_keys=False))
     elif resume and changes and is_main_process():  # the next resume, and the report, see what this one ran
-        ckpt.write_text_atomic(run_dir / RUN_FILE, json.dumps({**saved_meta, "config": config.to_dict()},
+        write_text_atomic(run_dir / RUN_FILE, json.dumps({**saved_meta, "config": config.to_dict()},
                                                               indent=2) + "\n")
 
     metrics = trainer.train(resume=resume)
@@ -404,7 +395,7 @@ def evaluate_test(run_dir: Path, test: Dataset, device: str) -> dict:
     metrics = predictor.evaluate(test)
     meta = json.loads((run_dir / RUN_FILE).read_text())
     meta["test_metrics"] = metrics
-    ckpt.write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
     step = json.loads((run_dir / "model" / ckpt.KILN_FILE).read_text()).get("step")
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as out:
         out.write(json.dumps({"step": step, "split": "test", **{f"test_{k}": v for k, v in metrics.items()}}) + "\n")

@@ -105,9 +105,10 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
               init: str | None = None, profile: str | None = None, recipe: str = "sane",
               budget: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Fine-tune and score every selected task; returns (and writes) ``results.json``'s content."""
-    import kiln
-    from kiln.run import RUN_FILE
-    from kiln.training.checkpoint import last_checkpoint, read_json, write_text_atomic
+    from kiln.files import read_json, write_text_atomic
+    from kiln.model_files import RUN_FILE
+    from kiln.run import train
+    from kiln.training.checkpoint import last_checkpoint
 
     data, output_dir = Path(data), Path(output_dir)
     selected = suite.select(tasks)
@@ -152,9 +153,9 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
         log.info(f"{task.name}: {task.task} on {data / task.folder}" + (" (resumed)" if resume else ""))
         began = time.perf_counter()
         if resume:
-            run = kiln.train(task.task, data / task.folder, name=task.name, output_dir=output_dir, resume=True)
+            run = train(task.task, data / task.folder, name=task.name, output_dir=output_dir, resume=True)
         else:
-            run = kiln.train(task.task, data / task.folder, name=task.name, init=init, profile=profile,
+            run = train(task.task, data / task.folder, name=task.name, init=init, profile=profile,
                              output_dir=output_dir, overwrite=True, columns=task.columns or None,
                              overrides=list(overrides), **settings)
         results["tasks"][task.name] = {"metrics": run.metrics, "score": 100 * run.metrics[task.report[0]],

@@ -208,7 +208,7 @@ def load_tokenizer(path: str | Path) -> Any:
     """Load a tokenizer directory (kiln run, model dir or HF checkpoint) without network access."""
     from transformers import AutoTokenizer
 
-    from kiln.training.checkpoint import verify_tokenizer_files
+    from kiln.model_files import verify_tokenizer_files
 
     path = Path(path)
     if not path.is_dir():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import KilnError
+from kiln.files import exchange_dirs, umask
 from kiln.training import checkpoint as ckpt
 
 META = {"task": "sequence", "task_state": {}, "max_length": 64, "config": {}}
@@ -101,7 +102,7 @@ def test_a_save_writes_a_manifest_whose_hashes_match(checkpoints):
     assert ckpt.last_checkpoint(checkpoints) == newest
     assert ckpt.last_checkpoint(checkpoints, "best") == checkpoints / "best"
     ckpt.verify_manifest(checkpoints / "best")  # best is written the same verified way
-    assert modes(newest) == {0o666 & ~ckpt.umask()}  # not safetensors' 0600: a service account reads a model
+    assert modes(newest) == {0o666 & ~umask()}  # not safetensors' 0600: a service account reads a model
     assert leftovers(checkpoints) == []
 
 
@@ -281,7 +282,7 @@ def test_a_save_cut_off_between_two_renames_falls_back_to_the_old_directory(tiny
     # kill between them leaves only .step-N.old, which is then the one to resume from.
     (checkpoints / "step-00000300").rename(checkpoints / ".step-00000300.old")
     assert ckpt.last_checkpoint(checkpoints) == checkpoints / ".step-00000300.old"
-    monkeypatch.setattr(ckpt, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(ckpt, "exchange_dirs", lambda first, second: False)
     save(tiny, checkpoints, 300)  # the same step again: replaces it
     assert ckpt.last_checkpoint(checkpoints) == checkpoints / "step-00000300" and leftovers(checkpoints) == []
 
@@ -289,7 +290,7 @@ def test_a_save_cut_off_between_two_renames_falls_back_to_the_old_directory(tiny
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 def test_atomic_dir_replaces_a_directory(exchange, tmp_path, monkeypatch):
     if not exchange:
-        monkeypatch.setattr(ckpt, "_exchange", lambda first, second: False)
+        monkeypatch.setattr(ckpt, "exchange_dirs", lambda first, second: False)
     target = tmp_path / "model"
     target.mkdir()
     (target / "old.txt").write_text("old")
@@ -300,7 +301,7 @@ def test_atomic_dir_replaces_a_directory(exchange, tmp_path, monkeypatch):
     commit()
     assert [path.name for path in tmp_path.iterdir()] == ["model"]
     assert sorted(path.name for path in target.iterdir()) == ["model.safetensors", "new.txt"]
-    assert modes(target) == {0o666 & ~ckpt.umask()}
+    assert modes(target) == {0o666 & ~umask()}
 
 
 def test_exchange_swaps_two_directories_in_one_step(tmp_path):
@@ -308,7 +309,7 @@ def test_exchange_swaps_two_directories_in_one_step(tmp_path):
     first.mkdir()
     second.mkdir()
     (first / "a").write_text("a")
-    if not ckpt._exchange(first, second):
+    if not exchange_dirs(first, second):
         pytest.skip("this platform or file system cannot exchange two directories (two renames are used)")
     assert [path.name for path in second.iterdir()] == ["a"] and not any(first.iterdir())
 
@@ -336,7 +337,7 @@ def test_the_legacy_last_layout_is_still_found(checkpoints):
 def test_new_dir_replaces_nothing_and_removes_only_its_own(tmp_path):
     """A user's -o: the rename takes an empty directory's place; a target with files by then is refused
     and kept; siblings named like kiln's leftovers are not cleaned up (they may be the user's)."""
-    from kiln.training.checkpoint import new_dir
+    from kiln.files import new_dir
 
     lookalikes = [tmp_path / ".out.old", tmp_path / ".out.tmp-mine"]
     for path in lookalikes:

@@ -13,7 +13,7 @@ import pytest
 import kiln
 from kiln.cli import build_parser, join_dash_values, main
 from kiln.errors import KilnError
-from kiln.training.checkpoint import verify_safetensors
+from kiln.model_files import verify_safetensors
 
 
 def one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:

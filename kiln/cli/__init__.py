@@ -11,9 +11,9 @@ import shlex
 import sys
 from typing import NoReturn
 
-from kiln import __version__
 from kiln.errors import KilnError, RunStopped
 from kiln.log import set_verbosity
+from kiln.version import __version__
 
 COMMANDS = {
     "train": "kiln.cli.train",

@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from kiln.export import export, metric_lines
+    from kiln.model_files import model_dir_of
     from kiln.outputs import check_output
-    from kiln.run import model_dir_of
 
     model_dir = model_dir_of(args.run_dir)
     name = model_dir.parent.name if model_dir.name == "model" else model_dir.name

@@ -49,7 +49,7 @@ def write_predictions(predictor: Any, dataset: Any, predictions: list[Any], outp
     if target.is_dir():
         raise KilnError("is a directory; -o takes the path of the file to write", target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    from kiln.training.checkpoint import atomic_file
+    from kiln.files import atomic_file
 
     with atomic_file(target) as stream:
         emit(stream)

@@ -49,9 +49,8 @@ def run(args: argparse.Namespace) -> int:
     settings.check()
 
     import kiln
-    from kiln.run import model_dir_of
+    from kiln.model_files import KILN_FILE, model_dir_of
     from kiln.serve.server import serve
-    from kiln.training.checkpoint import KILN_FILE
 
     if not (model_dir_of(args.run_dir) / KILN_FILE).is_file():  # before listening: the common slip is one line
         raise KilnError(f"no {KILN_FILE}: not a model kiln saved", model_dir_of(args.run_dir))

@@ -26,13 +26,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiln import __version__
 from kiln.errors import KilnError
 from kiln.serve import schemas
 from kiln.serve.batcher import Closed, Full, MicroBatcher
 from kiln.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kiln.serve.schemas import RequestError, error_body
 from kiln.serve.settings import ServeSettings
+from kiln.version import __version__
 
 log = logging.getLogger(__name__)
 

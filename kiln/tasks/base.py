@@ -203,8 +203,8 @@ class Task:
         KilnError naming it)."""
         import transformers
 
+        from kiln.model_files import verify_model_dir
         from kiln.models import quiet_transformers
-        from kiln.training.checkpoint import verify_model_dir
 
         verify_model_dir(Path(path))
         quiet_transformers()

@@ -175,7 +175,7 @@ class GenerationTask(Task):
     def load_model(self, path: str | Path, **kwargs: Any) -> Any:
         from transformers import AutoConfig
 
-        from kiln.training.checkpoint import verify_model_dir
+        from kiln.model_files import verify_model_dir
 
         verify_model_dir(Path(path))  # before AutoConfig reads config.json (super() checks again)
         self.state["decoder_only"] = not AutoConfig.from_pretrained(path, local_files_only=True).is_encoder_decoder

@@ -26,6 +26,7 @@ from typing import Any
 
 from kiln.config import Config, parse_duration, parse_save_every
 from kiln.errors import KilnError, RunStopped
+from kiln.files import DAMAGED, write_text_atomic
 from kiln.models import set_dropout, training_attention
 from kiln.training import checkpoint as ckpt
 from kiln.training import compile as compiling
@@ -96,7 +97,7 @@ class TrainerState:
                     "world_size", "micro_split") else 0
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= lowest
             if not ok:
-                raise KilnError(f"'{name}' is {value!r}, not a valid {declared.type}; {ckpt.DAMAGED}", path)
+                raise KilnError(f"'{name}' is {value!r}, not a valid {declared.type}; {DAMAGED}", path)
             setattr(state, name, value)
         return state
 
@@ -838,13 +839,13 @@ def _cut_metrics(path: Path, step: int, evaluated: bool = True) -> None:
             if number == len(lines):  # a kill cut the last line short: the resumed run writes it again
                 continue
             what = "not UTF-8" if isinstance(err, UnicodeDecodeError) else "not a JSON record"
-            raise KilnError(f"{what}; {ckpt.DAMAGED}", path, number) from None
+            raise KilnError(f"{what}; {DAMAGED}", path, number) from None
         # The test split's record is written after training, by the export: a resumed run writes it again.
         if not isinstance(record, dict) or record.get("split") == "test":
             continue
         at = record.get("step", 0)
         if not isinstance(at, int) or isinstance(at, bool) or at < 0:
-            raise KilnError(f"'step' is {at!r}, not a step number; {ckpt.DAMAGED}", path, number)
+            raise KilnError(f"'step' is {at!r}, not a step number; {DAMAGED}", path, number)
         if at < step or (at == step and (evaluated or record.get("split") != "validation")):
             kept.append(line)
-    ckpt.write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))

@@ -1,0 +1,3 @@
+"""kiln's version, in a module of its own so that any module can read it without importing kiln."""
+
+__version__ = "0.1.0"
