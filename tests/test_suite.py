@@ -9,6 +9,7 @@ from conftest import SUBJECTS, sentiment_rows
 from test_trainer import StopAt
 
 import kiln
+import kiln.run
 import kiln.suite
 from kiln.cli import main
 from kiln.errors import KilnError
@@ -60,13 +61,13 @@ def test_suite_trains_each_task_prints_the_table_and_writes_json(glue_dir, tiny_
     assert config["train"]["epochs"] == 1
 
     # Done tasks are not trained again.
-    real_train = kiln.train
-    monkeypatch.setattr(kiln, "train", lambda *a, **k: pytest.fail("a finished task was trained again"))
+    real_train = kiln.run.train  # what kiln suite calls
+    monkeypatch.setattr(kiln.run, "train", lambda *a, **k: pytest.fail("a finished task was trained again"))
     assert main(suite_args(glue_dir, tiny_profile, out)) == 0
     # ...unless the run is gone: then its score would describe nothing there, so it is trained again.
     shutil.rmtree(out / "rte")
     trained = []
-    monkeypatch.setattr(kiln, "train", lambda *a, **k: trained.append(k["name"]) or real_train(*a, **k))
+    monkeypatch.setattr(kiln.run, "train", lambda *a, **k: trained.append(k["name"]) or real_train(*a, **k))
     assert main(suite_args(glue_dir, tiny_profile, out)) == 0
     assert trained == ["rte"] and (out / "rte" / "model" / "config.json").is_file()
     assert "its run" in caplog.text and "is gone; training it again" in caplog.text
@@ -83,7 +84,7 @@ def test_the_fast_recipe_gives_large_sets_token_batches_on_top_of_the_common_set
 def test_a_stopped_task_resumes_and_another_start_is_refused(glue_dir, tiny_profile, tmp_path, monkeypatch):
     out = tmp_path / "suite"
     suite = load_suite("glue")
-    real_train, calls = kiln.train, []
+    real_train, calls = kiln.run.train, []
 
     def stopping(*args, **kwargs):  # the first task is interrupted after one step, as by Ctrl-C
         return real_train(*args, callbacks=[StopAt(1)], **kwargs)
@@ -92,13 +93,13 @@ def test_a_stopped_task_resumes_and_another_start_is_refused(glue_dir, tiny_prof
         calls.append(kwargs.get("resume", False))
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(kiln, "train", stopping)
+    monkeypatch.setattr(kiln.run, "train", stopping)
     with pytest.raises(KeyboardInterrupt):
         run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="fast")
     # Another recipe may not take over the stopped run, even before any task finished.
     with pytest.raises(KilnError, match="another start, recipe or data"):
         run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="sane")
-    monkeypatch.setattr(kiln, "train", spy)
+    monkeypatch.setattr(kiln.run, "train", spy)
     run_suite(suite, glue_dir, out, tasks="rte", profile=str(tiny_profile), recipe="fast")
     assert calls == [True]
 
