@@ -10,18 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-# kiln task -> Hugging Face pipeline tag (decoder-only generation is text-generation, below)
-PIPELINES = {
-    "sequence": "text-classification",
-    "sentence-pair": "text-classification",
-    "token": "token-classification",
-    "qa": "question-answering",
-    "generation": "text2text-generation",
-    "mlm": "fill-mask",
-    "clm": "text-generation",
-    "span": "text2text-generation",
-}
-
 
 def parameter_count(model_dir: Path) -> int:
     """Parameters stored in the safetensors files (tied weights are stored once), read from headers."""
@@ -60,15 +48,9 @@ def model_card(run_dir: Path) -> str:
     saved = json.loads((model_dir / "kiln.json").read_text())
     config = json.loads((model_dir / "config.json").read_text())
     task = run["task"]
-    auto, pipeline = task_class(task).auto_model, PIPELINES[task]
-    if task == "generation" and not config.get("is_encoder_decoder"):
-        auto, pipeline = "AutoModelForCausalLM", "text-generation"
-    elif task == "generation":
-        auto = "AutoModelForSeq2SeqLM"
+    facts = task_class(task).card_facts(config)
+    auto, labels = facts.auto_model, facts.labels
     params = parameter_count(model_dir)
-    regression = config.get("problem_type") == "regression"
-    labels = [config["id2label"][k] for k in sorted(config.get("id2label", {}), key=int)] \
-        if task in ("sequence", "sentence-pair", "token") and not regression else []
     splits = run.get("splits", {})
     rows = {"validation": saved.get("metrics", {})}
     if run.get("test_metrics"):
@@ -77,7 +59,7 @@ def model_card(run_dir: Path) -> str:
     lines = [
         "---",
         "library_name: transformers",
-        f"pipeline_tag: {pipeline}",
+        f"pipeline_tag: {facts.pipeline_tag}",
         "tags: [kiln]",
         "---",
         "",
@@ -107,12 +89,8 @@ def model_card(run_dir: Path) -> str:
         "```",
         "",
     ]
-    if task == "generation" and not config.get("is_encoder_decoder"):
-        lines += ["The prompt is the source text followed by the end-of-text token; `generate()` then writes the "
-                  "target. `generation_config.json` holds the decoding that `kiln predict` uses.", ""]
-    elif task == "generation":
-        lines += ["`generation_config.json` holds the decoding that `kiln predict` uses, so `generate()` decodes "
-                  "alike.", ""]
+    for note in facts.notes:
+        lines += [note, ""]
     lines += ["With kiln: `kiln predict PATH/TO/" + run_dir.name + " INPUT` or `kiln evaluate PATH/TO/"
               + run_dir.name + " LABELLED`.", "", "## Training", "", "```", run.get("command", ""), "```", ""]
     return "\n".join(lines)

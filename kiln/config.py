@@ -112,11 +112,15 @@ class TokenizerConfig:
     min_frequency: int = setting(2, "Minimum pair/word frequency for a merge or vocabulary entry.", minimum=0)
 
 
+# The optimizers kiln trains with (kiln.training.optim builds each; kiln estimate sizes each one's state).
+OPTIMIZERS = ("adamw", "adam", "adafactor", "radam")
+
+
 @dataclass
 class OptimConfig:
     """The optimizer. Bias and LayerNorm weights never get weight decay."""
 
-    name: str = setting("adamw", "Optimizer.", choices=("adamw", "adam", "adafactor", "radam"))
+    name: str = setting("adamw", "Optimizer.", choices=OPTIMIZERS)
     lr: float = setting(5e-5, "Peak learning rate.", flag="--lr", minimum=0)
     betas: list = setting([0.9, 0.999], "Adam betas.")
     eps: float = setting(1e-8, "Adam epsilon.", minimum=0)

@@ -508,7 +508,7 @@ def describe(task: str, data: str | Path, *, tokenizer: str | Path | None = None
     config = resolve_config(task, None, None, {"data.columns": columns, "data.pair": pair}, overrides).build()
     task_obj = get_task(task, config)
     counter = TokenCounter(tokenizer)
-    kind = DESCRIBERS[task](task_obj, counter)
+    kind = DESCRIBERS[task_obj.describer](task_obj, counter)
     description = Description(task, str(data), counter.name, kind=kind)
     kind.run(description, Path(data))
     return description
@@ -1057,13 +1057,11 @@ def corpus_documents(files: Sequence[Path], paragraphs: bool, findings: Findings
         yield from iter_documents(files, paragraphs, on_error=finding, on_bytes=bar.update)
 
 
+# A task's kind of data (its `describer`) -> what reads and summarises it.
 DESCRIBERS: dict[str, type[Describer]] = {
-    "sequence": SequenceDescriber,
-    "sentence-pair": SequenceDescriber,
-    "token": TokenDescriber,
-    "qa": QuestionAnsweringDescriber,
-    "generation": GenerationDescriber,
-    "mlm": CorpusDescriber,
-    "clm": CorpusDescriber,
-    "span": CorpusDescriber,
+    "labelled-text": SequenceDescriber,
+    "tagged-words": TokenDescriber,
+    "questions": QuestionAnsweringDescriber,
+    "parallel-text": GenerationDescriber,
+    "corpus": CorpusDescriber,
 }

@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kiln.config import Config
+from kiln.config import OPTIMIZERS, Config
 from kiln.errors import KilnError
 
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "radam": 2, "sgd": 0}  # fp32 copies of the weights
+# fp32 copies of the weights each optimizer keeps (adafactor: factored, see optimizer_bytes)
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "radam": 2, "adafactor": None}
 
 
 @dataclass
@@ -76,8 +77,8 @@ def optimizer_bytes(model: Any, optimizer: str) -> int:
         for param in {id(p): p for p in model.parameters()}.values():
             total += 4 * (param.shape[0] + param.shape[1:].numel() if param.ndim >= 2 else param.numel())
         return total
-    if optimizer not in OPTIMIZER_STATES:
-        raise KilnError(f"--optimizer must be one of adamw, adam, adafactor, radam, sgd; got '{optimizer}'")
+    if optimizer not in OPTIMIZERS:
+        raise KilnError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got '{optimizer}'")
     return 4 * OPTIMIZER_STATES[optimizer] * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
@@ -148,7 +149,9 @@ def estimate(
     counts = parameter_counts(model)
     shape = shape_of(architecture)
     if not seq_len:  # what training would use: a pretraining block, else up to 128 tokens
-        pretraining = task in ("mlm", "clm", "span")
+        from kiln.tasks import task_class
+
+        pretraining = task is not None and task_class(task).pretraining
         seq_len = config.pretrain.seq_len if pretraining else min(128, max_positions(architecture))
     if batch_size is None:
         if config.train.batch_size and not batch_tokens:  # the profile trains fixed-size batches

@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 DECODER_FILE, ENCODER_FILE = "decoder_model.onnx", "encoder_model.onnx"
-GENERATIVE = ("generation", "clm", "span")  # tasks that generate(): exported as decoder (+ encoder) graphs
-# Tasks exported as one encoder graph, and the model outputs each one's decoding reads.
-GRAPH_OUTPUTS = {"sequence": ("logits",), "sentence-pair": ("logits",), "token": ("logits",),
-                 "qa": ("start_logits", "end_logits"), "mlm": ("logits",)}
 PARITY_TOLERANCE = 1e-4  # fp32 ONNX against PyTorch, largest |difference| of any output
 
 
@@ -393,8 +389,10 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
         raise KilnError("exists and is not an empty directory; kiln export writes a new one (choose another -o)", out)
     predictor = Predictor(run, device="cpu", precision="fp32")
     task = predictor.task
-    if task.name not in GRAPH_OUTPUTS and task.name not in GENERATIVE:
-        known = ", ".join([*GRAPH_OUTPUTS, *GENERATIVE])
+    if not task.export_outputs and not task.generates:
+        from kiln.tasks import TASKS, task_class
+
+        known = ", ".join(name for name in TASKS if task_class(name).export_outputs or task_class(name).generates)
         raise KilnError(f"kiln export writes ONNX for {known} models; this one is a {task.name} model", predictor.path)
     if quantize not in (None, "int8"):
         raise KilnError(f"--quantize takes int8, not '{quantize}'")
@@ -407,7 +405,7 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     sample = _sample(predictor, evaluation)
     tmp, commit = new_dir(out)
     try:
-        write = _write_generative if task.name in GENERATIVE else _write_encoder
+        write = _write_generative if task.generates else _write_encoder
         graphs, entry = write(model, predictor, sample, tmp)
         if entry["parity_fp32_max_abs_diff"] > PARITY_TOLERANCE:
             raise KilnError(f"the ONNX graph differs from PyTorch by {entry['parity_fp32_max_abs_diff']:.2e} "
@@ -449,7 +447,7 @@ def _write_encoder(model: Any, predictor: Any, sample: Any, directory: Path) -> 
     given.setdefault("attention_mask", torch.ones_like(given["input_ids"]))  # padded batches at predict time
     inputs = [name for name in INPUT_ORDER if name in given]
     example = {name: given[name] for name in inputs}
-    outputs = GRAPH_OUTPUTS[task.name]
+    outputs = task.export_outputs
     graph = _graph(model, outputs)
     axes = {name: {0: torch.export.Dim("batch", min=1, max=1024), 1: torch.export.Dim("sequence", min=2, max=8192)}
             for name in inputs}

@@ -107,8 +107,8 @@ def resolve_config(task: str, profile: str | None, init: str | None, flags: dict
     from kiln.profiles import builder_for
     from kiln.tasks import task_class
 
-    default = task_class(task).default_profile
-    profile = profile or (("_generation" if task == "generation" else "_finetune") if init else default)
+    face = task_class(task)
+    profile = profile or (face.init_profile if init else face.default_profile)
     dotted = {resolve_key(k): v for k, v in flags.items() if v is not None}
     return builder_for(profile, dotted, overrides)
 

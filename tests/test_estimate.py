@@ -40,15 +40,22 @@ def test_memory_breakdown_follows_precision_and_optimizer():
     fp32 = estimate("bert-mini", seq_len=128, batch_size=8)
     bf16 = estimate("bert-mini", seq_len=128, batch_size=8, precision="bf16")
     adafactor = estimate("bert-mini", seq_len=128, batch_size=8, optimizer="adafactor")
-    sgd = estimate("bert-mini", seq_len=128, batch_size=8, optimizer="sgd")
     m32, m16 = fp32["training"]["memory_mb"], bf16["training"]["memory_mb"]
     assert m32["optimizer"] == pytest.approx(2 * m32["weights"], abs=0.02)
     assert m16["activations"] == pytest.approx(m32["activations"] / 2, abs=0.02)
     assert m16["mixed_precision_copies"] == pytest.approx(m32["weights"] / 2, abs=0.02)
     assert m32["mixed_precision_copies"] == 0
     assert 0 < adafactor["training"]["memory_mb"]["optimizer"] < m32["optimizer"] / 20
-    assert sgd["training"]["memory_mb"]["optimizer"] == 0
     assert sum(v for k, v in m32.items() if k != "total") == pytest.approx(m32["total"], abs=0.05)
+
+
+def test_estimate_knows_exactly_the_optimizers_training_has():
+    from kiln.config import OPTIMIZERS
+    from kiln.estimate import OPTIMIZER_STATES
+
+    assert set(OPTIMIZER_STATES) == set(OPTIMIZERS)
+    with pytest.raises(KilnError, match="--optimizer must be one of adamw, adam, adafactor, radam; got 'sgd'"):
+        estimate("bert-mini", seq_len=128, batch_size=8, optimizer="sgd")  # training has no sgd
 
 
 def test_activations_follow_the_attention_width_the_gate_and_the_profiles_batch():

@@ -8,6 +8,7 @@ import json
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``kiln estimate``."""
+    from kiln.config import OPTIMIZERS
     parser = commands.add_parser(
         "estimate", help="parameters, memory and FLOPs of a profile, without allocating it",
         description="Estimate a profile's parameters, weight and training memory, training FLOPs per token "
@@ -20,7 +21,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--batch-size", type=int, help="sequences per batch")
     group.add_argument("--batch-tokens", type=int, help="tokens per batch (default: the profile's)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--optimizer", choices=["adamw", "adam", "adafactor", "radam", "sgd"],
+    parser.add_argument("--optimizer", choices=OPTIMIZERS,
                         help="default: the profile's")
     parser.add_argument("--grad-checkpoint", action="store_true",
                         help="activation checkpointing: keep only each layer's input for the backward pass")

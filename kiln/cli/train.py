@@ -8,8 +8,9 @@ import typing
 
 from kiln.config import SECTIONS, iter_settings
 from kiln.errors import KilnError
+from kiln.tasks import TASKS
 
-TASKS_HELP = "sequence | sentence-pair | token | qa | generation | mlm | clm | span"
+TASKS_HELP = " | ".join(TASKS)
 
 
 def _flag_type(key: str) -> typing.Any:

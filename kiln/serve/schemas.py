@@ -6,52 +6,18 @@ text that is not JSON, 422 for JSON of the wrong shape). The pydantic models bel
 the same rules in the OpenAPI schema (``/docs``, and what clients and fuzzers generate from).
 
 An input item is a string, in the form ``kiln predict`` reads from stdin, or an object with the keys
-Hugging Face pipelines and classy use for the task; :data:`FORMS` lists them. Tasks not listed
-(``mlm``, ``clm``, ``span``) take strings, which their ``parse_input`` reads.
+Hugging Face pipelines and classy use for the task, as the task declares them (``request_forms``);
+a task that declares none takes strings, which its ``parse_input`` reads.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from kiln.config import iter_settings, setting_type
-
-
-@dataclass(frozen=True)
-class Form:
-    """One object form of an input item: its keys, and what the task's ``parse_input`` gets for it."""
-
-    required: tuple[str, ...]
-    optional: tuple[str, ...] = ()
-    word_list: str | None = None  # the key whose value is a list of strings (token: "tokens")
-    convert: Callable[[dict], Any] | None = None  # None: the object itself
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return self.required + self.optional
-
-
-FORMS: dict[str, tuple[Form, ...]] = {
-    "sequence": (Form(("text",)),),
-    "sentence-pair": (Form(("sentence1", "sentence2")),
-                      Form(("text", "text_pair"), convert=lambda item: (item["text"], item["text_pair"]))),
-    "token": (Form(("tokens",), word_list="tokens", convert=lambda item: list(item["tokens"])),),
-    "qa": (Form(("context", "question")),),
-    "generation": (Form(("source",), optional=("source_language", "target_language")),),
-}
-
-# What a plain string item is, per task (the same as a line of `kiln predict`'s stdin).
-STRING_MEANS = {
-    "sequence": "the text",
-    "sentence-pair": "the two texts separated by a tab",
-    "token": "a sentence, split into words at whitespace",
-    "qa": "the context and the question separated by a tab",
-    "generation": "the source text",
-}
+from kiln.tasks import task_class
 
 
 class RequestError(Exception):
@@ -134,7 +100,7 @@ def _text(value: Any, where: str) -> str:
 def describe(task: str) -> str:
     """What an input item of ``task`` may be, for error messages."""
     objects = " or ".join("an object with " + " and ".join(f'"{k}"' for k in form.required)
-                          for form in FORMS.get(task, ()))
+                          for form in task_class(task).request_forms)
     return f"a string or {objects}" if objects else "a string"
 
 
@@ -142,7 +108,7 @@ def check_item(item: Any, task: str, where: str) -> Any:
     """One input item, checked, in the form the task's ``parse_input`` takes."""
     if isinstance(item, str):
         return _text(item, where)
-    forms = FORMS.get(task, ())
+    forms = task_class(task).request_forms
     if not isinstance(item, dict) or not forms:
         raise RequestError(422, f"expected {describe(task)}, got {_kind(item)}", where)
     # The form sharing most keys with the item is the one the client meant.
@@ -205,7 +171,7 @@ def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> typ
     import pydantic
 
     item: Any = str
-    for number, form in enumerate(FORMS.get(task, ())):
+    for number, form in enumerate(task_class(task).request_forms):
         fields: dict[str, Any] = {key: (list[str] if key == form.word_list else str, ...) for key in form.required}
         fields.update({key: (str, None) for key in form.optional})  # may be left out, never null
         name = "".join(part.title() for part in task.replace("-", " ").split()) + f"Input{number + 1 if number else ''}"
@@ -220,7 +186,7 @@ def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> typ
         options[name] = (kind, pydantic.Field(None, description=meta["doc"], ge=meta.get("minimum"),
                                               gt=meta.get("above"), le=meta.get("maximum")))
     params_model = pydantic.create_model("Parameters", __config__=pydantic.ConfigDict(extra="forbid"), **options)
-    hint = STRING_MEANS.get(task, "the text")
+    hint = task_class(task).string_means
     return pydantic.create_model(
         "PredictRequest", __config__=pydantic.ConfigDict(extra="forbid"),
         inputs=(Annotated[list[item], pydantic.Field(min_length=1, max_length=max_inputs)] | item,
@@ -231,25 +197,16 @@ def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> typ
     )
 
 
-PREDICTION_FIELDS: dict[str, dict[str, type]] = {
-    "sequence": {"label": str, "score": float},
-    "sentence-pair": {"label": str, "score": float},
-    "token": {"entity_group": str, "score": float, "word": str, "start": int, "end": int},
-    "qa": {"answer": str, "score": float, "start": int, "end": int},
-    "generation": {"generated_text": str},
-}
-
-
 def response_model(task: str) -> Any:
     """The ``/predict`` answer for ``task``: a list, one prediction per input, as ``kiln predict
     --json`` prints (token: a list of entities per input)."""
     import pydantic
 
-    fields = PREDICTION_FIELDS.get(task)
-    if fields is None:
+    face = task_class(task)
+    if face.prediction_fields is None:
         return list[Any]
-    model = pydantic.create_model("Prediction", **{key: (kind, ...) for key, kind in fields.items()})
-    return list[list[model]] if task == "token" else list[model]
+    model = pydantic.create_model("Prediction", **{key: (kind, ...) for key, kind in face.prediction_fields.items()})
+    return list[list[model]] if face.predictions_per_input == "list" else list[model]
 
 
 def error_model() -> type:

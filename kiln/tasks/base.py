@@ -9,7 +9,7 @@ into metrics and output files.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
@@ -78,14 +78,56 @@ def generate_parameters() -> dict[str, str]:
             if key.startswith("generate.") and key != "generate.eval_samples"}
 
 
+@dataclass(frozen=True)
+class Form:
+    """One object form of an input item (``kiln serve``'s request, a JSONL line): its keys, and what the
+    task's ``parse_input`` gets for it."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    word_list: str | None = None  # the key whose value is a list of strings (token: "tokens")
+    convert: Callable[[dict], Any] | None = None  # None: the object itself
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+
+@dataclass
+class CardFacts:
+    """What the model card says of a task's model: the transformers class and pipeline that load it,
+    its labels, and notes on using it."""
+
+    auto_model: str
+    pipeline_tag: str
+    labels: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def config_labels(hf_config: dict) -> list[str]:
+    """A classifier's labels in id order, from its ``config.json`` (none for a regression)."""
+    if hf_config.get("problem_type") == "regression":
+        return []
+    id2label = hf_config.get("id2label", {})
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
 class Task:
-    """Base class. Subclasses set the class attributes and implement the abstract methods."""
+    """Base class. Subclasses set the class attributes and implement the abstract methods.
+
+    Besides the loop's methods, a task declares its face to the rest of kiln, so that no other
+    module names tasks: ``pipeline_tag`` and :meth:`card_facts` (the model
+    card), ``request_forms``, ``string_means`` and ``prediction_fields`` (kiln serve's schema),
+    ``describer`` (kiln describe), and ``export_outputs`` or ``generates`` (kiln export).
+    """
 
     name: ClassVar[str]
     suffixes: ClassVar[tuple[str, ...]]
     auto_model: ClassVar[str]  # transformers Auto class that loads the saved model/
     main_metric: ClassVar[str] = "loss"
     default_profile: ClassVar[str] = "bert-mini"  # used when neither --profile nor --init is given
+    init_profile: ClassVar[str] = "_finetune"  # the recipe for a pretrained start (--init) without --profile
+    pretraining: ClassVar[bool] = False  # trains on packed blocks of raw text (pretrain.seq_len tokens)
     tokenizer: Any = None  # set by the pipeline; tasks that decode text need it
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
     outputs_need_forward: ClassVar[bool] = True  # False: unlabelled inference skips model.forward
@@ -94,6 +136,16 @@ class Task:
     needs_pad_token: ClassVar[bool] = True
     load_note: str | None = None  # what the last load_model initialised afresh (a new head), for the summary
     example_fields: ClassVar[tuple[str, ...]] = ()  # an example's text fields that make a request item
+    pipeline_tag: ClassVar[str] = ""  # the Hugging Face pipeline that runs the model
+    request_forms: ClassVar[tuple[Form, ...]] = ()  # object forms of an input, besides a string
+    string_means: ClassVar[str] = "the text"  # what a plain string input is
+    # The keys of one prediction and their types (None: not described); `per_input` "list": each input
+    # gets a list of them (token: its entities).
+    prediction_fields: ClassVar[dict[str, type] | None] = None
+    predictions_per_input: ClassVar[str] = "one"
+    describer: ClassVar[str] = "corpus"  # the kind of data `kiln describe` reads (kiln.describe.DESCRIBERS)
+    export_outputs: ClassVar[tuple[str, ...]] = ()  # outputs of the one ONNX graph of an encoder task
+    generates: ClassVar[bool] = False  # predicts with generate(): exported as decoder (and encoder) graphs
 
     def __init__(self, config: Config, state: dict | None = None):
         self.config = config
@@ -235,6 +287,11 @@ class Task:
         self.forward_args = set(inspect.signature(model.forward).parameters)
         keep_in_fp32(model)
         return model
+
+    @classmethod
+    def card_facts(cls, hf_config: dict) -> CardFacts:
+        """The model card's facts for a saved model whose ``config.json`` is ``hf_config``."""
+        return CardFacts(cls.auto_model, cls.pipeline_tag)
 
     def adopt(self, model: Any) -> Any:
         """Take what the task needs from a model loaded elsewhere than :meth:`load_model` (an ONNX

@@ -20,7 +20,7 @@ import numpy as np
 from kiln.data import SPLIT_ALIASES, skip_empty
 from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
 from kiln.errors import KilnError, MissingLabels
-from kiln.tasks.base import Dataset, Task, generate_parameters, pad_inputs, shorten
+from kiln.tasks.base import CardFacts, Dataset, Form, Task, generate_parameters, pad_inputs, shorten
 
 ROLES = {"source": ("source", "source_sequence", "src", "input", "text"),
          "target": ("target", "target_sequence", "tgt", "output", "summary"),
@@ -44,6 +44,21 @@ class GenerationTask(Task):
     suffixes: ClassVar[tuple[str, ...]] = (".tsv", ".jsonl", ".csv")
     main_metric: ClassVar[str] = "loss"
     default_profile: ClassVar[str] = "t5-tiny"
+    init_profile: ClassVar[str] = "_generation"
+    request_forms: ClassVar[tuple[Form, ...]] = (Form(("source",), optional=("source_language", "target_language")),)
+    string_means: ClassVar[str] = "the source text"
+    prediction_fields: ClassVar[dict[str, type] | None] = {"generated_text": str}
+    describer: ClassVar[str] = "parallel-text"
+    generates: ClassVar[bool] = True
+
+    @classmethod
+    def card_facts(cls, hf_config: dict) -> CardFacts:
+        if not hf_config.get("is_encoder_decoder"):
+            return CardFacts("AutoModelForCausalLM", "text-generation", notes=[
+                "The prompt is the source text followed by the end-of-text token; `generate()` then writes the "
+                "target. `generation_config.json` holds the decoding that `kiln predict` uses."])
+        return CardFacts("AutoModelForSeq2SeqLM", "text2text-generation", notes=[
+            "`generation_config.json` holds the decoding that `kiln predict` uses, so `generate()` decodes alike."])
 
     @property
     def auto_model(self) -> str:  # type: ignore[override]

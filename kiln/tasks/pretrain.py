@@ -54,6 +54,7 @@ class PretrainTask(Task):
 
     suffixes: ClassVar[tuple[str, ...]] = (".txt", ".jsonl", ".gz")
     main_metric: ClassVar[str] = "loss"
+    pretraining: ClassVar[bool] = True
 
     def find_splits(self, data: str | Path) -> dict[str, Any]:  # type: ignore[override]
         return corpus_files(data)
@@ -397,6 +398,8 @@ class MaskedLMTask(PretrainTask):
 
     name: ClassVar[str] = "mlm"
     auto_model: ClassVar[str] = "AutoModelForMaskedLM"
+    pipeline_tag: ClassVar[str] = "fill-mask"
+    export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
     default_profile: ClassVar[str] = "crammed-bert-mini"
 
     def block_layout(self, tokenizer: Any, seq_len: int) -> tuple[int, list[int], list[int]]:
@@ -519,6 +522,7 @@ class GenerativePretrainTask(PretrainTask):
     is: the ``generate.*`` settings as ``generate()`` arguments, the prompt batching and the call."""
 
     needs_pad_token: ClassVar[bool] = False
+    generates: ClassVar[bool] = True
 
     # Predict batches go to generate(); a corpus batch is labelled, so evaluation still runs forward.
     outputs_need_forward: ClassVar[bool] = False
@@ -570,6 +574,7 @@ class CausalLMTask(GenerativePretrainTask):
 
     name: ClassVar[str] = "clm"
     auto_model: ClassVar[str] = "AutoModelForCausalLM"
+    pipeline_tag: ClassVar[str] = "text-generation"
     default_profile: ClassVar[str] = "gpt2"
     target_keys: ClassVar[tuple[str, ...]] = ("input_ids",)  # the text is its own target
 
@@ -676,6 +681,7 @@ class SpanCorruptionTask(GenerativePretrainTask):
 
     name: ClassVar[str] = "span"
     auto_model: ClassVar[str] = "AutoModelForSeq2SeqLM"
+    pipeline_tag: ClassVar[str] = "text2text-generation"
     default_profile: ClassVar[str] = "t5-efficient-tiny"
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)
 

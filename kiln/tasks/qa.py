@@ -23,7 +23,7 @@ from kiln.data import skip_empty
 from kiln.data.tables import SNIFF_BYTES, decoded_lines, jsonl_objects, refuse_binary
 from kiln.errors import KilnError, MissingLabels
 from kiln.metrics.squad import best_null_threshold
-from kiln.tasks.base import EXAMPLE_CHARS, Dataset, Task, pad_inputs, shorten
+from kiln.tasks.base import EXAMPLE_CHARS, Dataset, Form, Task, pad_inputs, shorten
 
 
 def _line_of(text: str, qid: str) -> int:
@@ -81,6 +81,12 @@ class QuestionAnsweringTask(Task):
     auto_model: ClassVar[str] = "AutoModelForQuestionAnswering"
     main_metric: ClassVar[str] = "f1"
     target_keys: ClassVar[tuple[str, ...]] = ("start_positions", "end_positions")
+    pipeline_tag: ClassVar[str] = "question-answering"
+    request_forms: ClassVar[tuple[Form, ...]] = (Form(("context", "question")),)
+    string_means: ClassVar[str] = "the context and the question separated by a tab"
+    prediction_fields: ClassVar[dict[str, type] | None] = {"answer": str, "score": float, "start": int, "end": int}
+    describer: ClassVar[str] = "questions"
+    export_outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
 
     def head_description(self, model: Any) -> str:
         return "answer-span head (start and end of the answer)"

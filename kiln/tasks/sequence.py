@@ -12,7 +12,7 @@ import numpy as np
 from kiln.data import skip_empty
 from kiln.data.tables import parse_columns, read_table, select_columns
 from kiln.errors import KilnError
-from kiln.tasks.base import Dataset, Task, pad_inputs
+from kiln.tasks.base import CardFacts, Dataset, Form, Task, config_labels, pad_inputs
 
 LABEL_ALIASES = ("label", "labels", "score", "target", "class", "gold_label", "quality")
 
@@ -69,6 +69,15 @@ class SequenceTask(Task):
     name: ClassVar[str] = "sequence"
     suffixes: ClassVar[tuple[str, ...]] = (".tsv", ".csv", ".jsonl", ".txt")
     auto_model: ClassVar[str] = "AutoModelForSequenceClassification"
+    pipeline_tag: ClassVar[str] = "text-classification"
+    request_forms: ClassVar[tuple[Form, ...]] = (Form(("text",)),)
+    prediction_fields: ClassVar[dict[str, type] | None] = {"label": str, "score": float}
+    describer: ClassVar[str] = "labelled-text"
+    export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+
+    @classmethod
+    def card_facts(cls, hf_config: dict) -> CardFacts:
+        return CardFacts(cls.auto_model, cls.pipeline_tag, config_labels(hf_config))
     text_roles: ClassVar[dict[str, tuple[str, ...]]] = {
         "text": ("text", "sentence", "sequence", "review", "content", "document"),
     }
@@ -308,3 +317,7 @@ class SentencePairTask(SequenceTask):
         "sentence2": ("sentence2", "sentence_2", "text_b", "hypothesis", "question2", "sentence", "text2"),
     }
     example_fields: ClassVar[tuple[str, ...]] = ("sentence1", "sentence2")
+    request_forms: ClassVar[tuple[Form, ...]] = (
+        Form(("sentence1", "sentence2")),
+        Form(("text", "text_pair"), convert=lambda item: (item["text"], item["text_pair"])))
+    string_means: ClassVar[str] = "the two texts separated by a tab"

@@ -17,7 +17,7 @@ import numpy as np
 from kiln.data import skip_empty
 from kiln.data.tables import decoded_lines, jsonl_objects, parse_columns
 from kiln.errors import KilnError, MissingLabels
-from kiln.tasks.base import Dataset, Task, pad_inputs, shorten
+from kiln.tasks.base import CardFacts, Dataset, Form, Task, config_labels, pad_inputs, shorten
 
 CONLL_SUFFIXES = (".conll", ".txt", ".iob", ".bio")
 TAG_KEYS = ("labels", "tags", "ner_tags")
@@ -66,6 +66,19 @@ class TokenTask(Task):
     suffixes: ClassVar[tuple[str, ...]] = (*CONLL_SUFFIXES, ".tsv", ".jsonl")
     auto_model: ClassVar[str] = "AutoModelForTokenClassification"
     main_metric: ClassVar[str] = "f1"
+    pipeline_tag: ClassVar[str] = "token-classification"
+    request_forms: ClassVar[tuple[Form, ...]] = (
+        Form(("tokens",), word_list="tokens", convert=lambda item: list(item["tokens"])),)
+    string_means: ClassVar[str] = "a sentence, split into words at whitespace"
+    prediction_fields: ClassVar[dict[str, type] | None] = {"entity_group": str, "score": float, "word": str,
+                                                           "start": int, "end": int}
+    predictions_per_input: ClassVar[str] = "list"
+    describer: ClassVar[str] = "tagged-words"
+    export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+
+    @classmethod
+    def card_facts(cls, hf_config: dict) -> CardFacts:
+        return CardFacts(cls.auto_model, cls.pipeline_tag, config_labels(hf_config))
 
     @property
     def labels(self) -> list[str]:
