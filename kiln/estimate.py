@@ -132,33 +132,24 @@ def estimate(
 
     from kiln.models import architecture_errors, hf_config, max_positions
     from kiln.profiles import builder_for
-    from kiln.tasks import TASKS
+    from kiln.tasks import task_class
 
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--batch-tokens", batch_tokens),
                         ("--peak-tflops", peak_tflops), ("--mfu", mfu)):
         if value is not None and value <= 0:
             raise KilnError(f"{name} must be positive, got {value}")
     config: Config = builder_for(profile, {}, overrides).build()
-    if task is not None and task not in TASKS:
-        raise KilnError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-    if task is not None and task not in config.tasks:
-        raise KilnError(f"profile '{config.name}' does not support task '{task}' ({', '.join(config.tasks)})")
+    _check_task(task, config)
     with architecture_errors(config.name), torch.device("meta"):
         architecture = hf_config(config.model.type, config.model.config)
         model = AutoModel.from_config(architecture)
     counts = parameter_counts(model)
     shape = shape_of(architecture)
     if not seq_len:  # what training would use: a pretraining block, else up to 128 tokens
-        from kiln.tasks import task_class
-
         pretraining = task is not None and task_class(task).pretraining
         seq_len = config.pretrain.seq_len if pretraining else min(128, max_positions(architecture))
     if batch_size is None:
-        if config.train.batch_size and not batch_tokens:  # the profile trains fixed-size batches
-            batch_size = config.train.batch_size
-        else:
-            budget = batch_tokens or config.train.batch_tokens
-            batch_size = max(1, min(config.train.max_batch_size, budget // seq_len))
+        batch_size = _batch_size(config, seq_len, batch_tokens)
     optimizer = optimizer or config.optim.name
     total = counts["total"]
     memory = memory_bytes(model, shape, optimizer, precision, seq_len, batch_size, grad_checkpoint)
@@ -177,6 +168,23 @@ def estimate(
         result["seconds_per_million_tokens"] = round(seconds, 2)
         result["peak_tflops"], result["mfu"] = peak_tflops, mfu
     return result
+
+
+def _check_task(task: str | None, config: Config) -> None:
+    from kiln.tasks import TASKS
+
+    if task is not None and task not in TASKS:
+        raise KilnError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    if task is not None and task not in config.tasks:
+        raise KilnError(f"profile '{config.name}' does not support task '{task}' ({', '.join(config.tasks)})")
+
+
+def _batch_size(config: Config, seq_len: int, batch_tokens: int | None) -> int:
+    """The batch size training would use: the profile's fixed one, else its token budget's."""
+    if config.train.batch_size and not batch_tokens:
+        return config.train.batch_size
+    budget = batch_tokens or config.train.batch_tokens
+    return max(1, min(config.train.max_batch_size, budget // seq_len))
 
 
 def memory_bytes(model: Any, shape: Shape, optimizer: str, precision: str, seq_len: int, batch_size: int,

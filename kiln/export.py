@@ -46,7 +46,8 @@ def is_onnx_export(path: str | Path) -> bool:
     return any((Path(path) / name).is_file() for name in (ONNX_FILE, DECODER_FILE))
 
 
-def _session(path: Path) -> Any:
+def session(path: Path) -> Any:
+    """An onnxruntime CPU session of the graph at ``path``; a file it cannot load is one line."""
     ort = onnxruntime()
     try:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -66,7 +67,7 @@ class OnnxModule:
     graph's named outputs (torch tensors) out. Lets kiln's batching, decoding and metrics run on it."""
 
     def __init__(self, path: Path):
-        self.session = _session(path)
+        self.session = session(path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.training = False
@@ -100,122 +101,22 @@ def _kv_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
-def _flat(cache: Any) -> list:
+def flat(cache: Any) -> list:
     """A DynamicCache's tensors, layer by layer: key, value."""
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-def _pairs(flat: Sequence[Any]) -> list[tuple[Any, Any]]:
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-
-
-_GENERATOR: Any = None
+def pairs(tensors: Sequence[Any]) -> list[tuple[Any, Any]]:
+    """Consecutive (key, value) pairs of a flat list."""
+    return [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]
 
 
 def _generator(directory: Path) -> Any:
-    """The export's generating graphs behind a transformers ``PreTrainedModel`` (made once per process:
-    transformers is imported only when an export generates)."""
-    global _GENERATOR
-    if _GENERATOR is None:
-        _GENERATOR = _generator_class()
-    return _GENERATOR.from_directory(directory)
+    """The export's generating graphs behind a transformers model (:mod:`kiln.onnx_generate`, which
+    imports torch and transformers: only when an export generates)."""
+    from kiln.onnx_generate import OnnxGenerator
 
-
-def _generator_class() -> type:
-    from dataclasses import dataclass
-
-    import torch
-    from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput, Seq2SeqLMOutput
-
-    @dataclass
-    class EncoderOutput(ModelOutput):
-        """What the encoder graph gives each decoding step. Both are tensors with the batch first, so
-        ``generate()`` repeats them for beams as it repeats a PyTorch encoder's output."""
-
-        last_hidden_state: Any = None
-        cross_key_values: Any = None  # (batch, 2 * layers, heads, source length, head size)
-
-    class Encoder(torch.nn.Module):
-        main_input_name = "input_ids"  # generate() asks the encoder
-
-        def __init__(self, session: Any) -> None:
-            super().__init__()
-            self.session = session
-
-        def forward(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            hidden, cross = self.session.run(None, {"input_ids": input_ids.cpu().numpy(),
-                                                    "attention_mask": mask.cpu().numpy()})
-            return EncoderOutput(last_hidden_state=torch.from_numpy(hidden), cross_key_values=torch.from_numpy(cross))
-
-    class OnnxGenerator(PreTrainedModel, GenerationMixin):
-        """An exported decoder (and encoder) run by onnxruntime, called like the transformers model it
-        was exported from: ``forward`` takes and updates transformers' cache, so ``generate()`` (greedy,
-        beams, sampling, forced tokens) decodes exactly as it does on the PyTorch model."""
-
-        main_input_name = "input_ids"
-        _supports_sdpa = True  # transformers asks; attention runs inside the graph
-
-        def __init__(self, config: Any, decoder: Any, encoder: Any = None) -> None:
-            super().__init__(config)
-            # generate() reads the device and dtype from a parameter; the graphs hold the weights.
-            self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
-            self.decoder_session = decoder  # not 'decoder': transformers takes that for a module
-            self.encoder = None if encoder is None else Encoder(encoder)
-            self.input_names = [i.name for i in decoder.get_inputs()]
-            self.past_names = [n for n in self.input_names if n.startswith("past.")]
-            shape = next(i.shape for i in decoder.get_inputs() if i.name == "past.0.key")
-            self.heads, self.head_size = int(shape[1]), int(shape[3])
-
-        @classmethod
-        def from_directory(cls, directory: Path) -> Any:
-            config = AutoConfig.from_pretrained(directory, local_files_only=True)
-            encoder = _session(directory / ENCODER_FILE) if config.is_encoder_decoder else None
-            model = cls(config, _session(directory / DECODER_FILE), encoder)
-            if (directory / "generation_config.json").is_file():
-                model.generation_config = GenerationConfig.from_pretrained(directory, local_files_only=True)
-            return model.eval()
-
-        def get_encoder(self, modality: str | None = None) -> Any:
-            return self.encoder
-
-        def forward(self, input_ids: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
-                    encoder_outputs: Any = None, position_ids: Any = None, cache: Any = None,
-                    past_key_values: Any = None, **kwargs: Any) -> Any:
-            cache = cache if cache is not None else past_key_values
-            if self.config.is_encoder_decoder:
-                if encoder_outputs is None:
-                    encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-                self_cache = None if cache is None else cache.self_attention_cache
-                ids = decoder_input_ids
-                hidden = encoder_outputs.last_hidden_state
-                mask = attention_mask if attention_mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
-                feed = {"decoder_input_ids": ids, "encoder_attention_mask": mask,
-                        "encoder_hidden_states": hidden, "cross_key_values": encoder_outputs.cross_key_values}
-            else:
-                self_cache, ids = cache, input_ids
-                seen = 0 if cache is None else cache.get_seq_length()
-                mask = attention_mask if attention_mask is not None else torch.ones(
-                    ids.shape[0], seen + ids.shape[1], dtype=torch.long)
-                if position_ids is None:  # what transformers uses without them: the cache's next positions
-                    position_ids = torch.arange(seen, seen + ids.shape[1]).expand(ids.shape[0], -1)
-                feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
-            seen = 0 if self_cache is None else self_cache.get_seq_length()
-            empty = torch.zeros(ids.shape[0], self.heads, 0, self.head_size)
-            past = _flat(self_cache) if seen else [empty] * len(self.past_names)
-            feed.update(zip(self.past_names, past, strict=True))
-            arrays = {name: feed[name].cpu().contiguous().numpy() for name in self.input_names}
-            values = self.decoder_session.run(None, arrays)
-            logits, present = torch.from_numpy(values[0]), [torch.from_numpy(v) for v in values[1:]]
-            if self_cache is not None:  # the graph returns past + new; the cache appends the new part
-                for layer, (key, value) in enumerate(_pairs(present)):
-                    self_cache.update(key[:, :, seen:], value[:, :, seen:], layer)
-            if self.config.is_encoder_decoder:
-                return Seq2SeqLMOutput(logits=logits, past_key_values=cache)
-            return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
-
-    return OnnxGenerator
+    return OnnxGenerator.from_directory(directory)
 
 
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
@@ -254,10 +155,10 @@ def _generative_graphs(model: Any) -> dict[str, tuple[Any, list[str], list[str]]
             self.model = model
 
         def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple:
-            cache = DynamicCache(_pairs(past))
+            cache = DynamicCache(pairs(past))
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 cache=cache, use_cache=True, return_dict=True).logits
-            return (logits, *_flat(cache))
+            return (logits, *flat(cache))
 
     if not model.config.is_encoder_decoder:
         return {DECODER_FILE: (DecoderOnly(), ["input_ids", "attention_mask", "position_ids", *past],
@@ -277,7 +178,7 @@ def _generative_graphs(model: Any) -> dict[str, tuple[Any, list[str], list[str]]
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             self.model.get_decoder()(input_ids=torch.full_like(input_ids[:, :1], start), encoder_hidden_states=hidden,
                                      encoder_attention_mask=attention_mask, cache=cache, use_cache=True)
-            return hidden, torch.stack(_flat(cache.cross_attention_cache), dim=1)
+            return hidden, torch.stack(flat(cache.cross_attention_cache), dim=1)
 
     class Decoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -286,11 +187,11 @@ def _generative_graphs(model: Any) -> dict[str, tuple[Any, list[str], list[str]]
 
         def forward(self, decoder_input_ids: Any, encoder_attention_mask: Any, encoder_hidden_states: Any,
                     cross_key_values: Any, *past: Any) -> tuple:
-            cache = EncoderDecoderCache(DynamicCache(_pairs(past)), DynamicCache(_pairs(cross_key_values.unbind(1))))
+            cache = EncoderDecoderCache(DynamicCache(pairs(past)), DynamicCache(pairs(cross_key_values.unbind(1))))
             logits = self.model(decoder_input_ids=decoder_input_ids, attention_mask=encoder_attention_mask,
                                 encoder_outputs=(encoder_hidden_states,), cache=cache, use_cache=True,
                                 return_dict=True).logits
-            return (logits, *_flat(cache.self_attention_cache))
+            return (logits, *flat(cache.self_attention_cache))
 
     return {ENCODER_FILE: (Encoder(), ["input_ids", "attention_mask"], ["last_hidden_state", "cross_key_values"]),
             DECODER_FILE: (Decoder(), ["decoder_input_ids", "encoder_attention_mask", "encoder_hidden_states",
@@ -383,7 +284,7 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     from kiln.model_files import KILN_FILE
     from kiln.predictor import Predictor
 
-    ort = onnxruntime()
+    onnxruntime()  # without it, one line says how to get it, before anything is read
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KilnError("exists and is not an empty directory; kiln export writes a new one (choose another -o)", out)
@@ -405,34 +306,40 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     sample = _sample(predictor, evaluation)
     tmp, commit = new_dir(out)
     try:
-        write = _write_generative if task.generates else _write_encoder
-        graphs, entry = write(model, predictor, sample, tmp)
-        if entry["parity_fp32_max_abs_diff"] > PARITY_TOLERANCE:
-            raise KilnError(f"the ONNX graph differs from PyTorch by {entry['parity_fp32_max_abs_diff']:.2e} "
-                            f"(> {PARITY_TOLERANCE:g}); not exported")
-        from kiln.models import count_parameters
-
-        entry = {"format": "onnx", "quantize": quantize, "graphs": graphs, **entry,
-                 "num_parameters": count_parameters(model), "onnxruntime": ort.__version__}
-        if evaluation is not None:
-            entry["eval_data"] = str(evaluation[0])
-            entry["metrics_fp32"] = _metrics(predictor, tmp, evaluation[1])
-        if quantize == "int8":
-            for graph in graphs:
-                _quantize(tmp / graph)
-            if evaluation is not None:
-                entry["metrics_int8"] = _metrics(predictor, tmp, evaluation[1])
+        entry = _write(model, predictor, sample, evaluation, quantize, tmp)
         for source in predictor.path.iterdir():  # all but the PyTorch weights, which the graphs hold
             if source.is_file() and source.name != KILN_FILE and ".safetensors" not in source.name:
                 shutil.copy2(source, tmp / source.name)
-        meta = dict(predictor.meta)
-        meta["export"] = entry
-        (tmp / KILN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / KILN_FILE).write_text(json.dumps({**predictor.meta, "export": entry}, indent=2) + "\n")
         _card(tmp, entry)
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return entry
+
+
+def _write(model: Any, predictor: Any, sample: Any, evaluation: tuple[Path, Any] | None, quantize: str | None,
+           directory: Path) -> dict:
+    """The graphs in ``directory``, checked against PyTorch, quantized if asked, and scored on the
+    validation data; returns the ``export`` entry of ``kiln.json``."""
+    from kiln.models import count_parameters
+
+    write = _write_generative if predictor.task.generates else _write_encoder
+    graphs, checks = write(model, predictor, sample, directory)
+    if checks["parity_fp32_max_abs_diff"] > PARITY_TOLERANCE:
+        raise KilnError(f"the ONNX graph differs from PyTorch by {checks['parity_fp32_max_abs_diff']:.2e} "
+                        f"(> {PARITY_TOLERANCE:g}); not exported")
+    entry = {"format": "onnx", "quantize": quantize, "graphs": graphs, **checks,
+             "num_parameters": count_parameters(model), "onnxruntime": onnxruntime().__version__}
+    if evaluation is not None:
+        entry["eval_data"] = str(evaluation[0])
+        entry["metrics_fp32"] = _metrics(predictor, directory, evaluation[1])
+    if quantize == "int8":
+        for graph in graphs:
+            _quantize(directory / graph)
+        if evaluation is not None:
+            entry["metrics_int8"] = _metrics(predictor, directory, evaluation[1])
     return entry
 
 

@@ -224,46 +224,102 @@ def train(
     """
     import torch
 
-    from kiln.models import architecture_errors, hf_config, max_positions
-    from kiln.tokenizers import load_tokenizer, train_tokenizer
     from kiln.training.device import resolve_device, resolve_precision
     from kiln.training.trainer import Trainer
 
     check_run_name(name)
     run_dir = Path(output_dir) / name
-    saved_meta: dict = {}
     if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise KilnError("nothing to resume: no config.yaml in the run directory", run_dir)
-        saved_meta = read_json(run_dir / RUN_FILE, required=("task", "data", "config"))
-        checkpoints = run_dir / "checkpoints"
-        belongs = ckpt.same_run(saved_meta)
-        for saved in (ckpt.last_checkpoint(checkpoints, strict=True, belongs=belongs),
-                      ckpt.last_checkpoint(checkpoints, "best")):
-            if saved is not None:  # a damaged file is reported now, not after reading the data
-                ckpt.verify_checkpoint(saved)
-        check_same_start(run_dir, saved_meta, task, data, profile, init)
-        config, changes = resume_config(config_from_dict(saved_meta["config"]), flags, overrides)
-        for key, old, new in changes:
-            log.info(f"  resuming with {key} {old!r} -> {new!r}"
-                     + (" (the schedule follows the new length from here)" if key in LENGTH_SETTINGS else ""))
-        task, data, init = saved_meta["task"], saved_meta["data"], saved_meta.get("init")
+        start = _resumed_start(run_dir, task, data, profile, init, flags, overrides)
     else:
-        builder = resolve_config(task, profile, str(init) if init else None, flags, overrides)
-        log.debug("settings not at their defaults: " + ", ".join(
-            f"{key}={value!r} ({source})" for key, value, source in builder.described() if source != "default"))
-        config = builder.build()
-        if is_main_process() and (run_dir.exists() or run_dir.is_symlink()):
-            if overwrite:
-                replaceable_run(run_dir, output_dir)  # raises for anything kiln must not delete
-            elif not run_dir.is_dir() or any(run_dir.iterdir()):  # an empty directory is reused
-                hint = ("use --resume to continue it or --overwrite to start over"
-                        if (run_dir / RUN_FILE).is_file() else "it is not a kiln run; choose another name")
-                raise KilnError(f"run directory already exists; {hint}", run_dir)
+        start = _new_start(run_dir, output_dir, task, data, profile, init, flags, overrides, overwrite)
+    config, task, data, init = start.config, start.task, start.data, start.init
     if is_main_process():  # trackers (train.report_to): a missing package fails before any work is done
         from kiln.training.callbacks import tracking_callbacks
 
         callbacks = [*callbacks, *tracking_callbacks(config.train.report_to)]
+    task_obj, splits = _checked_data(task, data, config, start.saved_meta, resume)
+    # Device and precision errors are user errors too: raise them before anything is written.
+    precision = resolve_precision(config.train.precision, resolve_device(config.train.device))
+
+    torch.manual_seed(config.train.seed)
+    model, tok, init_dir = _model_and_tokenizer(task_obj, config, run_dir, start.saved_meta, init, tokenizer,
+                                                splits.train, resume)
+    meta, features = _prepared(task_obj, config, model, tok, splits, precision, start, init_dir,
+                               command or _python_call(task, data, name, profile, init, flags, overrides))
+    description = {"task": task, "name": name, "profile": config.name, "head": None if resume else task_obj.load_note,
+                   "init": f"from {meta['init']}" if meta["init"] else "from scratch"}
+    trainer = Trainer(model, task_obj, config, tok, *features, run_dir=run_dir, callbacks=list(callbacks),
+                      kiln_meta=meta, description=description)
+    if is_main_process():  # only now: every check above has passed
+        _write_run_files(run_dir, output_dir, meta, config, start, resume, overwrite)
+
+    metrics, is_main = trainer.train(resume=resume), trainer.is_main
+    del trainer, model  # the test split loads the exported model: free the training copy first
+    return Run(run_dir, metrics, config, _finish(run_dir, splits.test, config, callbacks) if is_main else {})
+
+
+@dataclass
+class _Start:
+    """What a run starts from: its settings, task, data and init (a resumed run's are those it saved)."""
+
+    config: Config
+    task: str
+    data: str | Path
+    init: str | Path | None
+    saved_meta: dict = field(default_factory=dict)
+    changes: list = field(default_factory=list)  # (key, old, new) settings a resume changes
+
+
+@dataclass
+class _Splits:
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    sources: dict
+    data_files: dict
+
+
+def _resumed_start(run_dir: Path, task: str, data: str | Path, profile: str | None, init: str | Path | None,
+                   flags: dict, overrides: list[str] | tuple[str, ...]) -> _Start:
+    """The saved run's settings (with the changes a resume may make), once its checkpoints check out."""
+    if not (run_dir / "config.yaml").is_file():
+        raise KilnError("nothing to resume: no config.yaml in the run directory", run_dir)
+    saved_meta = read_json(run_dir / RUN_FILE, required=("task", "data", "config"))
+    checkpoints = run_dir / "checkpoints"
+    belongs = ckpt.same_run(saved_meta)
+    for saved in (ckpt.last_checkpoint(checkpoints, strict=True, belongs=belongs),
+                  ckpt.last_checkpoint(checkpoints, "best")):
+        if saved is not None:  # a damaged file is reported now, not after reading the data
+            ckpt.verify_checkpoint(saved)
+    check_same_start(run_dir, saved_meta, task, data, profile, init)
+    config, changes = resume_config(config_from_dict(saved_meta["config"]), flags, overrides)
+    for key, old, new in changes:
+        log.info(f"  resuming with {key} {old!r} -> {new!r}"
+                 + (" (the schedule follows the new length from here)" if key in LENGTH_SETTINGS else ""))
+    return _Start(config, saved_meta["task"], saved_meta["data"], saved_meta.get("init"), saved_meta, changes)
+
+
+def _new_start(run_dir: Path, output_dir: str | Path, task: str, data: str | Path, profile: str | None,
+               init: str | Path | None, flags: dict, overrides: list[str] | tuple[str, ...],
+               overwrite: bool) -> _Start:
+    """The settings of a new run, once its directory may be (re)used."""
+    builder = resolve_config(task, profile, str(init) if init else None, flags, overrides)
+    log.debug("settings not at their defaults: " + ", ".join(
+        f"{key}={value!r} ({source})" for key, value, source in builder.described() if source != "default"))
+    config = builder.build()
+    if is_main_process() and (run_dir.exists() or run_dir.is_symlink()):
+        if overwrite:
+            replaceable_run(run_dir, output_dir)  # raises for anything kiln must not delete
+        elif not run_dir.is_dir() or any(run_dir.iterdir()):  # an empty directory is reused
+            hint = ("use --resume to continue it or --overwrite to start over"
+                    if (run_dir / RUN_FILE).is_file() else "it is not a kiln run; choose another name")
+            raise KilnError(f"run directory already exists; {hint}", run_dir)
+    return _Start(config, task, data, init)
+
+
+def _checked_data(task: str, data: str | Path, config: Config, saved_meta: dict, resume: bool) -> tuple[Any, _Splits]:
+    """The task (fitted to the training split on a new run) and the splits, every check passed."""
     task_obj = get_task(task, config, saved_meta.get("task_state"))
     if task not in config.tasks:
         raise KilnError(f"profile '{config.name}' does not support task '{task}' "
@@ -291,17 +347,22 @@ def train(
     if config.train.metric and config.train.metric not in task_obj.metric_names():
         raise KilnError(f"setting 'train.metric': '{config.train.metric}' is not one of this task's metrics "
                         f"({', '.join(task_obj.metric_names())})")
+    return task_obj, _Splits(train_ds, validation_ds, test_ds, sources, data_files)
 
-    # Device and precision errors are user errors too: raise them before anything is written.
-    precision = resolve_precision(config.train.precision, resolve_device(config.train.device))
 
-    torch.manual_seed(config.train.seed)
-    init_dir = None
+def _model_and_tokenizer(task_obj: Any, config: Config, run_dir: Path, saved_meta: dict,
+                         init: str | Path | None, tokenizer: str | Path | None, train_ds: Dataset,
+                         resume: bool) -> tuple[Any, Any, Path | None]:
+    """``(model, tokenizer, init directory)``: the last checkpoint's on a resume, the pretrained
+    start's with ``init``, else a tokenizer trained on the data (or given) and a model built from the
+    profile's architecture."""
+    from kiln.models import architecture_errors, hf_config, max_positions
+    from kiln.tokenizers import load_tokenizer, train_tokenizer
+
     last = ckpt.last_checkpoint(run_dir / "checkpoints", belongs=ckpt.same_run(saved_meta)) if resume else None
     if last is not None:
-        tok = load_tokenizer(last)
-        model = task_obj.load_model(last)
-    elif init:
+        return task_obj.load_model(last), load_tokenizer(last), None
+    if init:
         from kiln.pretrained import resolve_init
 
         init_dir = resolve_init(init)
@@ -309,54 +370,66 @@ def train(
         model = task_obj.load_model(init_dir, ignore_mismatched_sizes=True, **task_obj.model_kwargs())
         if task_obj.needs_pad_token and tok.pad_token is None:
             give_pad_token(tok, model, init_dir)
+        return model, tok, init_dir
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
     else:
-        if tokenizer:
-            tok = load_tokenizer(tokenizer)
-        else:
-            with architecture_errors(config.name):
-                arch_positions = max_positions(hf_config(config.model.type, config.model.config))
-            tok, _ = train_tokenizer(config.tokenizer, list(task_obj.texts(train_ds)), arch_positions)
-        special = {k: getattr(tok, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
-                   if getattr(tok, k, None) is not None}
-        special.update({k: getattr(tok, k) for k in ("cls_token_id", "sep_token_id")  # ModernBERT has them
-                        if k in config.model.config and getattr(tok, k, None) is not None})
-        arch = {**config.model.config, "vocab_size": len(tok), **special}
         with architecture_errors(config.name):
-            model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
+            arch_positions = max_positions(hf_config(config.model.type, config.model.config))
+        tok, _ = train_tokenizer(config.tokenizer, list(task_obj.texts(train_ds)), arch_positions)
+    special = {k: getattr(tok, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+               if getattr(tok, k, None) is not None}
+    special.update({k: getattr(tok, k) for k in ("cls_token_id", "sep_token_id")  # ModernBERT has them
+                    if k in config.model.config and getattr(tok, k, None) is not None})
+    arch = {**config.model.config, "vocab_size": len(tok), **special}
+    with architecture_errors(config.name):
+        model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
+    return model, tok, None
+
+
+def _prepared(task_obj: Any, config: Config, model: Any, tok: Any, splits: _Splits, precision: str,
+              start: _Start, init_dir: Path | None, command: str) -> tuple[dict, tuple]:
+    """The run's record (``run.json``) and the Trainer's data: ``(train features, validation
+    features, validation dataset)``."""
+    from kiln.models import max_positions
+
     max_length = min(config.train.max_length, max_positions(model.config))
     task_obj.tokenizer = tok
+    validation_ds = splits.validation
     # A few validation inputs, as kiln serve's /predict takes them, for its demo page (kiln.json).
     examples = task_obj.example_inputs(validation_ds)
     cap = task_obj.eval_cap()
     if cap and len(validation_ds) > cap:  # e.g. generation: decode a fixed sample at each evaluation
         validation_ds = Dataset(validation_ds.path, validation_ds.examples[:cap], extras=validation_ds.extras)
 
-    train_features = task_obj.encode(train_ds, tok, max_length)
+    train_features = task_obj.encode(splits.train, tok, max_length)
     validation_features = task_obj.encode(validation_ds, tok, max_length)
-    log.debug(f"data: {sources}; {len(train_features)} training and {len(validation_features)} validation "
+    log.debug(f"data: {splits.sources}; {len(train_features)} training and {len(validation_features)} validation "
               f"features of at most {max_length} tokens; tokenizer of {len(tok)} tokens")
-
+    init = init_dir or start.init
     meta = {
         "kiln_version": __version__,
-        "task": task,
+        "task": start.task,
         "task_state": task_obj.state,
         "profile": config.name,
-        "data": str(Path(data).resolve()),  # a resume from another directory reads the same files
-        "data_files": data_files,
-        "init": str(init_dir or init) if (init_dir or init) else None,
+        "data": str(Path(start.data).resolve()),  # a resume from another directory reads the same files
+        "data_files": splits.data_files,
+        "init": str(init) if init else None,
         "max_length": max_length,
         "precision": precision,
-        "splits": sources,
+        "splits": splits.sources,
         "examples": examples,
-        "command": command or _python_call(task, data, name, profile, init, flags, overrides),
+        "command": command,
         "config": config.to_dict(),
     }
-    description = {"task": task, "name": name, "profile": config.name,
-                   "init": f"from {meta['init']}" if meta["init"] else "from scratch",
-                   "head": None if resume else task_obj.load_note}
-    trainer = Trainer(model, task_obj, config, tok, train_features, validation_features, validation_ds,
-                      run_dir=run_dir, callbacks=list(callbacks), kiln_meta=meta, description=description)
-    if not resume and is_main_process():  # only now: every check above has passed
+    return meta, (train_features, validation_features, validation_ds)
+
+
+def _write_run_files(run_dir: Path, output_dir: str | Path, meta: dict, config: Config, start: _Start,
+                     resume: bool, overwrite: bool) -> None:
+    """``run.json`` and ``config.yaml`` of a new run (replacing the old run with --overwrite), or a
+    resumed run's ``run.json`` with the settings it changed."""
+    if not resume:
         if overwrite and replaceable_run(run_dir, output_dir):  # checked again: the disk may have changed
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -365,25 +438,23 @@ def train(
         # run.json first and each file whole: a kill here leaves a run that --resume or --overwrite takes
         write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
-            {"task": task, "data": meta["data"], "init": meta["init"], **config.to_dict()}, sort_keys=False))
-    elif resume and changes and is_main_process():  # the next resume, and the report, see what this one ran
-        write_text_atomic(run_dir / RUN_FILE, json.dumps({**saved_meta, "config": config.to_dict()},
+            {"task": start.task, "data": meta["data"], "init": meta["init"], **config.to_dict()}, sort_keys=False))
+    elif start.changes:  # the next resume, and the report, see what this one ran
+        write_text_atomic(run_dir / RUN_FILE, json.dumps({**start.saved_meta, "config": config.to_dict()},
                                                               indent=2) + "\n")
 
-    metrics = trainer.train(resume=resume)
-    is_main = trainer.is_main
-    del trainer, model  # the test split loads the exported model: free the training copy first
-    test_metrics: dict = {}
-    if is_main:
-        export(run_dir)
-        if test_ds is not None:
-            test_metrics = evaluate_test(run_dir, test_ds, config.train.device)
-        from kiln.card import write_model_card
 
-        write_model_card(run_dir)
-        for callback in callbacks:  # last: trackers get the test split's scores and a model with its card
-            callback.on_export(run_dir, run_dir / "model")
-    return Run(run_dir, metrics, config, test_metrics)
+def _finish(run_dir: Path, test_ds: Dataset | None, config: Config, callbacks: list | tuple) -> dict:
+    """Export the best checkpoint as ``model/``, score the test split, write the model card and tell
+    the callbacks; returns the test split's metrics."""
+    export(run_dir)
+    test_metrics = evaluate_test(run_dir, test_ds, config.train.device) if test_ds is not None else {}
+    from kiln.card import write_model_card
+
+    write_model_card(run_dir)
+    for callback in callbacks:  # last: trackers get the test split's scores and a model with its card
+        callback.on_export(run_dir, run_dir / "model")
+    return test_metrics
 
 
 def evaluate_test(run_dir: Path, test: Dataset, device: str) -> dict:

@@ -105,33 +105,20 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
               init: str | None = None, profile: str | None = None, recipe: str = "sane",
               budget: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Fine-tune and score every selected task; returns (and writes) ``results.json``'s content."""
-    from kiln.files import read_json, write_text_atomic
+    from kiln.files import write_text_atomic
     from kiln.model_files import RUN_FILE
     from kiln.run import train
     from kiln.training.checkpoint import last_checkpoint
 
     data, output_dir = Path(data), Path(output_dir)
     selected = suite.select(tasks)
-    for task in selected:  # every folder, setting and metric is checked before the first task trains
-        if not (data / task.folder).is_dir():
-            raise KilnError(f"no {task.folder} folder for suite task '{task.name}'", data)
-        suite.settings(recipe, task)
-        unknown = [m for m in (task.metric, *task.report) if m not in _metric_names(task.task)]
-        if unknown:
-            raise KilnError(f"suite task '{task.name}': {task.task} reports no metric '{unknown[0]}' "
-                            f"({', '.join(sorted(_metric_names(task.task)))})")
+    _check_tasks(suite, selected, data, recipe)
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / RESULTS
-    results = read_json(results_path, required=("start", "tasks")) if results_path.is_file() else {}
     local = init is not None and Path(init).expanduser().exists()
     start_key = {"init": str(Path(init).expanduser().resolve()) if local else init, "profile": profile,
                  "recipe": recipe, "budget": budget, "data": str(data.resolve()), "overrides": sorted(overrides)}
-    if results.get("start") not in (None, start_key):
-        raise KilnError(f"holds results of another start, recipe or data ({results['start']}); "
-                        "use another --output-dir", results_path)
-    results = {"suite": suite.name, "start": start_key, "tasks": results.get("tasks", {}),
-               "started": results.get("started", [])}
-    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")  # the start is fixed from now on
+    results = _results_of(suite, results_path, start_key)
     for task in selected:
         run_dir = output_dir / task.name
         if task.name in results["tasks"]:
@@ -164,6 +151,33 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
         write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")  # a stop keeps what is done
     done = [entry["score"] for entry in results["tasks"].values()]  # every task the table shows
     results["average"] = sum(done) / len(done) if done else None
+    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _check_tasks(suite: Suite, selected: list, data: Path, recipe: str) -> None:
+    """Every folder, setting and metric, checked before the first task trains."""
+    for task in selected:
+        if not (data / task.folder).is_dir():
+            raise KilnError(f"no {task.folder} folder for suite task '{task.name}'", data)
+        suite.settings(recipe, task)
+        unknown = [m for m in (task.metric, *task.report) if m not in _metric_names(task.task)]
+        if unknown:
+            raise KilnError(f"suite task '{task.name}': {task.task} reports no metric '{unknown[0]}' "
+                            f"({', '.join(sorted(_metric_names(task.task)))})")
+
+
+def _results_of(suite: Suite, results_path: Path, start_key: dict) -> dict:
+    """``results.json`` as far as it got for this start (new when there is none), written back: from
+    now on the start is fixed. Results of another start are refused."""
+    from kiln.files import read_json, write_text_atomic
+
+    results = read_json(results_path, required=("start", "tasks")) if results_path.is_file() else {}
+    if results.get("start") not in (None, start_key):
+        raise KilnError(f"holds results of another start, recipe or data ({results['start']}); "
+                        "use another --output-dir", results_path)
+    results = {"suite": suite.name, "start": start_key, "tasks": results.get("tasks", {}),
+               "started": results.get("started", [])}
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
     return results
 

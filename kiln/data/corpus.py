@@ -239,54 +239,67 @@ def tokenize_corpus(
     return streams
 
 
+class _Streams:
+    """The ``{part}.bin`` files of a cache entry being written: documents arrive as pieces, are
+    encoded a batch at a time, and each finished document goes to its part (train or validation)."""
+
+    def __init__(self, tmp: Path, parts: list[str], dtype: Any, backend: Any, separator: int,
+                 holdout: tuple[float, int] | None, max_tokens_per_char: float):
+        self.parts, self.dtype, self.backend = parts, dtype, backend
+        self.holdout, self.max_tokens_per_char = holdout, max_tokens_per_char
+        self.separator = np.asarray([separator], dtype=dtype)
+        self.outputs = {part: open(tmp / f"{part}.bin", "wb") for part in parts}  # noqa: SIM115
+        self.counts = {part: {"tokens": 0, "documents": 0, "dropped": 0} for part in parts}
+        self.index = 0  # documents finished so far
+        self.pending: list[np.ndarray] = []  # token ids of the document whose pieces are still arriving
+        self.pending_chars = 0
+
+    def flush(self, batch: list[tuple[str, bool]]) -> None:
+        """Encode ``(piece, ends its document)`` pairs and write out the documents they finish."""
+        encodings = self.backend.encode_batch([text for text, _ in batch], add_special_tokens=False)  # all cores
+        routed: dict[str, list[np.ndarray]] = {part: [] for part in self.parts}
+        for (text, last), encoding in zip(batch, encodings, strict=True):
+            self.pending.append(np.asarray(encoding.ids, dtype=self.dtype))
+            self.pending_chars += len(text)
+            if not last:
+                continue
+            ids = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+            chars = self.pending_chars
+            self.pending.clear()
+            self.pending_chars = 0
+            part = self.parts[0]
+            if self.holdout:
+                part = "validation" if holdout_document(self.index, *self.holdout) else "train"
+            self.index += 1
+            if self.max_tokens_per_char and len(ids) > self.max_tokens_per_char * chars:
+                self.counts[part]["dropped"] += 1
+                continue
+            routed[part] += [ids, self.separator]
+            self.counts[part]["documents"] += 1
+            self.counts[part]["tokens"] += len(ids) + 1
+        for part, arrays in routed.items():
+            if arrays:
+                np.concatenate(arrays).tofile(self.outputs[part])
+
+    def close(self) -> None:
+        for stream in self.outputs.values():
+            stream.close()
+
+
 def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragraphs: bool,
                    max_tokens_per_char: float, holdout: tuple[float, int] | None, parts: list[str],
                    tmp: Path) -> None:
     """Tokenize ``files`` into ``tmp/{part}.bin`` and ``tmp/meta.json`` (written last: it marks the
     entry complete)."""
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    outputs = {part: open(tmp / f"{part}.bin", "wb") for part in parts}  # noqa: SIM115
-    counts = {part: {"tokens": 0, "documents": 0, "dropped": 0} for part in parts}
-    # A copy without the padding or truncation a saved tokenizer.json may switch on (they would
-    # pad or cut every document).
     from tokenizers import Tokenizer
 
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    # A copy without the padding or truncation a saved tokenizer.json may switch on (they would
+    # pad or cut every document).
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_padding()
     backend.no_truncation()
-    separator_ids = np.asarray([separator], dtype=dtype)
-    index = 0  # documents finished so far
-    pending: list[np.ndarray] = []  # token ids of the document whose pieces are still arriving
-    pending_chars = 0
-
-    def flush(batch: list[tuple[str, bool]]) -> None:
-        """Encode ``(piece, ends its document)`` pairs and write out the documents they finish."""
-        nonlocal index, pending_chars
-        encodings = backend.encode_batch([text for text, _ in batch], add_special_tokens=False)  # all cores
-        routed: dict[str, list[np.ndarray]] = {part: [] for part in parts}
-        for (text, last), encoding in zip(batch, encodings, strict=True):
-            pending.append(np.asarray(encoding.ids, dtype=dtype))
-            pending_chars += len(text)
-            if not last:
-                continue
-            ids = pending[0] if len(pending) == 1 else np.concatenate(pending)
-            chars = pending_chars
-            pending.clear()
-            pending_chars = 0
-            part = parts[0]
-            if holdout:
-                part = "validation" if holdout_document(index, *holdout) else "train"
-            index += 1
-            if max_tokens_per_char and len(ids) > max_tokens_per_char * chars:
-                counts[part]["dropped"] += 1
-                continue
-            routed[part] += [ids, separator_ids]
-            counts[part]["documents"] += 1
-            counts[part]["tokens"] += len(ids) + 1
-        for part, arrays in routed.items():
-            if arrays:
-                np.concatenate(arrays).tofile(outputs[part])
-
+    streams = _Streams(tmp, parts, dtype, backend, separator, holdout, max_tokens_per_char)
     try:
         batch: list[tuple[str, bool]] = []
         chars = 0
@@ -295,14 +308,13 @@ def _write_streams(files: Sequence[Path], tokenizer: Any, separator: int, paragr
                 batch.append((piece, last))
                 chars += len(piece)
                 if len(batch) == ENCODE_BATCH or chars >= ENCODE_CHARS:
-                    flush(batch)
+                    streams.flush(batch)
                     batch, chars = [], 0
         if batch:
-            flush(batch)
+            streams.flush(batch)
     finally:
-        for stream in outputs.values():
-            stream.close()
-    (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "parts": counts,
+        streams.close()
+    (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "parts": streams.counts,
                                                "files": [str(f) for f in files]}))
 
 

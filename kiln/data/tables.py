@@ -274,29 +274,7 @@ def select_columns(
             else:
                 index[role] = next((a for a in aliases if a in keys), None)
     else:
-        width = len(table.header or table.rows[0])
-        names = [h.lower() for h in table.header] if table.header else None
-        for role, aliases in roles.items():
-            if role in columns and role not in required and _absent(table, columns[role], width):
-                index[role] = None  # e.g. the run's label=NAME when predicting a file without labels
-            elif role in columns and role in TARGET_ROLES and _absent(table, columns[role], width):
-                raise MissingLabels(f"--columns {role}={columns[role]}: this file has no such column",
-                                    table.path, max(table.lines[0] - (1 if table.header else 0), 1))
-            elif role in columns:
-                index[role] = _column_position(table, columns[role], width)
-            elif names is not None:
-                index[role] = next((names.index(a) for a in aliases if a in names), None)
-            else:
-                index[role] = None
-        if names is None and not columns and positional:
-            order = positional.get(width)
-            if order is None:
-                raise KilnError(
-                    f"cannot tell which of the {width} columns is which; name them with --columns "
-                    f"(e.g. --columns {','.join(f'{role}={i}' for i, role in enumerate(roles))})",
-                    table.path, table.lines[0]
-                )
-            index = {role: order.index(role) if role in order else None for role in roles}
+        index = _delimited_index(table, roles, required, columns, positional)
     missing = [role for role in required if index.get(role) is None]
     if missing:
         where = "in the header" if table.header or table.format == "jsonl" else "among the columns"
@@ -318,6 +296,36 @@ def select_columns(
                 record[role] = row[key]
         records.append(record)
     return records
+
+
+def _delimited_index(table: Table, roles: dict[str, Sequence[str]], required: list[str],
+                     columns: dict[str, str | int], positional: dict[int, Sequence[str]] | None) -> dict[str, Any]:
+    """Each role's column position in a TSV/CSV table (None: the table has none)."""
+    index: dict[str, Any] = {}
+    width = len(table.header or table.rows[0])
+    names = [h.lower() for h in table.header] if table.header else None
+    for role, aliases in roles.items():
+        if role in columns and role not in required and _absent(table, columns[role], width):
+            index[role] = None  # e.g. the run's label=NAME when predicting a file without labels
+        elif role in columns and role in TARGET_ROLES and _absent(table, columns[role], width):
+            raise MissingLabels(f"--columns {role}={columns[role]}: this file has no such column",
+                                table.path, max(table.lines[0] - (1 if table.header else 0), 1))
+        elif role in columns:
+            index[role] = _column_position(table, columns[role], width)
+        elif names is not None:
+            index[role] = next((names.index(a) for a in aliases if a in names), None)
+        else:
+            index[role] = None
+    if names is None and not columns and positional:
+        order = positional.get(width)
+        if order is None:
+            raise KilnError(
+                f"cannot tell which of the {width} columns is which; name them with --columns "
+                f"(e.g. --columns {','.join(f'{role}={i}' for i, role in enumerate(roles))})",
+                table.path, table.lines[0]
+            )
+        index = {role: order.index(role) if role in order else None for role in roles}
+    return index
 
 
 def _absent(table: Table, column: str | int, width: int) -> bool:

@@ -128,6 +128,23 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _add_error_handlers(app)
 
+    guarded = _authorization(settings)
+    error_model = schemas.error_model()
+    errors = {status: {"model": error_model, "description": description} for status, description in (
+        (400, "The body is not JSON."), (401, "Missing or wrong API key."),
+        (408, "The body did not arrive within the server's --read-timeout."), (413, "The body is too large."),
+        (415, "The body is not sent as application/json."), (429, "Too many requests wait; retry later."),
+        (422, "JSON of the wrong shape, an unknown parameter, or an input the task refuses."),
+        (503, "The model is still loading, or the server is shutting down."))}
+
+    _add_predict_route(app, state, settings, guarded, errors)
+    _add_status_routes(app, state, guarded, errors, error_model)
+    app.openapi = _openapi(app, state, settings)  # type: ignore[method-assign]
+    return app
+
+
+def _authorization(settings: ServeSettings) -> list:
+    """The dependencies that guard the model's endpoints: a bearer key check with ``--api-key``."""
     bearer = HTTPBearer(auto_error=False, description="the key kiln serve was started with (--api-key)")
     expected = settings.api_key.encode("utf-8")
 
@@ -137,14 +154,12 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
         if not hmac.compare_digest(given, expected):
             raise RequestError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY'")
 
-    guarded = [Depends(authorize)] if settings.api_key else []
-    error_model = schemas.error_model()
-    errors = {status: {"model": error_model, "description": description} for status, description in (
-        (400, "The body is not JSON."), (401, "Missing or wrong API key."),
-        (408, "The body did not arrive within the server's --read-timeout."), (413, "The body is too large."),
-        (415, "The body is not sent as application/json."), (429, "Too many requests wait; retry later."),
-        (422, "JSON of the wrong shape, an unknown parameter, or an input the task refuses."),
-        (503, "The model is still loading, or the server is shutting down."))}
+    return [Depends(authorize)] if settings.api_key else []
+
+
+def _add_predict_route(app: FastAPI, state: ServeState, settings: ServeSettings, guarded: list,
+                       errors: dict) -> None:
+    """``POST /predict``: check the body, bound its work, and hand its inputs to the batcher."""
 
     @app.post("/predict", dependencies=guarded, response_model=None, responses=errors,
               summary="Predict for a list of inputs")
@@ -197,6 +212,11 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
             state.metrics.in_flight -= 1
         return JSONResponse(results)
 
+
+
+def _add_status_routes(app: FastAPI, state: ServeState, guarded: list, errors: dict, error_model: Any) -> None:
+    """``/health``, ``/info``, ``/metrics`` and the demo page at ``/``."""
+
     @app.get("/health", summary="200 once the model is loaded, 503 before",
              responses={503: {"model": error_model, "description": "Loading, or failed to load."}})
     async def health() -> JSONResponse:
@@ -228,6 +248,10 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
             raise RequestError(404, "this install has no demo page; the API is described at /docs")
         return FileResponse(page, media_type="text/html; charset=utf-8")
 
+
+def _openapi(app: FastAPI, state: ServeState, settings: ServeSettings) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema function, with /predict's body and answer for this model's task once it is loaded."""
+
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, with /predict's body and answer for this model's task once it is loaded."""
         if app.openapi_schema:
@@ -241,8 +265,7 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
-    return app
+    return openapi
 
 
 def _describe_predict(schema: dict, task: str, parameters: dict[str, str], max_inputs: int) -> None:

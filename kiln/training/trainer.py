@@ -356,44 +356,11 @@ class Trainer:
                         self._end_epoch()
                         continue
                     self.step_loss = self._run_step(step)
-                    self._count(step, started)
-                    stop_signal = self._agree_across_ranks()
-                    out_of_time = bool(self.budget) and self.state.train_seconds >= self.budget
-                    logs = None
-                    if self.state.step % self.config.train.log_every == 0 or out_of_time \
-                            or self.state.step == self.total_steps:  # a budget run's last step is logged
-                        logs = self._log_window(time.perf_counter() - window_start)
-                        window_start = time.perf_counter()
-                    if out_of_time:
-                        self._say(f"  budget    {duration(self.budget)} spent at step {self.state.step}")
-                        self.should_stop = True
-                    self._call("on_step_end", logs)
-                    self._check_finite()
-                    if self.config.train.eval_every and self.state.step % self.config.train.eval_every == 0:
-                        self._evaluate_and_checkpoint()
-                    elif self._save_due():
-                        self._save()
-                    if self.world_size == 1:  # alone, a signal during this step's reporting counts too
-                        stop_signal = self._stop_signal
-                    if stop_signal:
-                        self._stop_for_signal(stop_signal)
-                    if self.state.batch_in_epoch >= len(self.sampler.global_batches(self.state.epoch)):
-                        self._end_epoch()
-                    if self.world_size > 1:  # a callback on rank 0 alone may have asked to stop
-                        self.should_stop = bool(self.strategy.all_reduce([self.should_stop], "max")[0])
+                    window_start = self._after_step(step, started, window_start)
                 if self.state.last_eval_step != self.state.step:
                     self._evaluate_and_checkpoint()
             except KeyboardInterrupt:
-                self._call("on_train_end")
-                # Mid-step the weights and the step count may disagree; and a save is a collective that
-                # the other ranks, not interrupted, would never join.
-                if self._interrupt_now or self.world_size > 1:
-                    self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
-                              "from the last checkpoint", logging.WARNING)
-                else:
-                    self._save()
-                    self._say(f"interrupted at step {self.state.step}; continue with --resume", logging.WARNING)
-                self.module = self.model  # see _close; the other ranks may not be here to close the group
+                self._interrupted()
                 raise
             except RunStopped:  # a planned stop, at the same step on every rank
                 self._call("on_train_end")
@@ -406,6 +373,49 @@ class Trainer:
         self._call("on_train_end")
         self._close()
         return self.best_metrics or self.last_metrics
+
+    def _after_step(self, step: Any, started: float, window_start: float) -> float:
+        """Everything a finished step sets off: counting, logging, budget, evaluation, checkpoints,
+        signals, the epoch's end. Returns when the current logging window started."""
+        self._count(step, started)
+        stop_signal = self._agree_across_ranks()
+        out_of_time = bool(self.budget) and self.state.train_seconds >= self.budget
+        logs = None
+        if self.state.step % self.config.train.log_every == 0 or out_of_time \
+                or self.state.step == self.total_steps:  # a budget run's last step is logged
+            logs = self._log_window(time.perf_counter() - window_start)
+            window_start = time.perf_counter()
+        if out_of_time:
+            self._say(f"  budget    {duration(self.budget)} spent at step {self.state.step}")
+            self.should_stop = True
+        self._call("on_step_end", logs)
+        self._check_finite()
+        if self.config.train.eval_every and self.state.step % self.config.train.eval_every == 0:
+            self._evaluate_and_checkpoint()
+        elif self._save_due():
+            self._save()
+        if self.world_size == 1:  # alone, a signal during this step's reporting counts too
+            stop_signal = self._stop_signal
+        if stop_signal:
+            self._stop_for_signal(stop_signal)
+        if self.state.batch_in_epoch >= len(self.sampler.global_batches(self.state.epoch)):
+            self._end_epoch()
+        if self.world_size > 1:  # a callback on rank 0 alone may have asked to stop
+            self.should_stop = bool(self.strategy.all_reduce([self.should_stop], "max")[0])
+        return window_start
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: save where it is safe to, and say how to go on."""
+        self._call("on_train_end")
+        # Mid-step the weights and the step count may disagree; and a save is a collective that
+        # the other ranks, not interrupted, would never join.
+        if self._interrupt_now or self.world_size > 1:
+            self._say(f"interrupted during step {self.state.step + 1}; not saved: --resume continues "
+                      "from the last checkpoint", logging.WARNING)
+        else:
+            self._save()
+            self._say(f"interrupted at step {self.state.step}; continue with --resume", logging.WARNING)
+        self.module = self.model  # see _close; the other ranks may not be here to close the group
 
     def _close(self) -> None:
         """Drop the strategy's wrapper, then close the strategy. DDP's wrapper holds the process group:
