@@ -29,6 +29,7 @@ quickstart: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check kiln tests benchmarks
+	$(PY) -m mypy
 	KILN_PRECISION=$(PRECISION) $(PY) -m pytest
 
 # The browser tier: kiln serve's demo page in headless Chromium (needs chromium and chromium-driver,

@@ -15,7 +15,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,7 +408,7 @@ def check_declared(key: str, value: Any, declared: dataclasses.Field) -> None:
     _check(key, value, declared.metadata, "")
 
 
-def _check(key: str, value: Any, meta: dict, where: str, ranges: bool = True) -> None:
+def _check(key: str, value: Any, meta: Mapping[str, Any], where: str, ranges: bool = True) -> None:
     """A typed value against its declared choices, range and parser."""
     choices = meta.get("choices")
     if choices and value not in choices:
@@ -449,7 +449,8 @@ class ConfigBuilder:
         self.values: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
         for key, f in iter_settings():
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            factory: Any = f.default_factory
+            default = factory() if f.default is dataclasses.MISSING else f.default
             self.values[key] = default
             self.sources[key] = "default"
 
@@ -584,7 +585,8 @@ def resume_config(saved: Config, flags: dict[str, Any], overrides: list[str] | t
     builder = ConfigBuilder(ranges=False)
     builder.apply(saved.to_dict(), "file")
     allowed = resumable_keys()
-    refused, changes = [], []
+    refused: list[tuple[str, Any, Any]] = []
+    changes: list[tuple[str, Any, Any]] = []
     for key in requested:
         if key.startswith("model.config."):
             sub = key.removeprefix("model.config.")

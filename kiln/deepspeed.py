@@ -139,8 +139,8 @@ def merge_deepspeed(path: str | Path, flags: dict[str, Any], overrides: Iterable
     for key, value in mapping.settings.items():
         origin = mapping.origins[key]
         rival = RIVALS.get(key)
-        if key in mapping.weak and (key in explicit or (rival and rival[0] in explicit)):
-            shown = explicit[key if key in explicit else rival[0]][1]
+        if key in mapping.weak and (key in explicit or (rival is not None and rival[0] in explicit)):
+            shown = explicit[key if key in explicit or rival is None else rival[0]][1]
             lines.append(f"deepspeed: {origin} is absent; {shown} stands over DeepSpeed's default {_json(value)}")
             continue
         if key in explicit:

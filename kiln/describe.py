@@ -23,7 +23,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -514,10 +514,10 @@ def describe(task: str, data: str | Path, *, tokenizer: str | Path | None = None
     return description
 
 
-def _histogram(axis: Any, values: Sequence[float], limits: Sequence[int] = LENGTH_LIMITS) -> None:
+def _histogram(axis: Any, given: Sequence[float], limits: Sequence[int] = LENGTH_LIMITS) -> None:
     import numpy as np
 
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(given, dtype=np.float64)
     if not len(values):
         return
     low, high = values.min(), values.max()
@@ -531,7 +531,7 @@ def _histogram(axis: Any, values: Sequence[float], limits: Sequence[int] = LENGT
             axis.axvline(limit, color="#c44e52", linestyle="--", linewidth=1)
 
 
-def _grouped_bars(title: str, name: str, names: Sequence[str], series: dict[str, Sequence[float]],
+def _grouped_bars(title: str, name: str, names: Sequence[str], series: Mapping[str, Sequence[float]],
                   ylabel: str) -> Plot:
     """One bar per name and series (split), side by side."""
     import numpy as np

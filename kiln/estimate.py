@@ -79,7 +79,9 @@ def optimizer_bytes(model: Any, optimizer: str) -> int:
         return total
     if optimizer not in OPTIMIZERS:
         raise KilnError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; got '{optimizer}'")
-    return 4 * OPTIMIZER_STATES[optimizer] * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    states = OPTIMIZER_STATES[optimizer]
+    assert states is not None  # adafactor's is worked out above
+    return 4 * states * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def activation_bytes(shape: Shape, seq_len: int, batch_size: int, precision: str,

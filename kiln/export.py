@@ -252,7 +252,7 @@ def _generative_parity(model: Any, generator: Any, batch: dict, decoder_only: bo
             ids, mask = batch["prompt_ids"], batch["prompt_mask"]
             position = (mask.cumsum(-1) - 1).clamp(min=0)
             reference = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
-            cache = DynamicCache()
+            cache: Any = DynamicCache()
             first = generator(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1],
                               cache=cache).logits
             last = generator(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position[:, -1:],
@@ -431,6 +431,7 @@ def _export_graph(module: Any, args: tuple, inputs: list[str], outputs: list[str
         except Exception as error:
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             raise KilnError(f"torch.onnx could not export this model ({type(error).__name__}: {first})") from None
+    assert program is not None  # dynamo=True always gives one
     program.save(str(path))
 
 

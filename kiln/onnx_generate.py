@@ -76,6 +76,7 @@ class OnnxGenerator(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if self.config.is_encoder_decoder:
             if encoder_outputs is None:
+                assert self.encoder is not None  # a seq2seq export has its encoder graph
                 encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
             self_cache = None if cache is None else cache.self_attention_cache
             ids = decoder_input_ids
@@ -102,5 +103,5 @@ class OnnxGenerator(PreTrainedModel, GenerationMixin):
             for layer, (key, value) in enumerate(pairs(present)):
                 self_cache.update(key[:, :, seen:], value[:, :, seen:], layer)
         if self.config.is_encoder_decoder:
-            return Seq2SeqLMOutput(logits=logits, past_key_values=cache)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+            return Seq2SeqLMOutput(logits=logits, cache=cache)
+        return CausalLMOutputWithPast(logits=logits, cache=cache)

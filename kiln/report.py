@@ -311,8 +311,8 @@ class Report:
                 if not series:
                     continue
                 pick = max if run.greater_is_better(metric) else min
-                best = pick(series, key=lambda item: item[1])
-                rows.append([run.name, f"{metric} (main)" if metric == main else metric, best[1], best[0],
+                top = pick(series, key=lambda item: item[1])
+                rows.append([run.name, f"{metric} (main)" if metric == main else metric, top[1], top[0],
                              series[-1][1], series[-1][0], test.get(metric)])
             finite = [r for r in run.train if _number(r.get("loss"))]  # a diverged window logs NaN
             if finite:
@@ -380,7 +380,7 @@ class Report:
         unit, scale = ("h", 3600) if longest > 7200 else ("min", 60) if longest > 120 else ("s", 1)
         for index, run in enumerate(self.runs):
             color = f"C{index % 10}"
-            lines = []
+            lines: list[tuple[list, list, list, str, str]] = []
             if name in TRAIN_CURVES:
                 points = [r for r in run.train if _number(r.get(name))]
                 lines.append(([r["step"] for r in points], [r[name] for r in points],
@@ -398,7 +398,7 @@ class Report:
                     continue
                 marker = "o" if len(steps) <= 30 else None
                 by_step.plot(steps, values, style, color=color, marker=marker, markersize=3, label=label)
-                timed = [(s / scale, v) for s, v in zip(seconds, values, strict=True) if _number(s)]
+                timed = [(float(s) / scale, v) for s, v in zip(seconds, values, strict=True) if _number(s)]
                 if timed:
                     by_time.plot(*zip(*timed, strict=True), style, color=color, marker=marker, markersize=3,
                                  label=label)
@@ -420,8 +420,8 @@ class Report:
 
 def report(paths: Sequence[str | Path]) -> Report:
     """Read the runs at ``paths``; runs with the same directory name are told apart by their parent."""
-    paths = [Path(p) for p in paths]
-    return Report([load_run(path, name) for path, name in zip(paths, run_names(paths), strict=True)])
+    dirs = [Path(p) for p in paths]
+    return Report([load_run(path, name) for path, name in zip(dirs, run_names(dirs), strict=True)])
 
 
 def run_names(paths: Sequence[Path]) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -101,7 +102,7 @@ def replaceable_run(run_dir: Path, output_dir: str | Path) -> bool:
 
 
 def resolve_config(task: str, profile: str | None, init: str | None, flags: dict[str, Any],
-                   overrides: list[str] | tuple[str, ...] = ()) -> ConfigBuilder:
+                   overrides: Sequence[str] = ()) -> ConfigBuilder:
     """Merge profile (default: the task's own; with --init, the fine-tuning recipe for pretrained
     starts, ``_finetune``, or ``_generation``) and overrides."""
     from kiln.profiles import builder_for
@@ -388,7 +389,7 @@ def _model_and_tokenizer(task_obj: Any, config: Config, run_dir: Path, saved_met
 
 
 def _prepared(task_obj: Any, config: Config, model: Any, tok: Any, splits: _Splits, precision: str,
-              start: _Start, init_dir: Path | None, command: str) -> tuple[dict, tuple]:
+              start: _Start, init_dir: Path | None, command: str) -> tuple[dict, tuple[list, list, Dataset]]:
     """The run's record (``run.json``) and the Trainer's data: ``(train features, validation
     features, validation dataset)``."""
     from kiln.models import max_positions

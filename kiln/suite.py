@@ -116,7 +116,7 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / RESULTS
     local = init is not None and Path(init).expanduser().exists()
-    start_key = {"init": str(Path(init).expanduser().resolve()) if local else init, "profile": profile,
+    start_key = {"init": str(Path(init).expanduser().resolve()) if local and init else init, "profile": profile,
                  "recipe": recipe, "budget": budget, "data": str(data.resolve()), "overrides": sorted(overrides)}
     results = _results_of(suite, results_path, start_key)
     for task in selected:

@@ -130,6 +130,7 @@ def _build_raw(spec: TokenizerConfig, vocab_size: int, texts: Sequence[str]) -> 
     unk = STYLES[spec.style]["unk_token"]
     if spec.style == "t5":  # the sentinels appended below count towards the vocabulary, as in T5's 32100
         vocab_size -= len(T5_SENTINELS)
+    trainer: Any
     if spec.kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token=unk))
         tok.normalizer = normalizers.BertNormalizer(lowercase=spec.lowercase, strip_accents=spec.lowercase)

@@ -365,6 +365,8 @@ class PackedBlocks(Sequence):
     Items are views into the memory map, so a corpus larger than RAM is fine.
     """
 
+    count: int  # type: ignore[assignment]  # the number of blocks (Sequence.count, which counts a value, is unused)
+
     def __init__(self, tokens: np.ndarray, length: int, prefix: Sequence[int] = (), suffix: Sequence[int] = ()):
         self.tokens = tokens
         self.length = length

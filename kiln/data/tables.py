@@ -13,7 +13,7 @@ import io
 import json
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -250,10 +250,10 @@ def parse_columns(spec: str) -> dict[str, str | int]:
 
 def select_columns(
     table: Table,
-    roles: dict[str, Sequence[str]],
+    roles: Mapping[str, Sequence[str]],
     required: Iterable[str],
     columns: dict[str, str | int] | None = None,
-    positional: dict[int, Sequence[str]] | None = None,
+    positional: Mapping[int, Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Map each row to ``{role: value}`` plus ``_line``.
 
@@ -267,7 +267,7 @@ def select_columns(
     required = list(required)
     index: dict[str, Any] = {}
     if table.format == "jsonl":
-        keys = {k for row in table.rows[:100] for k in row}  # type: ignore[union-attr]
+        keys = {k for row in table.rows[:100] for k in row}
         for role, aliases in roles.items():
             if role in columns:
                 index[role] = columns[role]
@@ -298,8 +298,8 @@ def select_columns(
     return records
 
 
-def _delimited_index(table: Table, roles: dict[str, Sequence[str]], required: list[str],
-                     columns: dict[str, str | int], positional: dict[int, Sequence[str]] | None) -> dict[str, Any]:
+def _delimited_index(table: Table, roles: Mapping[str, Sequence[str]], required: list[str],
+                     columns: dict[str, str | int], positional: Mapping[int, Sequence[str]] | None) -> dict[str, Any]:
     """Each role's column position in a TSV/CSV table (None: the table has none)."""
     index: dict[str, Any] = {}
     width = len(table.header or table.rows[0])
@@ -373,7 +373,7 @@ def write_table(table: Table, added: dict[str, list[Any]], out: TextIO | None = 
     if table.header:
         out.write("\t".join([*table.header, *names]) + "\n")
     for i, row in enumerate(table.rows):
-        out.write("\t".join([*row, *(_cell(added[n][i]) for n in names)]) + "\n")  # type: ignore[misc]
+        out.write("\t".join([*row, *(_cell(added[n][i]) for n in names)]) + "\n")
 
 
 def _cell(value: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,7 @@ def layers(name: str, _seen: tuple[str, ...] = ()) -> list[tuple[dict, str, Path
 
 
 def builder_for(
-    profile: str, flags: dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
+    profile: str, flags: dict[str, Any] | None = None, overrides: Sequence[str] = ()
 ) -> ConfigBuilder:
     """Merge a profile, CLI flags (``{"train.epochs": 1}``) and ``-c key=value`` overrides."""
     builder = ConfigBuilder()

@@ -109,7 +109,7 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
     state = ServeState(predictor, settings, on_ready)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+    async def lifespan(app: FastAPI):
         loading = asyncio.create_task(state.load())
         if hasattr(predictor, "predict_examples"):
             await loading  # already loaded: ready before the first request
@@ -347,7 +347,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return _json_error(exc.status_code, detail, headers=exc.headers)
+        return _json_error(exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None)
 
     async def invalid(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

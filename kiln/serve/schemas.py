@@ -165,7 +165,7 @@ def estimate_tokens(item: Any) -> int:
 
 
 # -- the same rules as an OpenAPI description ------------------------------------------------
-def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> type:
+def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> Any:
     """A pydantic model of the ``/predict`` body for ``task``, its parameters (name -> setting key)
     typed and ranged as the settings declare them."""
     import pydantic
@@ -205,7 +205,8 @@ def response_model(task: str) -> Any:
     face = task_class(task)
     if face.prediction_fields is None:
         return list[Any]
-    model = pydantic.create_model("Prediction", **{key: (kind, ...) for key, kind in face.prediction_fields.items()})
+    fields: dict[str, Any] = {key: (kind, ...) for key, kind in face.prediction_fields.items()}
+    model: Any = pydantic.create_model("Prediction", **fields)
     return list[list[model]] if face.predictions_per_input == "list" else list[model]
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.tasks.base import Task
 
 # name -> "module:Class"; imported lazily so `kiln --help` stays fast.
 TASKS: dict[str, str] = {
@@ -20,7 +23,7 @@ TASKS: dict[str, str] = {
 }
 
 
-def task_class(name: str) -> type:
+def task_class(name: str) -> type[Task]:
     """The Task class registered under ``name``."""
     if name not in TASKS:
         raise KilnError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
@@ -28,6 +31,6 @@ def task_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-def get_task(name: str, config: Any, state: dict | None = None) -> Any:
+def get_task(name: str, config: Any, state: dict | None = None) -> Task:
     """Instantiate the task ``name`` for ``config`` (and a saved state, for trained runs)."""
     return task_class(name)(config, state)

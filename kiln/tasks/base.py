@@ -227,9 +227,8 @@ class Task:
         texts = {key: example.get(key) for key in self.example_fields} if isinstance(example, dict) else {}
         if not texts or not all(isinstance(text, str) and text.strip() for text in texts.values()):
             return None
-        if len(texts) == 1:
-            return shorten(next(iter(texts.values())))
-        return {key: shorten(text) for key, text in texts.items()}
+        shortened = {key: shorten(str(text)) for key, text in texts.items()}
+        return next(iter(shortened.values())) if len(shortened) == 1 else shortened
 
     def parameters(self) -> dict[str, str]:
         """Per-call prediction parameters (``kiln serve``'s ``parameters``, HF pipeline names) and the
@@ -372,6 +371,8 @@ class Task:
         """Write predictions in the input's own format (a column or fields appended)."""
         from kiln.data.tables import write_table
 
+        if dataset.table is None:
+            raise ValueError(f"{dataset.path}: no table to write predictions into")  # a kiln bug, not input
         write_table(dataset.table, self.output_columns(predictions, dataset.table.format), stream)
 
     def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:

@@ -349,7 +349,8 @@ class GenerationTask(Task):
 
     def generation_kwargs(self) -> dict:
         g = self.config.generate
-        kwargs = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams, "do_sample": g.do_sample}
+        kwargs: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "num_beams": g.num_beams,
+                                  "do_sample": g.do_sample}
         if g.num_beams > 1:
             kwargs["length_penalty"] = g.length_penalty
         if g.no_repeat_ngram_size:

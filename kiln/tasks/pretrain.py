@@ -56,7 +56,7 @@ class PretrainTask(Task):
     main_metric: ClassVar[str] = "loss"
     pretraining: ClassVar[bool] = True
 
-    def find_splits(self, data: str | Path) -> dict[str, Any]:  # type: ignore[override]
+    def find_splits(self, data: str | Path) -> dict[str, Any]:
         return corpus_files(data)
 
     def read(self, path: Any, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:

@@ -154,7 +154,7 @@ class QuestionAnsweringTask(Task):
             raise KilnError(f"invalid JSON: {exc.msg}", path, exc.lineno) from None
         if not isinstance(tree, dict) or not isinstance(tree.get("data"), list):
             raise KilnError("not SQuAD JSON: expected {\"data\": [articles]}", path, 1)
-        examples = []
+        examples: list[dict] = []
         for article in tree["data"]:
             for paragraph in article.get("paragraphs", []):
                 for qa in paragraph.get("qas", []):
@@ -172,7 +172,7 @@ class QuestionAnsweringTask(Task):
         return examples
 
     def _read_jsonl(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
-        examples = []
+        examples: list[dict] = []
         for number, obj in jsonl_objects(path, lines):
             answers: list = []
             if isinstance(obj.get("answers"), dict):
@@ -194,7 +194,7 @@ class QuestionAnsweringTask(Task):
         return examples
 
     def _read_tsv(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
-        examples = []
+        examples: list[dict] = []
         for number, text in lines:
             if not text.strip():
                 continue

@@ -148,6 +148,7 @@ class SequenceTask(Task):
         return f"an empty {blank[0]}" if blank else None
 
     def parse_input(self, item: Any, line: int) -> Any:
+        parts: list[Any]
         if isinstance(item, dict):
             parts = [item.get(role) for role in self.text_roles]
         elif isinstance(item, (tuple, list)):

@@ -145,7 +145,7 @@ class TokenTask(Task):
         return examples
 
     def _read_classy(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
-        examples = []
+        examples: list[dict] = []
         for number, text in lines:
             if not text.strip():
                 continue
@@ -163,7 +163,7 @@ class TokenTask(Task):
 
     def _read_jsonl(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
         names = self.state.get("label_names") or self.config.data.label_names
-        examples = []
+        examples: list[dict] = []
         for number, obj in jsonl_objects(path, lines):
             words = obj.get("tokens")
             if not isinstance(words, list) or not all(isinstance(w, str) for w in words):

@@ -30,9 +30,9 @@ class EqualBatches(Sequence):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, index: int | slice) -> list[int] | list[list[int]]:  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> list[int] | list[list[int]]:
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+            return [self[i] for i in range(*index.indices(len(self)))]  # type: ignore[return-value]
         start = int(self.chunks[index]) * self.size
         return self.order[start:start + self.size].tolist()
 
@@ -51,7 +51,7 @@ class TokenBudgetSampler:
 
     def __init__(
         self,
-        lengths: Sequence[int],
+        lengths: Sequence[int] | np.ndarray,
         batch_tokens: int = 8192,
         max_batch_size: int = 256,
         batch_size: int = 0,
@@ -72,7 +72,7 @@ class TokenBudgetSampler:
         self.world_size = world_size
         self.pool_batches = pool_batches
         self.order = None if order is None else np.asarray(order, dtype=np.int64)
-        self._cached: tuple[int | None, list[list[int]]] | None = None  # (epoch key, its batches)
+        self._cached: tuple[int | None, Sequence[list[int]]] | None = None  # (epoch key, its batches)
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
         """Cut an ordered run of indices into batches under the budget."""

@@ -278,7 +278,7 @@ class TensorBoardCallback(Callback):
 
         # Worked out for each run, so that one callback given to several kiln.train calls (a sweep)
         # logs each run in its own directory.
-        self.log_dir = self.given or trainer.run_dir / "tensorboard"
+        self.log_dir = self.given if self.given is not None else Path(str(trainer.run_dir)) / "tensorboard"
         step = trainer.state.step
         # Resumed at step S: what the interrupted session logged after S is replayed now, so hide it.
         self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1 if step else None)
@@ -297,7 +297,7 @@ class TensorBoardCallback(Callback):
     @staticmethod
     def _scalars(writer: Any, record: dict) -> None:
         split = record.get("split")
-        group = {None: "train", "validation": "eval"}.get(split, split)
+        group = {None: "train", "validation": "eval"}.get(split, split) or "train"
         for key, value in record_scalars(record).items():
             writer.add_scalar(f"{group}/{key.removeprefix(group + '_')}", value, record.get("step") or 0)
 

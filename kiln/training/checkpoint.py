@@ -243,9 +243,9 @@ def last_checkpoint(checkpoints: Path, name: str | None = None, *, strict: bool 
         found = next((path for path in (target, _previous(target)) if _complete(path)), None)
     if found is None and damaged and strict:  # the error says it: no warning line besides
         raise damaged[0][1]
-    for candidate, err in damaged:
-        problem = (err.message if isinstance(err, ForeignCheckpoint)
-                   else f"is damaged ({_reason(candidate, err)})")
+    for candidate, problem_error in damaged:
+        problem = (problem_error.message if isinstance(problem_error, ForeignCheckpoint)
+                   else f"is damaged ({_reason(candidate, problem_error)})")
         message = (f"{candidate} {problem}; "
                    + (f"using {found} instead" if found else "no other checkpoint verifies"))
         if message not in _reported:
@@ -285,7 +285,9 @@ def prune_checkpoints(checkpoints: Path, keep_last: int, written: Collection[Pat
     for path in doomed:
         # Renamed first, so that a kill during the removal leaves a temporary (removed by the next
         # save), not a half-deleted checkpoint that would be reported as damaged.
-        step = (STEP_DIR.fullmatch(path.name) or STEP_OLD.fullmatch(path.name))[1]
+        match = STEP_DIR.fullmatch(path.name) or STEP_OLD.fullmatch(path.name)
+        assert match is not None  # doomed holds step checkpoints only
+        step = match[1]
         trash = path.parent / f".step-{step}.tmp-pruned"
         shutil.rmtree(trash, ignore_errors=True)
         path.rename(trash)

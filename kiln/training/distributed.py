@@ -204,8 +204,11 @@ class FSDP(DDP):
             return None
         # Tied weights come back under each name; saved once, as the unsharded model saves them.
         seen: set[int] = set()
-        repeated = {name for name, p in model.named_parameters(remove_duplicate=False)
-                    if id(p) in seen or seen.add(id(p))}
+        repeated = set()
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                repeated.add(name)
+            seen.add(id(p))
         return {key: value for key, value in state.items() if key not in repeated}
 
     def optimizer_state(self, model: Any, optimizer: Any) -> dict | None:

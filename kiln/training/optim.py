@@ -12,7 +12,8 @@ from kiln.errors import KilnError
 def parameter_groups(model: Any, weight_decay: float) -> list[dict]:
     """Two groups: matrices decay; biases and norm weights (all 1-D parameters) do not, nor does
     anything named a bias (T5's relative attention bias table), as in HF Trainer."""
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 and "bias" not in name.lower() else no_decay).append(param)

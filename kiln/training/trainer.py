@@ -621,9 +621,9 @@ class Trainer:
 
         longest = int(self.sampler.lengths.max())
         per_batch = train.batch_size or max(1, min(train.max_batch_size, train.batch_tokens // max(longest, 1)))
-        need = run_memory_bytes(self.model, self.config.optim.name, self.precision, longest, per_batch,
-                                train.grad_checkpoint) / self.strategy_shards()
-        need = f"kiln estimates {need / 2**30:.1f} GiB per GPU for this run; "
+        need_bytes = run_memory_bytes(self.model, self.config.optim.name, self.precision, longest, per_batch,
+                                      train.grad_checkpoint) / self.strategy_shards()
+        need = f"kiln estimates {need_bytes / 2**30:.1f} GiB per GPU for this run; "
         return (f"CUDA out of memory at step {self.state.step + 1}; {need}try --batch-tokens "
                 f"{max(train.batch_tokens // 2, 1)} with --grad-accum {train.grad_accum * 2} (the same "
                 "effective batch), --precision bf16, --grad-checkpoint, --fsdp on several GPUs, or "
@@ -769,9 +769,9 @@ class Trainer:
         self.state = TrainerState.from_saved(state, path / ckpt.STATE_FILE)
         self._keep_global_batch()
         # A run resumed after it had stopped early (patience, budget) stops again, not one step later.
-        patience, state = self.config.train.patience, self.state
-        self.should_stop = bool(patience and state.evals_without_improvement >= patience) or bool(
-            self.budget and state.train_seconds >= self.budget)
+        patience, resumed = self.config.train.patience, self.state
+        self.should_stop = bool(patience and resumed.evals_without_improvement >= patience) or bool(
+            self.budget and resumed.train_seconds >= self.budget)
         best = path.parent / "best" / ckpt.KILN_FILE
         if best.is_file():
             self.best_metrics = json.loads(best.read_text()).get("metrics", {})
