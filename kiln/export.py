@@ -480,10 +480,12 @@ def _metrics(predictor: Any, directory: Path, dataset: Any) -> dict:
 
 def metric_lines(entry: dict) -> list[str]:
     """``fp32 dev.tsv: accuracy 0.8888, ...`` for each graph whose validation metrics ``entry`` holds."""
+    from kiln.metrics import metrics_line
+
     lines = []
     for key, label in (("metrics_fp32", "fp32"), ("metrics_int8", "int8")):
         if key in entry:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in entry[key].items() if k != "n")
+            shown = metrics_line(entry[key])
             lines.append(f"{label:<5} {Path(entry['eval_data']).name} ({entry[key]['n']:g} examples): {shown}")
     return lines
 

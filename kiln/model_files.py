@@ -17,6 +17,7 @@ from kiln.errors import KilnError
 from kiln.files import DAMAGED, fsync_dir, read_json, settle_file
 
 RUN_FILE = "run.json"  # marks a directory as a kiln run: --overwrite deletes nothing without it
+METRICS_FILE = "metrics.jsonl"  # a run's records: training windows, evaluations, the test split
 KILN_FILE = "kiln.json"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -24,10 +24,9 @@ from typing import Any
 
 from kiln.errors import KilnError
 from kiln.html import Plot, Section, Table
-from kiln.model_files import RUN_FILE
+from kiln.model_files import METRICS_FILE, RUN_FILE
 from kiln.tasks.base import LOWER_IS_BETTER
 
-METRICS_FILE = "metrics.jsonl"
 # Training-window values worth a curve, in this order (loss gets the validation loss beside it).
 TRAIN_CURVES = {"loss": "loss", "lr": "learning rate", "tokens_per_s": "tokens / s", "grad_norm": "gradient norm"}
 

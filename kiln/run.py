@@ -19,7 +19,8 @@ from typing import Any
 from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key, resume_config
 from kiln.errors import ColumnsMismatch, KilnError, MissingLabels
 from kiln.files import read_json, write_text_atomic
-from kiln.model_files import RUN_FILE
+from kiln.metrics import metrics_line
+from kiln.model_files import METRICS_FILE, RUN_FILE
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
@@ -469,9 +470,9 @@ def evaluate_test(run_dir: Path, test: Dataset, device: str) -> dict:
     meta["test_metrics"] = metrics
     write_text_atomic(run_dir / RUN_FILE, json.dumps(meta, indent=2) + "\n")
     step = json.loads((run_dir / "model" / ckpt.KILN_FILE).read_text()).get("step")
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as out:
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as out:
         out.write(json.dumps({"step": step, "split": "test", **{f"test_{k}": v for k, v in metrics.items()}}) + "\n")
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+    shown = metrics_line(metrics)
     log.info(f"  test      {shown} ({metrics['n']} examples, {test.path})")
     return metrics
 

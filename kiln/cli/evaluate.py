@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kiln.cli.train import add_setting_flag
+from kiln.cli.train import add_model_flags, add_setting_flag
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -17,12 +17,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("-o", "--output", metavar="PREDICTIONS",
                         help="also write predictions, in DATA's format with predictions appended")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_setting_flag(parser, "data.columns", default="default: the run's own setting")
-    add_setting_flag(parser, "train.precision", default="default: fp32, which agrees with transformers; "
-                                                        "KILN_PRECISION when set")
-    parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
-                        help="generation: override a decoding setting, e.g. --generate num_beams=4")
+    add_model_flags(parser, "generation, clm, span: override a decoding setting, e.g. --generate num_beams=4",
+                    compile=False)
     parser.set_defaults(run=run)
 
 

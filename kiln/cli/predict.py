@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.cli.train import add_setting_flag
+from kiln.cli.train import add_model_flags, add_setting_flag
 from kiln.errors import KilnError
 
 
@@ -23,13 +23,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("data", metavar="DATA", nargs="?", help="input file (default: stdin)")
     parser.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     parser.add_argument("--json", action="store_true", help='print [{"label": ..., "score": ...}, ...]')
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_setting_flag(parser, "data.columns", default="default: the run's own setting")
-    add_setting_flag(parser, "train.precision", default="default: fp32, which agrees with transformers; "
-                                                        "KILN_PRECISION when set")
-    add_setting_flag(parser, "train.compile", default="default: off here; auto compiles on CUDA")
-    parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
-                        help="generation, clm, span: override a decoding setting, e.g. --generate num_beams=4")
+    add_model_flags(parser, "generation, clm, span: override a decoding setting, e.g. --generate num_beams=4")
     parser.set_defaults(run=run)
 
 

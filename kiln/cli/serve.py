@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import os
 
-from kiln.cli.train import add_setting_flag
+from kiln.cli.train import add_model_flags
 from kiln.errors import KilnError
 from kiln.serve.settings import ServeSettings, setting_fields
 
@@ -28,13 +28,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                            metavar=kind.__name__.upper().replace("STR", "VALUE"),
                            help=f"{f.metadata['doc']} [default: {shown}]".replace("%", "%%"))
     model = parser.add_argument_group("model settings")
-    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    add_setting_flag(model, "train.precision", default="default: fp32, which agrees with transformers; "
-                                                       "KILN_PRECISION when set")
-    add_setting_flag(model, "train.compile", default="default: off here; auto compiles on CUDA")
-    model.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE",
-                       help="generation: a decoding default, e.g. --generate num_beams=4 (a request's "
-                            "parameters override it for that request)")
+    add_model_flags(model, "generation, clm, span: a decoding default, e.g. --generate num_beams=4 (a "
+                           "request's parameters override it for that request)")
     parser.set_defaults(run=run)
 
 

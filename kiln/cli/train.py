@@ -41,6 +41,17 @@ def add_setting_flag(parser: typing.Any, key: str, default: str | None = None) -
                         choices=choices, metavar=None if choices else kind.__name__.upper().replace("STR", "VALUE"))
 
 
+def add_model_flags(parser: typing.Any, generate_help: str, compile: bool = True) -> None:
+    """The flags of the commands that run a trained model (predict, evaluate, serve): ``--device``,
+    ``--precision``, ``--compile`` and ``--generate KEY=VALUE``."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_setting_flag(parser, "train.precision", default="default: fp32, which agrees with transformers; "
+                                                        "KILN_PRECISION when set")
+    if compile:
+        add_setting_flag(parser, "train.compile", default="default: off here; auto compiles on CUDA")
+    parser.add_argument("--generate", action="append", default=[], metavar="KEY=VALUE", help=generate_help)
+
+
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``kiln train``."""
     parser = commands.add_parser(
@@ -231,11 +242,13 @@ def run(args: argparse.Namespace) -> int:
     run_ = kiln.train(args.task, args.data, name=args.name, profile=args.profile, init=args.init,
                       tokenizer=args.tokenizer, output_dir=args.output_dir, resume=args.resume,
                       overwrite=args.overwrite, overrides=args.overrides, command=args.command_line, **flags)
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in run_.metrics.items() if k != "n")
+    from kiln.metrics import metrics_line
+
+    shown = metrics_line(run_.metrics)
     log = logging.getLogger("kiln")
     log.info(f"model saved to {run_.model_dir}")
     if shown:
         log.info(f"validation: {shown}")
     if run_.test_metrics:
-        log.info("test: " + ", ".join(f"{k} {v:.4f}" for k, v in run_.test_metrics.items() if k != "n"))
+        log.info("test: " + metrics_line(run_.test_metrics))
     return 0

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.model_files import METRICS_FILE
+
 if TYPE_CHECKING:
     from kiln.training.trainer import Trainer
 
@@ -59,7 +61,7 @@ class MetricsFileCallback(Callback):
             return
         import json
 
-        with open(trainer.run_dir / "metrics.jsonl", "a", encoding="utf-8") as out:
+        with open(trainer.run_dir / METRICS_FILE, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
 
 

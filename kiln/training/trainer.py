@@ -27,6 +27,7 @@ from typing import Any
 from kiln.config import Config, parse_duration, parse_save_every
 from kiln.errors import KilnError, RunStopped
 from kiln.files import DAMAGED, write_text_atomic
+from kiln.metrics import metrics_line
 from kiln.models import set_dropout, training_attention
 from kiln.training import checkpoint as ckpt
 from kiln.training import compile as compiling
@@ -682,7 +683,7 @@ class Trainer:
             self.state.evals_without_improvement += 1
         self._log({"step": self.state.step, "split": "validation",
                    **{f"eval_{k}": v for k, v in metrics.items()}})
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
+        shown = metrics_line(metrics)
         self._say(f"  eval step {self.state.step}: {shown}{'  (best)' if improved else ''}")
         if improved:
             self.best_metrics = metrics
