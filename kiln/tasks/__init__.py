@@ -16,6 +16,7 @@ TASKS: dict[str, str] = {
     "sentence-pair": "kiln.tasks.sequence:SentencePairTask",
     "token": "kiln.tasks.token:TokenTask",
     "qa": "kiln.tasks.qa:QuestionAnsweringTask",
+    "multiple-choice": "kiln.tasks.multiple_choice:MultipleChoiceTask",
     "generation": "kiln.tasks.generation:GenerationTask",
     "mlm": "kiln.tasks.pretrain:MaskedLMTask",
     "clm": "kiln.tasks.pretrain:CausalLMTask",
