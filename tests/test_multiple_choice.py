@@ -1,6 +1,7 @@
 """The multiple-choice task: the data layouts of SWAG, HellaSwag, COPA and ARC, candidates padded per
 batch, and transformers' AutoModelForMultipleChoice reproducing kiln's predictions."""
 
+import io
 import json
 import random
 
@@ -94,7 +95,8 @@ def test_bad_rows_name_the_line(tmp_path, row, message):
     assert caught.value.line == 2 and str(path) in str(caught.value)
 
 
-def test_train_predict_and_transformers_reproduce_the_predictions(mc_dir, tiny_profile, tmp_path, capsys):
+def test_train_predict_and_transformers_reproduce_the_predictions(mc_dir, tiny_profile, tmp_path, capsys,
+                                                                   monkeypatch):
     from transformers import AutoModelForMultipleChoice, AutoTokenizer
 
     run = kiln.train("multiple-choice", mc_dir, name="mc", profile=str(tiny_profile), output_dir=tmp_path / "runs",
@@ -124,6 +126,11 @@ def test_train_predict_and_transformers_reproduce_the_predictions(mc_dir, tiny_p
     # The CLI: a tab-separated stdin line (context, then the candidates) and a file, as JSON.
     assert main(["predict", str(run.path), str(mc_dir / "dev.jsonl"), "--json"]) == 0
     assert [p["label"] for p in json.loads(capsys.readouterr().out)] == [p["label"] for p in ours]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{r['context']}\t" + "\t".join(r["choices"]) + "\n"
+                                                         for r in dev if len(r["choices"]) == 3)))
+    assert main(["predict", str(run.path), "--json"]) == 0
+    alone = model.predict([{"context": r["context"], "choices": r["choices"]} for r in dev if len(r["choices"]) == 3])
+    assert json.loads(capsys.readouterr().out) == alone
     assert main(["describe", "multiple-choice", str(mc_dir)]) == 0
     described = capsys.readouterr().out
     assert "240" in described and "30" in described  # the examples of each split

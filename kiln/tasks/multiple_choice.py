@@ -87,11 +87,15 @@ class MultipleChoiceTask(Task):
     def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
         table = read_table(path, lambda cells: bool(numbered_columns(cells)), stream=stream,
                            fmt="tsv" if stream else None)
-        if table.format != "jsonl" and table.header is None:
+        if table.format == "jsonl":
+            rows = table.rows
+        elif table.header is not None:
+            rows = [dict(zip(table.header, row, strict=True)) for row in table.rows]
+        elif stream is not None:  # stdin lines: the context, then the candidates, separated by tabs
+            rows = [{"context": row[0], "choices": list(row[1:])} for row in table.rows]
+        else:
             raise KilnError("a multiple-choice file needs a header naming the context and the candidate columns "
                             "(e.g. context, question, ending0, ending1, label)", table.path, table.lines[0])
-        rows = table.rows if table.format == "jsonl" else [dict(zip(table.header or [], row, strict=True))
-                                                          for row in table.rows]
         examples = []
         for line, row in zip(table.lines, rows, strict=True):
             if not isinstance(row, dict):
