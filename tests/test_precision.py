@@ -64,6 +64,10 @@ def write_data(folder, task: str):
             rows = [{"context": f"Anna lives in Paris {i} .", "question": "Where?",
                      "answers": {"text": ["Paris"], "answer_start": [14]}} for i in range(n)]
             (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif task == "multiple-choice":
+            rows = [{"context": words(4), "choices": [words(3) for _ in range(3)], "label": rng.randrange(3)}
+                    for _ in range(n)]
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         elif task == "generation":
             rows = [words(4) for _ in range(n)]
             (folder / f"{split}.tsv").write_text("source\ttarget\n" + "".join(f"{r}\t{r}\n" for r in rows))
@@ -98,6 +102,8 @@ def check_run(run, task: str, precision: str) -> None:
     inputs = {k: v for k, v in tokenizer(["anna met bob in paris ."], return_tensors="pt").items() if k in accepted}
     if auto is transformers.AutoModelForSeq2SeqLM:
         inputs["decoder_input_ids"] = torch.tensor([[model.config.decoder_start_token_id]])
+    if auto is transformers.AutoModelForMultipleChoice:  # (batch, candidates, tokens)
+        inputs = {k: v.unsqueeze(1).expand(-1, 2, -1) for k, v in inputs.items()}
     with torch.no_grad():
         out = model(**inputs)
     assert torch.isfinite(next(v for v in out.values() if torch.is_tensor(v))).all()
