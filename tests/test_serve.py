@@ -159,7 +159,8 @@ def test_every_endpoint(predictors):
                         "num_parameters": sum(p.numel() for p in predictor.model.parameters()), "runtime": "torch",
                         "parameters": {},
                         "precision": "fp32", "device": "cpu", "kiln_version": kiln.__version__, "max_inputs": 7,
-                        "examples": predictor.meta.get("examples", [])}
+                        "examples": predictor.meta.get("examples", []),
+                        "demo": {"input": "text", "label": "Text", "render": "labels"}}
         answer = api.post("/predict", json={"inputs": ["the film is great .", {"text": "a dull mess"}]})
         assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
         assert same(answer.json(), predictor.predict(["the film is great .", "a dull mess"]))

@@ -89,6 +89,7 @@ class ServeState:
             "kiln_version": __version__,
             "max_inputs": self.settings.max_inputs,
             "examples": predictor.meta.get("examples", []),
+            "demo": predictor.task.demo,  # how the demo page asks for an input and shows a prediction
         }
         self.batcher, self.predictor = batcher, predictor
 

@@ -146,6 +146,11 @@ class Task:
     describer: ClassVar[str] = "corpus"  # the kind of data `kiln describe` reads (kiln.describe.DESCRIBERS)
     export_outputs: ClassVar[tuple[str, ...]] = ()  # outputs of the one ONNX graph of an encoder task
     generates: ClassVar[bool] = False  # predicts with generate(): exported as decoder (and encoder) graphs
+    # How kiln serve's demo page asks for an input and shows a prediction (served in /info):
+    # input "text" | "pair" | "question" (context + question) | "choices" (context, question, candidates)
+    # | "source"; label: the text box's; hint "mask" | "sentinel" | "words" | "choices"; render "labels" |
+    # "entities" | "answer" | "choice" | "fill-mask" | "generated" (else the JSON as it is).
+    demo: ClassVar[dict[str, str]] = {"input": "text", "render": "json"}
 
     def __init__(self, config: Config, state: dict | None = None):
         self.config = config

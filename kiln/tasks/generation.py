@@ -49,6 +49,7 @@ class GenerationTask(Task):
     string_means: ClassVar[str] = "the source text"
     prediction_fields: ClassVar[dict[str, type] | None] = {"generated_text": str}
     describer: ClassVar[str] = "parallel-text"
+    demo: ClassVar[dict[str, str]] = {"input": "source", "label": "Source text", "render": "generated"}
     generates: ClassVar[bool] = True
 
     @classmethod

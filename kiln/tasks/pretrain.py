@@ -399,6 +399,8 @@ class MaskedLMTask(PretrainTask):
     name: ClassVar[str] = "mlm"
     auto_model: ClassVar[str] = "AutoModelForMaskedLM"
     pipeline_tag: ClassVar[str] = "fill-mask"
+    demo: ClassVar[dict[str, str]] = {"input": "text", "label": "Text with a mask", "hint": "mask",
+                                      "render": "fill-mask"}
     export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
     default_profile: ClassVar[str] = "crammed-bert-mini"
 
@@ -575,6 +577,7 @@ class CausalLMTask(GenerativePretrainTask):
     name: ClassVar[str] = "clm"
     auto_model: ClassVar[str] = "AutoModelForCausalLM"
     pipeline_tag: ClassVar[str] = "text-generation"
+    demo: ClassVar[dict[str, str]] = {"input": "text", "label": "Prompt", "render": "generated"}
     default_profile: ClassVar[str] = "gpt2"
     target_keys: ClassVar[tuple[str, ...]] = ("input_ids",)  # the text is its own target
 
@@ -682,6 +685,8 @@ class SpanCorruptionTask(GenerativePretrainTask):
     name: ClassVar[str] = "span"
     auto_model: ClassVar[str] = "AutoModelForSeq2SeqLM"
     pipeline_tag: ClassVar[str] = "text2text-generation"
+    demo: ClassVar[dict[str, str]] = {"input": "text", "label": "Text with sentinels", "hint": "sentinel",
+                                      "render": "generated"}
     default_profile: ClassVar[str] = "t5-efficient-tiny"
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)
 

@@ -86,6 +86,7 @@ class QuestionAnsweringTask(Task):
     string_means: ClassVar[str] = "the context and the question separated by a tab"
     prediction_fields: ClassVar[dict[str, type] | None] = {"answer": str, "score": float, "start": int, "end": int}
     describer: ClassVar[str] = "questions"
+    demo: ClassVar[dict[str, str]] = {"input": "question", "render": "answer"}
     export_outputs: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
 
     def head_description(self, model: Any) -> str:

@@ -74,6 +74,7 @@ class SequenceTask(Task):
     prediction_fields: ClassVar[dict[str, type] | None] = {"label": str, "score": float}
     describer: ClassVar[str] = "labelled-text"
     export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+    demo: ClassVar[dict[str, str]] = {"input": "text", "label": "Text", "render": "labels"}
 
     @classmethod
     def card_facts(cls, hf_config: dict) -> CardFacts:
@@ -322,3 +323,4 @@ class SentencePairTask(SequenceTask):
         Form(("sentence1", "sentence2")),
         Form(("text", "text_pair"), convert=lambda item: (item["text"], item["text_pair"])))
     string_means: ClassVar[str] = "the two texts separated by a tab"
+    demo: ClassVar[dict[str, str]] = {"input": "pair", "label": "First text", "render": "labels"}

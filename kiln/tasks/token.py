@@ -74,6 +74,7 @@ class TokenTask(Task):
                                                            "start": int, "end": int}
     predictions_per_input: ClassVar[str] = "list"
     describer: ClassVar[str] = "tagged-words"
+    demo: ClassVar[dict[str, str]] = {"input": "text", "label": "Sentence", "hint": "words", "render": "entities"}
     export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
 
     @classmethod
