@@ -279,3 +279,33 @@ def test_demo_page_serves_an_int8_export(tmp_path, browser, record_property):
         assert browser.find_element(By.ID, "error").text == ""
         screenshot(browser, tmp_path / "demo-export.png", record_property)
         assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_multiple_choice_demo_picks_a_candidate(tmp_path, browser, record_property):
+    """The page builds its form from what the task declares (/info's demo): a context, a question and
+    one candidate per line."""
+    from selenium.webdriver.common.by import By
+    from test_multiple_choice import swag_rows
+
+    files = {name: "".join(json.dumps(row) + "\n" for row in swag_rows(n, seed))
+             for name, n, seed in (("train.jsonl", 120, 1), ("dev.jsonl", 20, 2))}
+    run = train_tiny(tmp_path, "multiple-choice", "mc", files, epochs=2)
+    example = json.loads((run / "model" / "kiln.json").read_text())["examples"][0]
+    context, choices = "the fox is green .", ["it is red .", "it is green .", "it is blue ."]
+    expected = cli_prediction(run, "\t".join([context, *choices]))
+    with served(run, tmp_path / "serve.log") as url:
+        open_page(browser, url)
+        assert browser.find_element(By.ID, "info").get_attribute("data-task") == "multiple-choice"
+        browser.find_elements(By.CSS_SELECTOR, "#examples .chip")[0].click()
+        assert browser.find_element(By.ID, "input-context").get_attribute("value") == example["context"]
+        assert browser.find_element(By.ID, "input-text").get_attribute("value") == "\n".join(example["choices"])
+        type_into(browser, "input-context", context)
+        type_into(browser, "input-question", "")
+        type_into(browser, "input-text", "\n".join(choices))
+        shown = run_input(browser)
+        assert {**shown, "score": 0} == {**expected, "score": 0}
+        assert shown["score"] == pytest.approx(expected["score"], abs=1e-6)
+        row = browser.find_element(By.CSS_SELECTOR, "#result .row.top")
+        assert row.get_attribute("data-label") == str(expected["label"]) and expected["answer"] in row.text
+        screenshot(browser, tmp_path / "demo-mc.png", record_property)
+        assert_same_origin(requested_urls(browser), url)
