@@ -154,3 +154,22 @@ def test_serve_takes_the_object_form(mc_dir, tiny_profile, tmp_path):
         assert refused.status_code == 422 and refused.json()["field"].startswith("inputs[0]")
         schema = api.get("/openapi.json").json()
         assert "MultipleChoiceInput" in json.dumps(schema)
+
+
+def test_onnx_export_picks_as_the_run(mc_dir, tiny_profile, tmp_path):
+    """One graph with dynamic batch, candidates and sequence axes; examples of 3 and 4 candidates
+    batched together pick as the PyTorch run does."""
+    pytest.importorskip("onnxruntime")
+    from kiln.export import PARITY_TOLERANCE, export
+
+    run = kiln.train("multiple-choice", mc_dir, name="mc", profile=str(tiny_profile), output_dir=tmp_path / "runs",
+                     max_steps=20, precision="fp32")
+    entry = export(run.path, tmp_path / "mc-onnx", eval_data=mc_dir / "dev.jsonl")
+    assert entry["parity_fp32_max_abs_diff"] <= PARITY_TOLERANCE
+    on_run, on_export = kiln.load(run.path, precision="fp32"), kiln.load(tmp_path / "mc-onnx")
+    dev = [json.loads(line) for line in (mc_dir / "dev.jsonl").read_text().splitlines()]
+    items = [{k: row[k] for k in ("context", "question", "choices")} for row in dev]
+    ours, theirs = on_run.predict(items), on_export.predict(items)
+    assert [p["label"] for p in ours] == [p["label"] for p in theirs]
+    np.testing.assert_allclose([p["score"] for p in ours], [p["score"] for p in theirs], rtol=0, atol=1e-4)
+    assert entry["metrics_fp32"]["accuracy"] == pytest.approx(on_run.evaluate(mc_dir / "dev.jsonl")["accuracy"])

@@ -145,6 +145,7 @@ class Task:
     predictions_per_input: ClassVar[str] = "one"
     describer: ClassVar[str] = "corpus"  # the kind of data `kiln describe` reads (kiln.describe.DESCRIBERS)
     export_outputs: ClassVar[tuple[str, ...]] = ()  # outputs of the one ONNX graph of an encoder task
+    export_axes: ClassVar[tuple[str, ...]] = ("batch", "sequence")  # its inputs' axes, all dynamic
     generates: ClassVar[bool] = False  # predicts with generate(): exported as decoder (and encoder) graphs
     # How kiln serve's demo page asks for an input and shows a prediction (served in /info):
     # input "text" | "pair" | "question" (context + question) | "choices" (context, question, candidates)

@@ -76,6 +76,8 @@ class MultipleChoiceTask(Task):
     string_means: ClassVar[str] = "the context followed by the candidates, separated by tabs"
     prediction_fields: ClassVar[dict[str, type] | None] = {"label": int, "answer": str, "score": float}
     describer: ClassVar[str] = "labelled-text"
+    export_outputs: ClassVar[tuple[str, ...]] = ("logits",)
+    export_axes: ClassVar[tuple[str, ...]] = ("batch", "choices", "sequence")
     demo: ClassVar[dict[str, str]] = {"input": "choices", "label": "Candidates", "hint": "choices", "render": "choice"}
 
     @classmethod
