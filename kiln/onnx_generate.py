@@ -26,7 +26,10 @@ class EncoderOutput(ModelOutput):
     last_hidden_state: Any = None
     cross_key_values: Any = None  # (batch, 2 * layers, heads, source length, head size)
 
+
 class Encoder(torch.nn.Module):
+    """The encoder graph, called as transformers calls a model's encoder."""
+
     main_input_name = "input_ids"  # generate() asks the encoder
 
     def __init__(self, session: Any) -> None:
@@ -38,6 +41,7 @@ class Encoder(torch.nn.Module):
         hidden, cross = self.session.run(None, {"input_ids": input_ids.cpu().numpy(),
                                                 "attention_mask": mask.cpu().numpy()})
         return EncoderOutput(last_hidden_state=torch.from_numpy(hidden), cross_key_values=torch.from_numpy(cross))
+
 
 class OnnxGenerator(PreTrainedModel, GenerationMixin):
     """An exported decoder (and encoder) run by onnxruntime, called like the transformers model it
