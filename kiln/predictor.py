@@ -57,7 +57,7 @@ class Predictor:
             raise KilnError(f"--generate sets how a model decodes, but this {self.task.name} model does not "
                             "generate (generation, clm and span models do)", self.path)
         self.tokenizer = load_tokenizer(self.path)
-        self.task.tokenizer = self.tokenizer
+        self.task.bind(self.tokenizer)
         self.device = resolve_device(device)
         self.precision = inference_precision(precision, self.device)
         keep_freed_memory()

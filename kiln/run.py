@@ -396,7 +396,7 @@ def _prepared(task_obj: Any, config: Config, model: Any, tok: Any, splits: _Spli
     from kiln.models import max_positions
 
     max_length = min(config.train.max_length, max_positions(model.config))
-    task_obj.tokenizer = tok
+    task_obj.bind(tok)
     validation_ds = splits.validation
     # A few validation inputs, as kiln serve's /predict takes them, for its demo page (kiln.json).
     examples = task_obj.example_inputs(validation_ds)

@@ -345,6 +345,7 @@ def test_span_corruption_reconstructs_the_text(tmp_path):
     t5_tok = train_tokenizer(TokenizerConfig(kind="unigram", style="t5", vocab_size=300, lowercase=False),
                              sentences(300), 128)[0]
     task = get_task("span", Config())
+    task.bind(t5_tok)
     raw, _, _ = task.block_layout(t5_tok, 64)
     ids = np.asarray(t5_tok(" ".join(sentences(20)), add_special_tokens=False)["input_ids"][:raw])
     inputs, targets = task.corrupt(ids, np.random.default_rng(3))
@@ -454,6 +455,7 @@ def test_training_masks_change_every_epoch_evaluation_masks_never(corpus, tokeni
     from kiln.tasks import get_task
 
     task = get_task("mlm", Config())
+    task.bind(tokenizer)
     blocks = task.encode(task.read(corpus / "train.txt"), tokenizer, 128)
     features = [blocks[i] for i in range(8)]
     evaluation = [task.collate(features, 0)["masked_positions"] for _ in range(2)]

@@ -128,7 +128,7 @@ class Task:
     default_profile: ClassVar[str] = "bert-mini"  # used when neither --profile nor --init is given
     init_profile: ClassVar[str] = "_finetune"  # the recipe for a pretrained start (--init) without --profile
     pretraining: ClassVar[bool] = False  # trains on packed blocks of raw text (pretrain.seq_len tokens)
-    tokenizer: Any = None  # set by the pipeline; tasks that decode text need it
+    tokenizer: Any = None  # given by bind(); tasks that decode text need it
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)  # batch keys holding training targets
     outputs_need_forward: ClassVar[bool] = True  # False: unlabelled inference skips model.forward
     # Batches pad with the tokenizer's pad token, so a start without one (GPT-2) needs it set; the
@@ -302,6 +302,12 @@ class Task:
         """Take what the task needs from a model loaded elsewhere than :meth:`load_model` (an ONNX
         export's runtime), as loading would; returns ``model``."""
         return model
+
+    def bind(self, tokenizer: Any) -> None:
+        """Give the task the tokenizer it works with. Whatever a task derives from the tokenizer
+        (special token ids, the vocabulary size) it derives here, once, rather than as a side effect
+        of encoding."""
+        self.tokenizer = tokenizer
 
     def training_module(self, model: Any) -> Any:
         """The module the loop calls with :meth:`model_inputs` (default: the model itself).

@@ -56,6 +56,11 @@ class PretrainTask(Task):
     main_metric: ClassVar[str] = "loss"
     pretraining: ClassVar[bool] = True
 
+    def bind(self, tokenizer: Any) -> None:
+        super().bind(tokenizer)
+        self.special_ids = sorted(set(tokenizer.all_special_ids))  # never masked or corrupted
+        self.vocab_size = len(tokenizer)
+
     def find_splits(self, data: str | Path) -> dict[str, Any]:
         return corpus_files(data)
 
@@ -182,8 +187,6 @@ class PretrainTask(Task):
             raise KilnError(f"corpus has {len(stream.tokens)} tokens, fewer than one {length}-token block",
                             dataset.path)
         dataset.examples = range(len(blocks))  # type: ignore[assignment]  # n counts blocks
-        self.special_ids = sorted(set(tokenizer.all_special_ids))
-        self.vocab_size = len(tokenizer)
         return blocks
 
     def training_order(self, features: Any) -> np.ndarray | None:
@@ -411,11 +414,10 @@ class MaskedLMTask(PretrainTask):
             raise KilnError("mlm needs a tokenizer with a mask token (BERT or RoBERTa style)")
         return seq_len, [start] if start is not None else [], [end]
 
-    def encode_corpus(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Any:
-        blocks = super().encode_corpus(dataset, tokenizer, max_length)
-        self.mask_id = tokenizer.mask_token_id
+    def bind(self, tokenizer: Any) -> None:
+        super().bind(tokenizer)
+        self.mask_id = tokenizer.mask_token_id  # None: block_layout and encode_inputs say so, in their words
         self.continues = word_continuations(tokenizer) if self.config.pretrain.whole_word else None
-        return blocks
 
     def example_input(self, example: list[str]) -> str | None:
         """The sentence with its longest word replaced by the tokenizer's mask token (fill-mask)."""
@@ -458,7 +460,6 @@ class MaskedLMTask(PretrainTask):
     def encode_inputs(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
         if tokenizer.mask_token_id is None:
             raise KilnError("this model's tokenizer has no mask token, so it cannot fill masks")
-        self.mask_id = tokenizer.mask_token_id
         features = super().encode_inputs(dataset, tokenizer, max_length)
         for feature in features:
             if self.mask_id not in feature["input_ids"]:
@@ -690,13 +691,16 @@ class SpanCorruptionTask(GenerativePretrainTask):
     default_profile: ClassVar[str] = "t5-efficient-tiny"
     target_keys: ClassVar[tuple[str, ...]] = ("labels",)
 
-    def block_layout(self, tokenizer: Any, seq_len: int) -> tuple[int, list[int], list[int]]:
-        p = self.config.pretrain
+    def bind(self, tokenizer: Any) -> None:
+        super().bind(tokenizer)
         vocab = tokenizer.get_vocab()
         self.sentinels = [vocab[f"<extra_id_{i}>"] for i in range(1000) if f"<extra_id_{i}>" in vocab]
+        self.eos = tokenizer.eos_token_id
+
+    def block_layout(self, tokenizer: Any, seq_len: int) -> tuple[int, list[int], list[int]]:
+        p = self.config.pretrain
         if not self.sentinels:
             raise KilnError("span corruption needs a T5-style tokenizer with <extra_id_N> sentinels")
-        self.eos = tokenizer.eos_token_id
         raw = raw_length_for(seq_len, p.noise_density, p.mean_span)
         spans = noise_spans(raw, p.noise_density, p.mean_span)[1]
         if spans > len(self.sentinels):  # every block has this many spans: say so before training
