@@ -308,7 +308,8 @@ def export(run: str | Path, out: str | Path, quantize: str | None = None, eval_d
     try:
         entry = _write(model, predictor, sample, evaluation, quantize, tmp)
         for source in predictor.path.iterdir():  # all but the PyTorch weights, which the graphs hold
-            if source.is_file() and source.name != KILN_FILE and ".safetensors" not in source.name:
+            if source.is_file() and source.name != KILN_FILE and ".safetensors" not in source.name \
+                    and not (tmp / source.name).exists():  # a generating export copied its configs already
                 shutil.copy2(source, tmp / source.name)
         (tmp / KILN_FILE).write_text(json.dumps({**predictor.meta, "export": entry}, indent=2) + "\n")
         _card(tmp, entry)

@@ -55,11 +55,12 @@ def answer_index(answer: Any, choices: Sequence[str]) -> int | None:
 
 def numbered_columns(names: Sequence[str]) -> list[str]:
     """The candidate columns among ``names``, in their numbers' (or letters') order."""
-    found = [(match.group(2).lower(), name) for name in names if (match := NUMBERED.fullmatch(name.strip()))]
-    families = {NUMBERED.fullmatch(name.strip()).group(1).lower() for _, name in found}  # type: ignore[union-attr]
+    matches = [(match, name) for name in names if (match := NUMBERED.fullmatch(name.strip()))]
+    families = {match.group(1).lower() for match, _ in matches}
     if len(families) > 1:  # e.g. ending0..3 and answer: the ending columns are the candidates
         family = min(families, key=lambda f: ("ending", "choice", "option", "candidate", "answer").index(f))
-        found = [(key, name) for key, name in found if name.strip().lower().startswith(family)]
+        matches = [(match, name) for match, name in matches if match.group(1).lower() == family]
+    found = [(match.group(2).lower(), name) for match, name in matches]
     return [name for _, name in sorted(found, key=lambda item: (len(item[0]), item[0]))]
 
 
