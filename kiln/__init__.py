@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import kiln.tasks  # noqa: F401 (registers each task's own settings section with kiln.config)
 from kiln.log import install_default_handler
 from kiln.training.callbacks import Callback
 from kiln.version import __version__

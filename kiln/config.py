@@ -224,56 +224,15 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """How training data is read."""
+    """How training data is read (what every task shares; a task's own settings are its section)."""
 
     columns: str = setting(
         "", "Map roles to columns by header name or 0-based position, e.g. 'text=3,label=1'.",
         flag="--columns",
     )
-    problem_type: str = setting(
-        "auto", "Classification or regression; auto: float labels mean regression.",
-        choices=("auto", "classification", "regression"),
-    )
-    label_names: list = setting([], "Label names for integer tags in JSONL token data (id -> name).")
-    tag_scheme: str = setting(
-        "auto", "Tagging scheme of token labels; auto detects it.", choices=("auto", "iob1", "iob2", "bioes")
-    )
-    window: int = setting(384, "QA: tokens per window over a long context (question included).", minimum=8)
-    stride: int = setting(128, "QA: tokens of overlap between consecutive context windows.", minimum=0)
-    max_query_length: int = setting(64, "QA: questions are cut to this many tokens first.", minimum=1)
-    max_answer_length: int = setting(30, "QA: longest answer span, in tokens.", minimum=1)
-    n_best: int = setting(20, "QA: start and end candidates per window when decoding.", minimum=1)
-    null_threshold: float = setting(0.0, "QA (SQuAD 2.0): answer nothing when null beats the best span by this.")
-    pair: str = setting("", "Generation: language pair of parallel files, e.g. 'en-de' for train.en + train.de.",
-                        flag="--pair")
     validation_fraction: float = setting(0.1, "Held-out fraction when DATA has no validation split.",
                                         minimum=0, maximum=0.9)
     split_seed: int = setting(13, "Seed of the deterministic train/validation split.")
-
-
-@dataclass
-class PretrainConfig:
-    """Pretraining objectives (mlm, clm, span) and the corpus pipeline."""
-
-    seq_len: int = setting(128, "Tokens per packed training sequence.", flag="--seq-len", minimum=4)
-    mask_prob: float = setting(0.15, "MLM: fraction of tokens selected for prediction.", above=0, maximum=1)
-    mask_token_prob: float = setting(0.8, "MLM: of the selected tokens, the fraction replaced by [MASK].",
-                                    minimum=0, maximum=1)
-    random_token_prob: float = setting(0.1, "MLM: of the selected tokens, the fraction replaced by a random token.",
-                                      minimum=0, maximum=1)
-    whole_word: bool = setting(False, "MLM: select whole words (all their sub-tokens) instead of single tokens.")
-    noise_density: float = setting(0.15, "Span corruption: fraction of tokens corrupted.", above=0, maximum=0.9)
-    mean_span: float = setting(3.0, "Span corruption: mean length of a corrupted span.", minimum=1)
-    paragraphs: bool = setting(False, "Text corpora: documents are blank-line-separated paragraphs, not lines.")
-    max_tokens_per_char: float = setting(
-        0.0, "Drop documents with more tokens per character than this (cramming's filter; 0: keep all).",
-        minimum=0)
-    curriculum: str = setting(
-        "none", "Order of the training blocks: none (shuffled each epoch) or unigram (cramming's curriculum: "
-        "most to least likely under the corpus's token frequencies, the same order every epoch).",
-        choices=("none", "unigram"))
-    fill_mask_top_k: int = setting(5, "MLM predict: candidates returned per mask (the fill-mask pipeline's top_k).",
-                                   minimum=1)
 
 
 @dataclass
@@ -311,11 +270,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # The tasks' own sections (qa, token, pretrain...) by name, read as attributes: config.qa.window.
+    task_settings: dict[str, Any] = field(default_factory=lambda: {
+        name: owner() for name, owner in task_sections().items()})
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("task_settings") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"'Config' has no section or setting '{name}'")
 
     def to_dict(self) -> dict:
-        """Plain nested dict, ready for YAML."""
-        return dataclasses.asdict(self)
+        """Plain nested dict, ready for YAML: the tasks' sections sit beside the shared ones."""
+        tree = dataclasses.asdict(self)
+        tree.update(tree.pop("task_settings"))
+        return tree
 
     def get(self, key: str) -> Any:
         """The value of a dotted setting (``generate.num_beams``)."""
@@ -329,22 +298,60 @@ class Config:
         they touch are copied, and this config is untouched (a per-call copy for concurrent use)."""
         top: dict[str, Any] = {}
         sections: dict[str, dict[str, Any]] = {}
+        moved = moved_keys()
         for key, value in settings.items():
-            section, _, name = key.partition(".")
+            section, _, name = moved.get(key, key).partition(".")
             if name:
                 sections.setdefault(section, {})[name] = value
             else:
                 top[section] = value
+        task_settings = dict(self.task_settings)
         for section, values in sections.items():
-            top[section] = dataclasses.replace(getattr(self, section), **values)
-        return dataclasses.replace(self, **top)
+            if section in task_settings:
+                task_settings[section] = dataclasses.replace(task_settings[section], **values)
+            else:
+                top[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **top, task_settings=task_settings)
 
 
+# The shared sections, declared above; each task declares its own (kiln.tasks registers them).
 SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else globals()[f.type]
     for f in dataclasses.fields(Config)
-    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate", "pretrain"}
+    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate"}
 }
+
+# Providers of the tasks' sections. kiln.tasks registers one when it is imported (kiln/__init__ imports
+# it), and it is asked the first time the schema is needed, so `kiln --help` imports no task module.
+_PROVIDERS: list[Callable[[], Mapping[str, type]]] = []
+_task_sections: dict[str, type] = {}
+
+
+def register_sections(provider: Callable[[], Mapping[str, type]]) -> None:
+    """Add a provider of settings sections (name -> dataclass of :func:`setting` fields), asked once."""
+    _PROVIDERS.append(provider)
+    _task_sections.clear()
+
+
+def task_sections() -> dict[str, type]:
+    """The sections the tasks declare for their own settings (``qa``, ``token``...), by name."""
+    if not _task_sections:
+        for provider in _PROVIDERS:
+            _task_sections.update(provider())
+    return _task_sections
+
+
+def sections() -> dict[str, type]:
+    """Every settings section, the shared ones first."""
+    return {**SECTIONS, **task_sections()}
+
+
+def moved_keys() -> dict[str, str]:
+    """Older spellings of settings that moved into a task's section (``data.window`` -> ``qa.window``):
+    a section's ``formerly`` names the section its settings used to live in. Saved runs, YAML files
+    and ``-c`` still take them."""
+    return {f"{formerly}.{f.name}": f"{name}.{f.name}" for name, owner in task_sections().items()
+            if (formerly := getattr(owner, "formerly", None)) for f in dataclasses.fields(owner)}
 
 
 def iter_settings() -> typing.Iterator[tuple[str, dataclasses.Field]]:
@@ -353,13 +360,16 @@ def iter_settings() -> typing.Iterator[tuple[str, dataclasses.Field]]:
         if f.name in SECTIONS:
             for sub in dataclasses.fields(SECTIONS[f.name]):
                 yield f"{f.name}.{sub.name}", sub
-        else:
+        elif f.name != "task_settings":
             yield f.name, f
+    for name, owner in task_sections().items():
+        for sub in dataclasses.fields(owner):
+            yield f"{name}.{sub.name}", sub
 
 
 def setting_type(key: str) -> Any:
     """The declared type of the dotted setting ``key`` (``int``, ``float | None``...)."""
-    owner = SECTIONS[key.split(".")[0]] if "." in key else Config
+    owner = sections()[key.split(".")[0]] if "." in key else Config
     return typing.get_type_hints(owner)[key.rsplit(".", 1)[-1]]
 
 
@@ -367,6 +377,7 @@ def coerce(key: str, value: Any, where: str = "", ranges: bool = True) -> Any:
     """Check and convert ``value`` to the declared type of setting ``key`` (and, with ``ranges``,
     against its declared range and parser)."""
     fields = dict(iter_settings())
+    key = moved_keys().get(key, key)
     if key not in fields:
         # The right name in the wrong section (train.lr) is the likeliest slip: suggest the
         # settings with that leaf name; difflib on the whole key would offer train.metric.
@@ -434,7 +445,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and dotted in SECTIONS:
+        if isinstance(value, dict) and dotted in sections():
             flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
@@ -473,6 +484,7 @@ class ConfigBuilder:
             self.values["model.config"] = {**self.values["model.config"], sub: value}
             self.sources[key] = source
             return
+        key = moved_keys().get(key, key)
         value = coerce(key, value, where, self.ranges)
         if key == "model.config":
             for sub in value:
@@ -483,15 +495,17 @@ class ConfigBuilder:
 
     def build(self) -> Config:
         """Materialise the typed :class:`Config`."""
-        sections: dict[str, dict] = {name: {} for name in SECTIONS}
+        values: dict[str, dict] = {name: {} for name in sections()}
         top: dict[str, Any] = {}
         for key, value in self.values.items():
             if "." in key:
                 section, name = key.split(".", 1)
-                sections[section][name] = value
+                values[section][name] = value
             else:
                 top[key] = value
-        return Config(**top, **{name: SECTIONS[name](**kw) for name, kw in sections.items()})
+        built = {name: owner(**values[name]) for name, owner in sections().items()}
+        return Config(**top, **{name: built[name] for name in SECTIONS},
+                      task_settings={name: built[name] for name in task_sections()})
 
     def described(self) -> list[tuple[str, Any, str]]:
         """Rows of ``(key, value, source)`` for ``--print-config``."""
@@ -565,7 +579,8 @@ def resumable_keys() -> list[str]:
 def changed_settings(before: dict, after: dict, *, resumable: bool = False) -> list[tuple[str, Any, Any]]:
     """``(key, before, after)`` for each setting two saved configs (``to_dict()``) hold differently;
     the ``resumable`` ones are left out unless asked for."""
-    old, new, allowed = flatten(before), flatten(after), set(resumable_keys())
+    old, new = flatten(config_from_dict(before).to_dict()), flatten(config_from_dict(after).to_dict())
+    allowed = set(resumable_keys())
     return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if old.get(key) != new.get(key) and (resumable or key not in allowed)]
 
@@ -615,7 +630,7 @@ def config_from_dict(tree: dict) -> Config:
 def resolve_key(name: str) -> str:
     """Dotted key for a setting named by its leaf (``lr`` -> ``optim.lr``) or already dotted."""
     if "." in name:
-        return name
+        return moved_keys().get(name, name)
     matches = [key for key, f in iter_settings()
                if key.split(".")[-1] == name or (f.metadata.get("flag") or "").lstrip("-").replace("-", "_") == name]
     fields = dict(iter_settings())

@@ -391,7 +391,8 @@ def read_tolerant(task: Any, path: Path, findings: Findings, labelled: bool = Tr
     """``task.read(path)``; a bad row becomes a finding and the file is read again without it
     (blanked in a temporary copy, so every other line keeps its number). Raises the error when
     it is about the whole file, or after :data:`MAX_BAD_ROWS` bad rows."""
-    blankable = path.suffix.lower() != ".json" and not task.config.data.pair  # a JSON document or a file pair
+    # A JSON document, or a pair of parallel files (generation.pair), cannot lose one line alone.
+    blankable = path.suffix.lower() != ".json" and not getattr(task.settings, "pair", "")
     bad: set[int] = set()
     at_top: list[KilnError] = []  # the same error at the first remaining row, attempt after attempt
     with tempfile.TemporaryDirectory(prefix="kiln-describe-") as scratch:
@@ -864,7 +865,7 @@ class QuestionAnsweringDescriber(Describer):
         return (example["question"], example["context"])
 
     def add_extra(self, split: SplitStats, dataset: Any, findings: Findings) -> None:
-        data = self.task.config.data
+        data = self.task.settings
         answered = [ex for ex in dataset.examples if ex["answers"]]
         starts = Lengths()
         beyond = 0
@@ -889,7 +890,7 @@ class QuestionAnsweringDescriber(Describer):
                      rows)
 
     def extra_sections(self, description: Description, plots: bool) -> list[Section]:
-        window = self.task.config.data.window
+        window = self.task.settings.window
         section = Section("Answers")
         rows = [[s.name, s.extra["answered"], *s.extra["starts"].summary(),
                  f"{percent(s.extra['beyond'], s.extra['answered'])} ({s.extra['beyond']:,})"]
@@ -897,7 +898,7 @@ class QuestionAnsweringDescriber(Describer):
         section.tables.append(Table(f"Answer start ({description.counter} into the context)",
                                     ["split", "answers", "min", "mean", "median", "p95", "max", f"beyond {window}"],
                                     rows, note=f"beyond {window}: the answer ends outside the first {window}-token "
-                                               "window (question and context; data.window), so only a later, "
+                                               "window (question and context; qa.window), so only a later, "
                                                "overlapping window holds it"))
         if plots:
             section.plots.append(length_plot("answer_starts", f"Answer start ({description.counter})",
@@ -960,7 +961,7 @@ class CorpusDescriber(Describer):
 
     def run(self, description: Description, data: Path) -> None:
         files = self.task.find_splits(data)
-        paragraphs = self.task.config.pretrain.paragraphs
+        paragraphs = self.task.settings.paragraphs
         if "validation" not in files:
             fraction = self.task.config.data.validation_fraction
             description.notes.append(f"No validation file: training holds out {fraction:.0%} of the documents "

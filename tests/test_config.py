@@ -5,11 +5,13 @@ import pytest
 from kiln.config import (
     Config,
     ConfigBuilder,
+    changed_settings,
     coerce,
     config_from_dict,
     iter_settings,
     parse_override,
     resolve_key,
+    sections,
 )
 from kiln.errors import KilnError
 from kiln.profiles import builder_for, load
@@ -81,7 +83,10 @@ def test_roundtrip_through_dict():
     builder = ConfigBuilder()
     builder.apply(config.to_dict(), "file")
     assert builder.build() == config
-    assert dataclasses.asdict(Config()) == Config().to_dict()
+    # Every section, shared or a task's own, is a top-level key of the saved form.
+    tree = Config().to_dict()
+    assert set(sections()) <= set(tree) and "task_settings" not in tree
+    assert tree["qa"] == dataclasses.asdict(Config().qa)
     # A run saved before a setting had its range still loads (ranges guard new runs, not old ones).
     saved = config.to_dict()
     saved["generate"]["top_p"] = 0.0
@@ -96,3 +101,26 @@ def test_a_token_budget_flag_replaces_a_profiles_fixed_batch_size():
     assert (budget.batch_size, budget.batch_tokens) == (0, 2048)
     both = builder_for("crammed-bert-mini", {"train.batch_tokens": 2048, "train.batch_size": 8}).build().train
     assert (both.batch_size, both.batch_tokens) == (8, 2048)  # --batch-size given too: it wins, as documented
+
+
+def test_a_task_owns_its_settings_section_and_the_old_keys_still_load():
+    """QA's window lives in the qa section that kiln/tasks/qa.py declares; `data.window`, where kiln 0.1
+    kept it, still loads from a saved run, a YAML file and -c."""
+    from kiln.tasks import task_class
+
+    assert task_class("qa").settings_class is sections()["qa"]
+    assert "qa.window" in dict(iter_settings()) and "data.window" not in dict(iter_settings())
+    assert load("bert-mini", **{"qa.window": 200}).qa.window == 200
+    saved = load("bert-mini").to_dict()
+    del saved["qa"], saved["token"]
+    saved["data"].update(window=256, stride=64, tag_scheme="bioes")  # a run directory of kiln 0.1
+    old = config_from_dict(saved)
+    assert (old.qa.window, old.qa.stride, old.token.tag_scheme) == (256, 64, "bioes")
+    assert resolve_key("data.null_threshold") == "qa.null_threshold"
+    builder = ConfigBuilder()
+    builder.set("data.problem_type", "regression", "flag")
+    assert builder.build().sequence.problem_type == "regression"
+    with pytest.raises(KilnError, match=r"qa\.window' must be at least 8"):
+        coerce("data.window", 4)
+    # The old form and the new one are the same run: resuming compares them as equal.
+    assert changed_settings(saved, old.to_dict()) == []

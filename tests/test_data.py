@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kiln.config import Config, DataConfig
+from kiln.config import Config
 from kiln.data import find_splits, holdout
 from kiln.data.tables import parse_columns, read_table, write_table
 from kiln.errors import KilnError
@@ -12,7 +12,7 @@ from kiln.tasks import get_task
 
 
 def task(name="sequence", columns="", problem_type="auto"):
-    return get_task(name, Config(data=DataConfig(columns=columns, problem_type=problem_type)))
+    return get_task(name, Config().with_settings({"data.columns": columns, "sequence.problem_type": problem_type}))
 
 
 def write(path, text, mode="w"):

@@ -9,7 +9,7 @@ import pytest
 from test_pretrain import CRAMMED_TINY, GPT2_TINY, T5_TINY
 
 import kiln
-from kiln.config import Config, DataConfig, PretrainConfig, TokenizerConfig
+from kiln.config import Config, TokenizerConfig, resolve_key
 from kiln.tasks import get_task
 from kiln.tasks.base import EXAMPLE_CHARS, Dataset
 from kiln.tasks.qa import context_around
@@ -19,7 +19,7 @@ PAGE = Path(kiln.__file__).parent / "serve" / "static" / "index.html"
 
 
 def task(name, **data):
-    return get_task(name, Config(data=DataConfig(**data)))
+    return get_task(name, Config().with_settings({resolve_key(k): v for k, v in data.items()}))
 
 
 # -- what each task stores ----------------------------------------------------------------------
@@ -82,7 +82,7 @@ RIVERS = [f"The {word} river runs slowly beneath the bridge ." for word in
 def test_pretraining_examples_from_held_out_documents(tmp_path):
     (tmp_path / "train.txt").write_text(" = Heading = \n" + "\n".join(RIVERS * 30) + "\n")
     tokenizer = train_tokenizer(TokenizerConfig(vocab_size=200), RIVERS, 64)[0]
-    config = Config(data=DataConfig(validation_fraction=0.5), pretrain=PretrainConfig())
+    config = Config().with_settings({"data.validation_fraction": 0.5})
     mlm = get_task("mlm", config)
     mlm.tokenizer = tokenizer
     _, validation = mlm.holdout(mlm.read(tmp_path / "train.txt"))

@@ -9,7 +9,7 @@ from conftest import SHARED_DATA
 
 import kiln
 from kiln.cli import main
-from kiln.config import Config, DataConfig
+from kiln.config import Config, resolve_key
 from kiln.errors import KilnError
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
@@ -54,7 +54,7 @@ def profile(tmp_path, text, name):
 
 
 def task(**data):
-    return get_task("generation", Config(data=DataConfig(**data)))
+    return get_task("generation", Config().with_settings({resolve_key(k): v for k, v in data.items()}))
 
 
 def test_readers(tmp_path):

@@ -7,7 +7,7 @@ from conftest import SHARED_DATA
 
 import kiln
 from kiln.cli import main
-from kiln.config import Config, DataConfig
+from kiln.config import Config
 from kiln.tasks import get_task
 
 GLUE = SHARED_DATA / "glue"
@@ -17,7 +17,7 @@ MRPC_COLUMNS = "sentence1=#1 String,sentence2=#2 String,label=Quality"
 
 
 def read(task, path, columns=""):
-    return get_task(task, Config(data=DataConfig(columns=columns))).read(path)
+    return get_task(task, Config().with_settings({"data.columns": columns})).read(path)
 
 
 @pytest.mark.parametrize(("task", "folder", "columns", "train_n", "dev_n"), [
@@ -31,7 +31,7 @@ def test_glue_files_load_as_shipped(task, folder, columns, train_n, dev_n):
     train = read(task, GLUE / folder / "train.tsv", columns)
     dev = read(task, GLUE / folder / "dev.tsv", columns)
     assert (len(train), len(dev)) == (train_n, dev_n)
-    t = get_task(task, Config(data=DataConfig(columns=columns)))
+    t = get_task(task, Config().with_settings({"data.columns": columns}))
     t.fit(train)
     t.check(dev)
     expected = {"STS-B": "regression"}.get(folder, "classification")

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from kiln.config import Config, DataConfig
+from kiln.config import Config, resolve_key
 from kiln.data import skip_empty
 from kiln.data.tables import SNIFF_BYTES, decoded_lines, read_table, write_table
 from kiln.errors import KilnError, MissingLabels
@@ -17,7 +17,7 @@ from kiln.tasks.base import Dataset
 
 
 def task(name="sequence", **data):
-    return get_task(name, Config(data=DataConfig(**data)))
+    return get_task(name, Config().with_settings({resolve_key(k): v for k, v in data.items()}))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 import kiln
-from kiln.config import Config, DataConfig, TokenizerConfig
+from kiln.config import Config, TokenizerConfig, resolve_key
 from kiln.errors import KilnError
 from kiln.metrics.tagging import detect_scheme, entities, tagging_metrics
 from kiln.tasks import get_task
@@ -53,7 +53,7 @@ def conll_dir(tmp_path):
 
 
 def task(**data):
-    return get_task("token", Config(data=DataConfig(**data)))
+    return get_task("token", Config().with_settings({resolve_key(k): v for k, v in data.items()}))
 
 
 def test_conll_reader_skips_docstart_and_takes_last_column(conll_dir):

@@ -24,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="count tokens with this tokenizer (a tokenizer directory or a kiln run's model/) "
                              "instead of whitespace-separated words")
     add_setting_flag(parser, "data.columns", default="default: the readers' own column names")
-    add_setting_flag(parser, "data.pair", default="default: none")
+    add_setting_flag(parser, "generation.pair", default="default: none")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a data setting as for kiln train, e.g. -c pretrain.paragraphs=true, "
                              "-c data.tag_scheme=iob2")
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [args.data, args.tokenizer]
     output = check_output(args.output, inputs, new_directories=False) if args.output else None
     description = describe(args.task, args.data, tokenizer=args.tokenizer, columns=getattr(args, "data.columns"),
-                           pair=getattr(args, "data.pair"), overrides=args.overrides)
+                           pair=getattr(args, "generation.pair"), overrides=args.overrides)
     sections = description.sections(plots=output is not None)  # plots change no table: built once
     print_sections(sections)
     if output is not None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import typing
 
-from kiln.config import SECTIONS, iter_settings
+from kiln.config import iter_settings, setting_type
 from kiln.errors import KilnError
 from kiln.tasks import TASKS
 
@@ -14,9 +14,7 @@ TASKS_HELP = " | ".join(TASKS)
 
 
 def _flag_type(key: str) -> typing.Any:
-    section, name = key.split(".")
-    owner = SECTIONS[section]
-    declared = typing.get_type_hints(owner)[name]
+    declared = setting_type(key)
     kinds = [k for k in typing.get_args(declared) if k is not type(None)] or [declared]
     return kinds[0]
 

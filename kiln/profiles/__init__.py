@@ -44,7 +44,7 @@ def key_lines(path: Path) -> dict[str, int]:
     """The line of every setting in a profile YAML (``train.epochs`` -> 3), for errors that name it."""
     import yaml
 
-    from kiln.config import SECTIONS, yaml_loader
+    from kiln.config import sections, yaml_loader
 
     lines: dict[str, int] = {}
 
@@ -52,7 +52,7 @@ def key_lines(path: Path) -> dict[str, int]:
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
             lines[key] = key_node.start_mark.line + 1
-            if isinstance(value_node, yaml.MappingNode) and (key in SECTIONS or key == "model"):
+            if isinstance(value_node, yaml.MappingNode) and (key in sections() or key == "model"):
                 walk(value_node, key + ".")
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from kiln.config import register_sections
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
@@ -35,3 +36,16 @@ def task_class(name: str) -> type[Task]:
 def get_task(name: str, config: Any, state: dict | None = None) -> Task:
     """Instantiate the task ``name`` for ``config`` (and a saved state, for trained runs)."""
     return task_class(name)(config, state)
+
+
+def _sections() -> dict[str, type]:
+    """Each task's own settings section (``qa``: its dataclass), for the config schema."""
+    found: dict[str, type] = {}
+    for name in TASKS:
+        task = task_class(name)
+        if task.settings_class is not None:
+            found[task.section] = task.settings_class
+    return found
+
+
+register_sections(_sections)

@@ -153,9 +153,19 @@ class Task:
     # "entities" | "answer" | "choice" | "fill-mask" | "generated" (else the JSON as it is).
     demo: ClassVar[dict[str, str]] = {"input": "text", "render": "json"}
 
+    # The task's own settings: a dataclass of kiln.config.setting() fields, registered as the config
+    # section `section` (-c qa.window=256, qa: in a YAML file); tasks that share settings share a section.
+    settings_class: ClassVar[type | None] = None
+    section: ClassVar[str] = ""
+
     def __init__(self, config: Config, state: dict | None = None):
         self.config = config
         self.state: dict = dict(state or {})
+
+    @property
+    def settings(self) -> Any:
+        """This run's values of the task's own settings (its config section)."""
+        return getattr(self.config, self.section)
 
     # -- reading -----------------------------------------------------------------------------
     def find_splits(self, data: str | Path) -> dict[str, Path]:

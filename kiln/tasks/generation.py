@@ -12,11 +12,13 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
+from kiln.config import setting
 from kiln.data import SPLIT_ALIASES, skip_empty
 from kiln.data.tables import decoded_lines, parse_columns, read_table, select_columns
 from kiln.errors import KilnError, MissingLabels
@@ -35,12 +37,24 @@ def language_code(language: str, codes: Sequence[str]) -> str | None:
     return next((c for c in codes if c.split("_")[0] == language.lower()), None)
 
 
+@dataclass
+class GenerationSettings:
+    """Sequence-to-sequence generation (decoding itself is the generate section)."""
+
+    formerly: ClassVar[str] = "data"  # kiln 0.1 kept these under data.*
+
+    pair: str = setting("", "Language pair of parallel files, e.g. 'en-de' for train.en + train.de.",
+                        flag="--pair")
+
+
 class GenerationTask(Task):
     """Generate a target text from a source text."""
 
     outputs_need_forward: ClassVar[bool] = False  # outputs come from generate(), not the forward pass
     needs_pad_token: ClassVar[bool] = False
     name: ClassVar[str] = "generation"
+    settings_class: ClassVar[type | None] = GenerationSettings
+    section: ClassVar[str] = "generation"
     suffixes: ClassVar[tuple[str, ...]] = (".tsv", ".jsonl", ".csv")
     main_metric: ClassVar[str] = "loss"
     default_profile: ClassVar[str] = "t5-tiny"
@@ -68,7 +82,7 @@ class GenerationTask(Task):
     # -- reading -----------------------------------------------------------------------------
     def find_splits(self, data: str | Path) -> dict[str, Path]:
         """With ``--pair SRC-TGT`` a directory holds ``SPLIT.SRC`` + ``SPLIT.TGT`` (Multi30k layout)."""
-        pair = self.config.data.pair
+        pair = self.settings.pair
         path = Path(data)
         if not pair or not path.is_dir():
             return super().find_splits(data)
@@ -87,7 +101,7 @@ class GenerationTask(Task):
         return found
 
     def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
-        pair = self.config.data.pair
+        pair = self.settings.pair
         path_obj = Path(str(path))
         if stream is not None:
             lines = decoded_lines(path, stream)
@@ -127,7 +141,7 @@ class GenerationTask(Task):
         return "an empty target" if target is not None and not target.strip() else None
 
     def _read_parallel(self, source_path: Path, labelled: bool) -> Dataset:
-        target_path = source_path.with_suffix(f".{self.config.data.pair.partition('-')[2]}")
+        target_path = source_path.with_suffix(f".{self.settings.pair.partition('-')[2]}")
         sources = decoded_lines(source_path)
         if not sources:
             raise KilnError("file is empty", source_path, 1)
@@ -137,7 +151,7 @@ class GenerationTask(Task):
         if targets is not None and len(targets) != len(sources):
             raise KilnError(f"{len(sources)} source lines but {len(targets)} target lines in {target_path}",
                             source_path, min(len(sources), len(targets)) + 1)
-        source_language, _, target_language = self.config.data.pair.partition("-")
+        source_language, _, target_language = self.settings.pair.partition("-")
         examples = [{"source": text, "target": targets[i][1] if targets else None, "line": number,
                      "source_language": source_language, "target_language": target_language}
                     for i, (number, text) in enumerate(sources)]

@@ -16,12 +16,14 @@ import json
 import logging
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
+from kiln.config import setting
 from kiln.data.corpus import PackedBlocks, corpus_files, sample_texts, tokenize_corpus, unigram_order
 from kiln.errors import KilnError
 from kiln.tasks.base import Dataset, Task, generate_parameters, pad_inputs
@@ -49,12 +51,39 @@ def replace_longest_word(words: list[str], replacement: str) -> str:
     return " ".join(replaced)
 
 
+@dataclass
+class PretrainSettings:
+    """Pretraining objectives (mlm, clm, span) and the corpus pipeline."""
+
+    seq_len: int = setting(128, "Tokens per packed training sequence.", flag="--seq-len", minimum=4)
+    mask_prob: float = setting(0.15, "MLM: fraction of tokens selected for prediction.", above=0, maximum=1)
+    mask_token_prob: float = setting(0.8, "MLM: of the selected tokens, the fraction replaced by [MASK].",
+                                    minimum=0, maximum=1)
+    random_token_prob: float = setting(0.1, "MLM: of the selected tokens, the fraction replaced by a random token.",
+                                      minimum=0, maximum=1)
+    whole_word: bool = setting(False, "MLM: select whole words (all their sub-tokens) instead of single tokens.")
+    noise_density: float = setting(0.15, "Span corruption: fraction of tokens corrupted.", above=0, maximum=0.9)
+    mean_span: float = setting(3.0, "Span corruption: mean length of a corrupted span.", minimum=1)
+    paragraphs: bool = setting(False, "Text corpora: documents are blank-line-separated paragraphs, not lines.")
+    max_tokens_per_char: float = setting(
+        0.0, "Drop documents with more tokens per character than this (cramming's filter; 0: keep all).",
+        minimum=0)
+    curriculum: str = setting(
+        "none", "Order of the training blocks: none (shuffled each epoch) or unigram (cramming's curriculum: "
+        "most to least likely under the corpus's token frequencies, the same order every epoch).",
+        choices=("none", "unigram"))
+    fill_mask_top_k: int = setting(5, "MLM predict: candidates returned per mask (the fill-mask pipeline's top_k).",
+                                   minimum=1)
+
+
 class PretrainTask(Task):
     """Shared corpus handling; subclasses define blocks, corruption and the loss."""
 
     suffixes: ClassVar[tuple[str, ...]] = (".txt", ".jsonl", ".gz")
     main_metric: ClassVar[str] = "loss"
     pretraining: ClassVar[bool] = True
+    settings_class: ClassVar[type | None] = PretrainSettings
+    section: ClassVar[str] = "pretrain"
 
     def bind(self, tokenizer: Any) -> None:
         super().bind(tokenizer)
@@ -83,7 +112,7 @@ class PretrainTask(Task):
                 Dataset(train.path, [], extras={**extras, "part": "validation"}))
 
     def texts(self, dataset: Dataset) -> Iterator[str]:
-        yield from sample_texts(dataset.extras["files"], self.config.pretrain.paragraphs)
+        yield from sample_texts(dataset.extras["files"], self.settings.paragraphs)
 
     def read_inputs(self, path: str | Path, stream: TextIO | None = None) -> Dataset:
         """Inputs to predict for: lines of stdin or of a text file (blank ones skipped), or a JSONL
@@ -120,7 +149,7 @@ class PretrainTask(Task):
         from kiln.data.corpus import holdout_document, iter_documents
 
         holdout, validation = dataset.extras.get("holdout"), dataset.extras.get("part") == "validation"
-        documents = iter_documents(dataset.extras["files"], self.config.pretrain.paragraphs)
+        documents = iter_documents(dataset.extras["files"], self.settings.paragraphs)
         for index, (_, _, text) in enumerate(documents):
             if index == EXAMPLE_DOCUMENTS:
                 return
@@ -190,7 +219,7 @@ class PretrainTask(Task):
         return blocks
 
     def training_order(self, features: Any) -> np.ndarray | None:
-        if self.config.pretrain.curriculum == "unigram":
+        if self.settings.curriculum == "unigram":
             return unigram_order(features, self.vocab_size)
         return None
 
@@ -417,7 +446,7 @@ class MaskedLMTask(PretrainTask):
     def bind(self, tokenizer: Any) -> None:
         super().bind(tokenizer)
         self.mask_id = tokenizer.mask_token_id  # None: block_layout and encode_inputs say so, in their words
-        self.continues = word_continuations(tokenizer) if self.config.pretrain.whole_word else None
+        self.continues = word_continuations(tokenizer) if self.settings.whole_word else None
 
     def example_input(self, example: list[str]) -> str | None:
         """The sentence with its longest word replaced by the tokenizer's mask token (fill-mask)."""
@@ -480,7 +509,7 @@ class MaskedLMTask(PretrainTask):
         """Per input, ``(scores, token ids)`` of the top ``pretrain.fill_mask_top_k`` tokens at each
         mask, from the softmax over the vocabulary in fp32 (what the fill-mask pipeline computes)."""
         probabilities = outputs.logits.float().softmax(dim=-1)  # (M, V), masks in batch order
-        top_k = min(self.config.pretrain.fill_mask_top_k, probabilities.shape[-1])
+        top_k = min(self.settings.fill_mask_top_k, probabilities.shape[-1])
         scores, tokens = (t.cpu().tolist() for t in probabilities.topk(top_k))
         counts = (batch["input_ids"] == self.mask_id).sum(dim=1).tolist()  # masks per input
         bounds = np.cumsum([0, *counts]).tolist()

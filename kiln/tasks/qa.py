@@ -14,11 +14,13 @@ import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
+from kiln.config import setting
 from kiln.data import skip_empty
 from kiln.data.tables import SNIFF_BYTES, decoded_lines, jsonl_objects, refuse_binary
 from kiln.errors import KilnError, MissingLabels
@@ -73,10 +75,26 @@ def context_around(context: str, answer: tuple[str, int] | None, limit: int = 2 
     return " ".join(context[sentences[first][0]:sentences[last][1]].split())
 
 
+@dataclass
+class QASettings:
+    """Extractive question answering: windows over long contexts, and span decoding."""
+
+    formerly: ClassVar[str] = "data"  # kiln 0.1 kept these under data.*
+
+    window: int = setting(384, "Tokens per window over a long context (question included).", minimum=8)
+    stride: int = setting(128, "Tokens of overlap between consecutive context windows.", minimum=0)
+    max_query_length: int = setting(64, "Questions are cut to this many tokens first.", minimum=1)
+    max_answer_length: int = setting(30, "Longest answer span, in tokens.", minimum=1)
+    n_best: int = setting(20, "Start and end candidates per window when decoding.", minimum=1)
+    null_threshold: float = setting(0.0, "SQuAD 2.0: answer nothing when null beats the best span by this.")
+
+
 class QuestionAnsweringTask(Task):
     """Find the answer to a question as a span of its context."""
 
     name: ClassVar[str] = "qa"
+    settings_class: ClassVar[type | None] = QASettings
+    section: ClassVar[str] = "qa"
     suffixes: ClassVar[tuple[str, ...]] = (".json", ".jsonl", ".tsv")
     auto_model: ClassVar[str] = "AutoModelForQuestionAnswering"
     main_metric: ClassVar[str] = "f1"
@@ -256,7 +274,7 @@ class QuestionAnsweringTask(Task):
 
     # -- features and batches ----------------------------------------------------------------
     def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
-        data = self.config.data
+        data = self.settings
         window = min(data.window, max_length)
         if not dataset.examples:
             return []
@@ -267,7 +285,7 @@ class QuestionAnsweringTask(Task):
         context_room = window - max(lengths) - tokenizer.num_special_tokens_to_add(pair=True)
         if context_room < 2:
             raise KilnError(f"a {window}-token QA window leaves no room for the context after questions of "
-                            f"{max(lengths)} tokens; raise data.window or lower data.max_query_length",
+                            f"{max(lengths)} tokens; raise qa.window or lower qa.max_query_length",
                             dataset.path)
         encoded = tokenizer(list(questions), contexts, truncation="only_second", max_length=window,
                             stride=min(data.stride, window // 2, context_room - 1),
@@ -288,7 +306,7 @@ class QuestionAnsweringTask(Task):
 
     def _short_question(self, question: str, tokenizer: Any) -> tuple[str, int]:
         """The question cut to ``data.max_query_length`` tokens, and its token count."""
-        limit = self.config.data.max_query_length
+        limit = self.settings.max_query_length
         ids = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
         if len(ids["input_ids"]) <= limit:
             return question, len(ids["input_ids"])
@@ -335,7 +353,7 @@ class QuestionAnsweringTask(Task):
 
     # -- predictions and metrics -------------------------------------------------------------
     def decode(self, outputs: list[Any], features: list[dict], dataset: Dataset) -> list[Any]:
-        data = self.config.data
+        data = self.settings
         best: list[dict] = [{"answer": "", "score": 0.0, "start": 0, "end": 0, "logit": -np.inf,
                              "null": np.inf} for _ in dataset.examples]
         for (start_logits, end_logits), feature in zip(outputs, features, strict=True):

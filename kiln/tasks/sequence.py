@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
+from kiln.config import setting
 from kiln.data import skip_empty
 from kiln.data.tables import parse_columns, read_table, select_columns
 from kiln.errors import KilnError
@@ -63,10 +65,24 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+@dataclass
+class SequenceSettings:
+    """Text classification and regression (sequence, sentence-pair)."""
+
+    formerly: ClassVar[str] = "data"  # kiln 0.1 kept these under data.*
+
+    problem_type: str = setting(
+        "auto", "Classification or regression; auto: float labels mean regression.",
+        choices=("auto", "classification", "regression"),
+    )
+
+
 class SequenceTask(Task):
     """Classify (or score) a single text. Labels: strings/ints mean classes, floats regression."""
 
     name: ClassVar[str] = "sequence"
+    settings_class: ClassVar[type | None] = SequenceSettings
+    section: ClassVar[str] = "sequence"
     suffixes: ClassVar[tuple[str, ...]] = (".tsv", ".csv", ".jsonl", ".txt")
     auto_model: ClassVar[str] = "AutoModelForSequenceClassification"
     pipeline_tag: ClassVar[str] = "text-classification"
@@ -138,7 +154,7 @@ class SequenceTask(Task):
         if not labelled:  # predict keeps every row: its output lines up with the input
             return Dataset(str(path), examples, table)
         examples, kept = skip_empty(path, examples, self._empty, table)
-        if self.config.data.problem_type == "auto" and "problem_type" not in self.state:
+        if self.settings.problem_type == "auto" and "problem_type" not in self.state:
             # Before training decides the problem type: a whole file, wherever a hold-out cuts it.
             refuse_mixed_labels(examples, path)
         return Dataset(str(path), examples, kept)
@@ -172,7 +188,7 @@ class SequenceTask(Task):
     def fit(self, train: Dataset) -> None:
         """Decide classification vs regression and fix the label order (numeric if all ints)."""
         raw = [ex["label"] for ex in train.examples]
-        problem = self.config.data.problem_type
+        problem = self.settings.problem_type
         if problem == "auto":
             # read() checked whole files; a hold-out part is checked only for fractions, which a
             # part cannot gain: the majority of one part may differ from the file's.

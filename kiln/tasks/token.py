@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
+from kiln.config import setting
 from kiln.data import skip_empty
 from kiln.data.tables import decoded_lines, jsonl_objects, parse_columns
 from kiln.errors import KilnError, MissingLabels
@@ -59,10 +61,24 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
+@dataclass
+class TokenSettings:
+    """Token classification (NER, POS)."""
+
+    formerly: ClassVar[str] = "data"  # kiln 0.1 kept these under data.*
+
+    label_names: list = setting([], "Label names for integer tags in JSONL token data (id -> name).")
+    tag_scheme: str = setting(
+        "auto", "Tagging scheme of token labels; auto detects it.", choices=("auto", "iob1", "iob2", "bioes")
+    )
+
+
 class TokenTask(Task):
     """Tag every word of a pre-tokenized sentence."""
 
     name: ClassVar[str] = "token"
+    settings_class: ClassVar[type | None] = TokenSettings
+    section: ClassVar[str] = "token"
     suffixes: ClassVar[tuple[str, ...]] = (*CONLL_SUFFIXES, ".tsv", ".jsonl")
     auto_model: ClassVar[str] = "AutoModelForTokenClassification"
     main_metric: ClassVar[str] = "f1"
@@ -163,7 +179,7 @@ class TokenTask(Task):
         return examples
 
     def _read_jsonl(self, path: str | Path, lines: list[tuple[int, str]], labelled: bool) -> list[dict]:
-        names = self.state.get("label_names") or self.config.data.label_names
+        names = self.state.get("label_names") or self.settings.label_names
         examples: list[dict] = []
         for number, obj in jsonl_objects(path, lines):
             words = obj.get("tokens")
@@ -217,10 +233,10 @@ class TokenTask(Task):
         sentences = [ex["tags"] for ex in train.examples]
         distinct = {tag for tags in sentences for tag in tags}
         self.state["labels"] = sorted(distinct, key=lambda t: (t != "O", t.partition("-")[2], t))
-        scheme = self.config.data.tag_scheme
+        scheme = self.settings.tag_scheme
         self.state["scheme"] = detect_scheme(sentences) if scheme == "auto" else scheme
-        if self.config.data.label_names:
-            self.state["label_names"] = list(self.config.data.label_names)
+        if self.settings.label_names:
+            self.state["label_names"] = list(self.settings.label_names)
 
     def check(self, dataset: Dataset) -> None:
         known = set(self.labels)
