@@ -500,7 +500,9 @@ def export(run_dir: Path) -> Path:
     tmp, commit = ckpt.atomic_dir(target)
     try:
         for item in source.iterdir():
-            if item.name not in MODEL_FILES_SKIP:
+            if item.is_dir():  # a task's own modules (sentence-transformers' 1_Pooling/)
+                shutil.copytree(item, tmp / item.name)
+            elif item.name not in MODEL_FILES_SKIP:
                 shutil.copy2(item, tmp / item.name)
     except OSError as err:  # a full disk: the previous model/ (if any) stays as it was
         shutil.rmtree(tmp, ignore_errors=True)

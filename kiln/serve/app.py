@@ -9,14 +9,15 @@ answer is JSON except /metrics and /; every error has one shape, ``{"error", "er
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +34,9 @@ from kiln.serve.metrics import CONTENT_TYPE, ServeMetrics
 from kiln.serve.schemas import RequestError, error_body
 from kiln.serve.settings import ServeSettings
 from kiln.version import __version__
+
+if TYPE_CHECKING:
+    from kiln.tasks.base import Route
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class ServeState:
         self.info: dict[str, Any] = {}
         self.metrics = ServeMetrics()
         self.loaded_in = 0.0
+        self.add_routes: Callable[[Sequence[Route]], None] = lambda routes: None
 
     async def load(self) -> None:
         """Load the model (in a thread, so /health answers meanwhile) and start the batcher."""
@@ -91,6 +96,7 @@ class ServeState:
             "examples": predictor.meta.get("examples", []),
             "demo": predictor.task.demo,  # how the demo page asks for an input and shows a prediction
         }
+        self.add_routes(predictor.task.routes)
         self.batcher, self.predictor = batcher, predictor
 
     def require(self) -> Any:
@@ -139,6 +145,7 @@ def create_app(predictor: Any, settings: ServeSettings | None = None, *,
         (503, "The model is still loading, or the server is shutting down."))}
 
     _add_predict_route(app, state, settings, guarded, errors)
+    state.add_routes = functools.partial(_add_task_routes, app, state, settings, guarded, errors)
     _add_status_routes(app, state, guarded, errors, error_model)
     app.openapi = _openapi(app, state, settings)  # type: ignore[method-assign]
     return app
@@ -167,52 +174,87 @@ def _add_predict_route(app: FastAPI, state: ServeState, settings: ServeSettings,
     async def predict(request: Request) -> Response:
         """One prediction per input, in input order, with exactly the shapes of ``kiln predict --json``.
         Concurrent requests with identical parameters share micro-batches."""
-        predictor = state.require()
-        body = await read_body(request, settings.max_body_bytes, settings.read_timeout_s)
-        # JSON only: a page on another origin can POST text/plain or a form without a CORS preflight.
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
-            raise RequestError(415, "the body must be sent as application/json "
-                                    f"(this request's Content-Type: {kind or 'none'})")
-        payload = schemas.parse_json(body)
-        items, raw_parameters = schemas.check_request(payload, state.info["task"], settings.max_inputs)
-        parameters = {}
-        for name, value in raw_parameters.items():
-            try:
-                parameters.update(predictor.check_parameters({name: value}))
-            except KilnError as err:
-                raise RequestError(422, err.message, f"parameters.{name}") from None
-        for name, most, flag in (("max_new_tokens", settings.max_new_tokens, "--max-new-tokens"),
-                                 ("num_beams", settings.max_beams, "--max-beams")):
-            if parameters.get(name, 0) > most:  # the server's own bound on one request's work
-                raise RequestError(422, f"{name} may be at most {most} on this server ({flag})", f"parameters.{name}")
-        examples = []
-        for index, item in enumerate(items):
-            try:
-                examples.append(predictor.task.parse_input(item, index + 1))
-            except KilnError as err:
-                raise RequestError(422, err.message, f"inputs[{index}]") from None
-        assert state.batcher is not None
-        tokens = sum(schemas.estimate_tokens(item) for item in items)
-        key = json.dumps(parameters, sort_keys=True)
-        state.metrics.in_flight += 1
-        try:
-            results = await asyncio.wait_for(state.batcher.submit(examples, parameters, key, tokens),
-                                             settings.timeout_s)
-        except Closed:
-            raise RequestError(503, "the server is shutting down") from None
-        except Full as err:
-            raise RequestError(429, f"too many requests: {err}; retry soon") from None
-        except TimeoutError:
-            raise RequestError(503, f"the request took longer than {settings.timeout_s:g} s (--timeout); "
-                               "retry, or send fewer inputs") from None
-        except KilnError as err:  # an input the task refuses once encoded (too long a question, say)
-            field = f"inputs[{err.line - 1}]" if err.line and 0 < err.line <= len(items) else None
-            raise RequestError(422, err.message, field) from None
-        finally:
-            state.metrics.in_flight -= 1
-        return JSONResponse(results)
+        state.require()
+        payload = await _json_body(request, settings)
+        items, parameters = schemas.check_request(payload, state.info["task"], settings.max_inputs)
+        return JSONResponse(await _predict(state, settings, items, parameters))
 
+
+def _add_task_routes(app: FastAPI, state: ServeState, settings: ServeSettings, guarded: list, errors: dict,
+                     routes: Sequence[Route]) -> None:
+    """The endpoints the served task adds besides ``/predict`` (:class:`~kiln.tasks.base.Route`), added
+    once the model is loaded; their inputs share ``/predict``'s micro-batches."""
+    for route in routes:
+        app.add_api_route(route.path, _task_endpoint(state, settings, route), methods=["POST"], dependencies=guarded,
+                          response_model=None, responses=errors, summary=route.summary)
+
+
+def _task_endpoint(state: ServeState, settings: ServeSettings, route: Route) -> Callable:
+    """The handler of one task route: its body becomes request items, their predictions its answer."""
+
+    async def endpoint(request: Request) -> Response:
+        state.require()
+        payload = await _json_body(request, settings)
+        try:
+            items, parameters = route.inputs(payload)
+        except KilnError as err:
+            raise RequestError(422, err.message) from None
+        if not 1 <= len(items) <= settings.max_inputs:
+            raise RequestError(422, f"send between 1 and {settings.max_inputs} inputs (--max-inputs)", "inputs")
+        return JSONResponse(route.answer(await _predict(state, settings, items, parameters), payload))
+
+    endpoint.__doc__ = route.summary
+    return endpoint
+
+
+async def _json_body(request: Request, settings: ServeSettings) -> Any:
+    """The request's body, read within the server's bounds, sent as JSON, and parsed."""
+    body = await read_body(request, settings.max_body_bytes, settings.read_timeout_s)
+    # JSON only: a page on another origin can POST text/plain or a form without a CORS preflight.
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise RequestError(415, "the body must be sent as application/json "
+                                f"(this request's Content-Type: {kind or 'none'})")
+    return schemas.parse_json(body)
+
+
+async def _predict(state: ServeState, settings: ServeSettings, items: list[Any], raw_parameters: dict) -> list:
+    """Check the parameters and inputs of one request, bound its work, and hand it to the batcher."""
+    predictor = state.require()
+    parameters = {}
+    for name, value in raw_parameters.items():
+        try:
+            parameters.update(predictor.check_parameters({name: value}))
+        except KilnError as err:
+            raise RequestError(422, err.message, f"parameters.{name}") from None
+    for name, most, flag in (("max_new_tokens", settings.max_new_tokens, "--max-new-tokens"),
+                             ("num_beams", settings.max_beams, "--max-beams")):
+        if parameters.get(name, 0) > most:  # the server's own bound on one request's work
+            raise RequestError(422, f"{name} may be at most {most} on this server ({flag})", f"parameters.{name}")
+    examples = []
+    for index, item in enumerate(items):
+        try:
+            examples.append(predictor.task.parse_input(item, index + 1))
+        except KilnError as err:
+            raise RequestError(422, err.message, f"inputs[{index}]") from None
+    assert state.batcher is not None
+    tokens = sum(schemas.estimate_tokens(item) for item in items)
+    key = json.dumps(parameters, sort_keys=True)
+    state.metrics.in_flight += 1
+    try:
+        return await asyncio.wait_for(state.batcher.submit(examples, parameters, key, tokens), settings.timeout_s)
+    except Closed:
+        raise RequestError(503, "the server is shutting down") from None
+    except Full as err:
+        raise RequestError(429, f"too many requests: {err}; retry soon") from None
+    except TimeoutError:
+        raise RequestError(503, f"the request took longer than {settings.timeout_s:g} s (--timeout); "
+                           "retry, or send fewer inputs") from None
+    except KilnError as err:  # an input the task refuses once encoded (too long a question, say)
+        field = f"inputs[{err.line - 1}]" if err.line and 0 < err.line <= len(items) else None
+        raise RequestError(422, err.message, field) from None
+    finally:
+        state.metrics.in_flight -= 1
 
 
 def _add_status_routes(app: FastAPI, state: ServeState, guarded: list, errors: dict, error_model: Any) -> None:

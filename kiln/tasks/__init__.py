@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "token": "kiln.tasks.token:TokenTask",
     "qa": "kiln.tasks.qa:QuestionAnsweringTask",
     "multiple-choice": "kiln.tasks.multiple_choice:MultipleChoiceTask",
+    "embedding": "kiln.tasks.embedding:EmbeddingTask",
     "generation": "kiln.tasks.generation:GenerationTask",
     "mlm": "kiln.tasks.pretrain:MaskedLMTask",
     "clm": "kiln.tasks.pretrain:CausalLMTask",

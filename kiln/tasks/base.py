@@ -93,6 +93,29 @@ class Form:
         return self.required + self.optional
 
 
+class Features(list):
+    """Token features with each one's token count for the batch sampler (``lengths``), for a task
+    whose feature spreads its tokens over several sequences (candidates, sentences of a pair): the
+    sampler's token budget then counts what the feature's part of a padded batch takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lengths: list[int] = []
+
+
+@dataclass(frozen=True)
+class Route:
+    """An endpoint a task adds to kiln serve besides ``/predict``, in the shape another server gives
+    it (text-embeddings-inference's ``POST /embed``). ``inputs`` turns its JSON body into request
+    items and per-call parameters, as ``/predict`` takes them (a KilnError: a 422 naming the field);
+    ``answer`` turns the predictions and the body into its answer."""
+
+    path: str
+    summary: str
+    inputs: Callable[[Any], tuple[list[Any], dict[str, Any]]]
+    answer: Callable[[list[Any], Any], Any]
+
+
 @dataclass
 class CardFacts:
     """What the model card says of a task's model: the transformers class and pipeline that load it,
@@ -152,6 +175,7 @@ class Task:
     # | "source"; label: the text box's; hint "mask" | "sentinel" | "words" | "choices"; render "labels" |
     # "entities" | "answer" | "choice" | "fill-mask" | "generated" (else the JSON as it is).
     demo: ClassVar[dict[str, str]] = {"input": "text", "render": "json"}
+    routes: ClassVar[tuple[Route, ...]] = ()  # kiln serve's endpoints besides /predict
 
     # The task's own settings: a dataclass of kiln.config.setting() fields, registered as the config
     # section `section` (-c qa.window=256, qa: in a YAML file); tasks that share settings share a section.
@@ -164,8 +188,8 @@ class Task:
 
     @property
     def settings(self) -> Any:
-        """This run's values of the task's own settings (its config section)."""
-        return getattr(self.config, self.section)
+        """This run's values of the task's own settings (its config section; None: it has none)."""
+        return getattr(self.config, self.section) if self.section else None
 
     # -- reading -----------------------------------------------------------------------------
     def find_splits(self, data: str | Path) -> dict[str, Path]:
@@ -307,6 +331,11 @@ class Task:
     def card_facts(cls, hf_config: dict) -> CardFacts:
         """The model card's facts for a saved model whose ``config.json`` is ``hf_config``."""
         return CardFacts(cls.auto_model, cls.pipeline_tag)
+
+    def model_files(self) -> dict[str, str]:
+        """Files every saved model directory carries besides transformers' own (relative path -> text),
+        e.g. the sentence-transformers modules that make it load there too."""
+        return {}
 
     def adopt(self, model: Any) -> Any:
         """Take what the task needs from a model loaded elsewhere than :meth:`load_model` (an ONNX

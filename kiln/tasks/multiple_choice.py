@@ -22,7 +22,7 @@ import numpy as np
 from kiln.data import skip_empty
 from kiln.data.tables import read_table
 from kiln.errors import KilnError, MissingLabels
-from kiln.tasks.base import CardFacts, Dataset, Form, Task
+from kiln.tasks.base import CardFacts, Dataset, Features, Form, Task
 
 CONTEXT_KEYS = ("context", "ctx", "sent1", "premise", "article", "passage", "startphrase", "text")
 QUESTION_KEYS = ("question", "sent2", "stem", "query", "ctx_b")
@@ -182,7 +182,7 @@ class MultipleChoiceTask(Task):
         encoded = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length,
                             return_attention_mask=False) if firsts else {"input_ids": []}
         keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
-        features = _Features()
+        features = Features()
         start = 0
         for index, example in enumerate(dataset.examples):
             n = len(example["choices"])
@@ -257,12 +257,3 @@ class MultipleChoiceTask(Task):
         return {"predicted_label": [p["label"] for p in predictions],
                 "predicted_answer": [p["answer"] for p in predictions],
                 "score": [round(p["score"], 6) for p in predictions]}
-
-
-class _Features(list):
-    """The features, with each one's token count for the batch sampler (``lengths``), since a
-    feature's tokens are spread over its candidates."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lengths: list[int] = []

@@ -57,7 +57,7 @@ def refuse_mixed_labels(examples: Sequence[dict], path: str | Path, majority: bo
     if majority and len(numbers) * 2 > len(examples):
         raise KilnError(f"label '{bad['label']}' is not a number, but {len(numbers)} of the "
                         f"{len(examples)} labels are integer classes; fix this row, or set "
-                        "-c data.problem_type=classification if it is a class", path, bad["line"])
+                        "-c sequence.problem_type=classification if it is a class", path, bad["line"])
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -294,8 +294,10 @@ def prune_checkpoints(checkpoints: Path, keep_last: int, written: Collection[Pat
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weights: dict | None = None) -> None:
-    """Write an HF model directory (config, safetensors weights, tokenizer) plus ``kiln.json``.
+def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weights: dict | None = None,
+                   files: dict[str, str] | None = None) -> None:
+    """Write an HF model directory (config, safetensors weights, tokenizer) plus ``kiln.json`` and the
+    task's own ``files`` (relative path -> text; :meth:`kiln.tasks.base.Task.model_files`).
 
     ``weights``: the full state dict to save instead of the model's own (FSDP gathers it from the
     shards; the model's parameters are then only a rank's shard). transformers empties the dict as
@@ -311,6 +313,9 @@ def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weig
     finally:
         unwrapped.__class__ = sharded
     tokenizer.save_pretrained(path)
+    for name, text in (files or {}).items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text, encoding="utf-8")
     (path / KILN_FILE).write_text(json.dumps(kiln_meta, indent=2) + "\n")
 
 
@@ -368,20 +373,21 @@ def _os_error(err: BaseException) -> OSError | None:
 
 
 def save_checkpoint(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, optimizer: Any = None,
-                    trainer_state: dict | None = None, rng: dict | None = None, weights: dict | None = None) -> None:
+                    trainer_state: dict | None = None, rng: dict | None = None, weights: dict | None = None,
+                    files: dict[str, str] | None = None) -> None:
     """Atomically write a verified checkpoint directory (model, tokenizer, optimizer, state, RNG).
 
     The files and then ``manifest.json`` go into a temporary sibling, are fsynced, and the directory
     is renamed into place. A failed write (a full disk: ENOSPC, EDQUOT) removes the temporary
     directory and is a KilnError; the previous checkpoint stays as it was. ``optimizer``: an
-    optimizer or its full state dict; ``weights``: see :func:`save_model_dir`.
+    optimizer or its full state dict; ``weights`` and ``files``: see :func:`save_model_dir`.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = _fresh_tmp(path)
     try:
-        save_model_dir(tmp, model, tokenizer, kiln_meta, weights)
+        save_model_dir(tmp, model, tokenizer, kiln_meta, weights, files)
         state = dict(trainer_state or {})
         if optimizer is not None:
             tensors, meta = optimizer_tensors(optimizer)

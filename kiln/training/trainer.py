@@ -722,13 +722,13 @@ class Trainer:
         if best:
             meta["metrics"] = self.last_metrics
             ckpt.save_checkpoint(checkpoints / "best", self.model, self.tokenizer, meta, trainer_state=state,
-                                 weights=weights)
+                                 weights=weights, files=self.task.model_files())
             return
         if self.scaler is not None:  # fp16's loss scale: resuming without it would re-learn it
             state["grad_scaler"] = self.scaler.state_dict()
         path = ckpt.step_checkpoint_path(checkpoints, self.state.step)
         ckpt.save_checkpoint(path, self.model, self.tokenizer, meta, optimizer=optimizer, trainer_state=state,
-                             rng=rng, weights=weights)
+                             rng=rng, weights=weights, files=self.task.model_files())
         self._written.add(path)  # pruning trusts these instead of hashing every kept one at every save
         ckpt.prune_checkpoints(checkpoints, self.config.train.keep_last, self._written)
 
