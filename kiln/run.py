@@ -200,6 +200,17 @@ def _read_test(task: Any, path: Any) -> Dataset | None:
     return None
 
 
+def _checked_test(task: Any, test: Dataset) -> Dataset | None:
+    """The test split, or None when it lacks the labels the trained task needs (STS-B's test file has
+    pairs but no scores); a label the training data never had stays an error."""
+    try:
+        task.check(test)
+    except MissingLabels as err:
+        log.info(f"{_shown(test.path)}: test split has no labels ({err.message}), not evaluated")
+        return None
+    return test
+
+
 def train(
     task: str,
     data: str | Path,
@@ -337,7 +348,7 @@ def _checked_data(task: str, data: str | Path, config: Config, saved_meta: dict,
             task_obj.fit(train_ds)
         task_obj.check(validation_ds)
         if test_ds is not None:
-            task_obj.check(test_ds)
+            test_ds = _checked_test(task_obj, test_ds)
     except KilnError as err:
         if validation_ds.path == train_ds.path == err.path and not resume:  # split from one file: say so
             err.message += (f" (validation is {len(validation_ds)} of the file's "

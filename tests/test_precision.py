@@ -55,7 +55,7 @@ def write_data(folder, task: str):
         if task == "sequence":
             text = "".join(f"{words(5)}\t{rng.choice(['pos', 'neg'])}\n" for _ in range(n))
             (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + text)
-        elif task == "sentence-pair":
+        elif task in ("sentence-pair", "embedding"):  # scored pairs, as STS-B
             text = "".join(f"{words(4)}\t{words(4)}\t{rng.random() * 5:.2f}\n" for _ in range(n))
             (folder / f"{split}.tsv").write_text("sentence1\tsentence2\tscore\n" + text)
         elif task == "token":

@@ -262,7 +262,8 @@ class EmbeddingTask(Task):
     def check(self, dataset: Dataset) -> None:
         scored = any(example["score"] is not None for example in dataset.examples)
         if self.objective == "cosine" and not scored:
-            raise KilnError("the model trains on scored pairs, and this file's pairs have no score", dataset.path)
+            raise MissingLabels("the model trains on scored pairs, and this file's pairs have no score",
+                                dataset.path)
         if self.objective == "contrastive" and scored:
             raise KilnError("the model trains on pairs without scores (in-batch negatives), and this file "
                             "scores its pairs: evaluate it with pairs as it was trained", dataset.path)
