@@ -99,7 +99,7 @@ def st_worker(spec: dict) -> dict:
         with tempfile.TemporaryDirectory() as scratch:
             args = SentenceTransformerTrainingArguments(
                 output_dir=scratch, num_train_epochs=spec["epochs"], per_device_train_batch_size=16,
-                learning_rate=2e-5, warmup_ratio=0.1, save_strategy="no", report_to=[], use_cpu=True,
+                learning_rate=2e-5, warmup_steps=0.1, save_strategy="no", report_to=[], use_cpu=True,
                 bf16=resolve_precision("auto", torch.device("cpu")) == "bf16", seed=42)
             trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                                  loss=losses.CosineSimilarityLoss(model))
