@@ -188,7 +188,11 @@ class TrainConfig:
                               minimum=0)
     patience: int = setting(0, "Stop after N evaluations without improvement (0: never).", flag="--patience",
                             minimum=0, resumable=True)
-    metric: str = setting("", "Metric that picks the best checkpoint (empty: the task's main metric).")
+    metric: str = setting("", "Metric that picks the best checkpoint and drives early stopping (empty: the task's "
+                              "main metric; e.g. macro_f1, mcc, f1/LABEL).", flag="--metric")
+    greater_is_better: bool | None = setting(
+        None, "Whether a larger train.metric is better (null: from its name: loss, mse and perplexity are "
+        "better smaller).")
     log_every: int = setting(50, "Write a metrics.jsonl line every N optimizer steps.", minimum=1,
                              resumable=True)
     keep_checkpoints: bool = setting(True, "Keep checkpoints/ after training (model/ is always written).",
@@ -348,10 +352,10 @@ def sections() -> dict[str, type]:
 
 def moved_keys() -> dict[str, str]:
     """Older spellings of settings that moved into a task's section (``data.window`` -> ``qa.window``):
-    a section's ``formerly`` names the section its settings used to live in. Saved runs, YAML files
-    and ``-c`` still take them."""
-    return {f"{formerly}.{f.name}": f"{name}.{f.name}" for name, owner in task_sections().items()
-            if (formerly := getattr(owner, "formerly", None)) for f in dataclasses.fields(owner)}
+    a section's ``formerly`` maps each moved field to its old key. Saved runs, YAML files and ``-c``
+    still take them."""
+    return {old: f"{name}.{field}" for name, owner in task_sections().items()
+            for field, old in getattr(owner, "formerly", {}).items()}
 
 
 def iter_settings() -> typing.Iterator[tuple[str, dataclasses.Field]]:

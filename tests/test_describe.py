@@ -358,7 +358,7 @@ def test_a_problem_with_the_whole_file_is_reported_once(tmp_path: Path) -> None:
 
 
 def test_a_long_text_is_worked_through_in_pieces_with_the_same_results(monkeypatch) -> None:
-    import kiln.describe as module
+    import kiln.describe.reading as module
 
     text = "The film -- it is GREAT!!  a\tplot\n" * 40 + "end"
     assert "".join(module.pieces(text, 50)) == text
@@ -373,7 +373,7 @@ def test_a_long_text_is_worked_through_in_pieces_with_the_same_results(monkeypat
 
 
 def test_describing_one_huge_line_takes_memory_near_its_size(tmp_path, monkeypatch) -> None:
-    import kiln.describe as module
+    import kiln.describe.reading as module
 
     monkeypatch.setattr(module, "LONG_TEXT", 1 << 16)  # pieces small beside the line, as for a 200 MB one
     line = " ".join(f"word{i % 977}" for i in range(400_000))  # 3.2 MB, 400,000 words on one line

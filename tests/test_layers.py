@@ -88,3 +88,25 @@ def test_no_function_is_over_60_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert long == []
+
+
+def test_every_task_implements_the_small_protocol_itself():
+    """The ten methods of TaskProtocol have no default: each registered task implements them (and
+    writes its predictions: output_columns or write), and a task class that forgets one fails at once,
+    not after training."""
+    import pytest
+
+    from kiln.config import Config
+    from kiln.tasks import TASKS, get_task, task_class
+    from kiln.tasks.base import REQUIRED, Task
+
+    assert len(REQUIRED) == 10
+    for name in TASKS:
+        task = task_class(name)
+        assert all(getattr(task, method) is not getattr(Task, method, None) for method in REQUIRED), name
+        assert task.output_columns is not Task.output_columns or task.write is not Task.write, name
+        get_task(name, Config())
+
+    forgetful = type("Forgetful", (Task,), {m: lambda self, *a, **k: None for m in REQUIRED if m != "decode"})
+    with pytest.raises(TypeError, match="decode"):
+        forgetful(Config())

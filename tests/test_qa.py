@@ -8,7 +8,7 @@ import random
 import pytest
 
 import kiln
-from kiln.config import Config, TokenizerConfig, resolve_key
+from kiln.config import Config, TokenizerConfig
 from kiln.errors import KilnError
 from kiln.metrics.squad import f1_score, normalize_answer, squad_metrics
 from kiln.tasks import get_task
@@ -40,7 +40,7 @@ def qa_dir(tmp_path):
 
 
 def task(**data):
-    return get_task("qa", Config().with_settings({resolve_key(k): v for k, v in data.items()}))
+    return get_task("qa", Config().with_settings({f"qa.{k}": v for k, v in data.items()}))
 
 
 @pytest.fixture(scope="module")

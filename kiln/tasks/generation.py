@@ -41,7 +41,8 @@ def language_code(language: str, codes: Sequence[str]) -> str | None:
 class GenerationSettings:
     """Sequence-to-sequence generation (decoding itself is the generate section)."""
 
-    formerly: ClassVar[str] = "data"  # kiln 0.1 kept these under data.*
+    # Where kiln 0.1 kept these: saved runs, YAML files and -c still take the old keys.
+    formerly: ClassVar[dict[str, str]] = {"pair": "data.pair"}
 
     pair: str = setting("", "Language pair of parallel files, e.g. 'en-de' for train.en + train.de.",
                         flag="--pair")

@@ -79,7 +79,10 @@ def context_around(context: str, answer: tuple[str, int] | None, limit: int = 2 
 class QASettings:
     """Extractive question answering: windows over long contexts, and span decoding."""
 
-    formerly: ClassVar[str] = "data"  # kiln 0.1 kept these under data.*
+    # Where kiln 0.1 kept these: saved runs, YAML files and -c still take the old keys.
+    formerly: ClassVar[dict[str, str]] = {
+        name: f"data.{name}"
+        for name in ("window", "stride", "max_query_length", "max_answer_length", "n_best", "null_threshold")}
 
     window: int = setting(384, "Tokens per window over a long context (question included).", minimum=8)
     stride: int = setting(128, "Tokens of overlap between consecutive context windows.", minimum=0)

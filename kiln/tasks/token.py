@@ -65,7 +65,8 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
 class TokenSettings:
     """Token classification (NER, POS)."""
 
-    formerly: ClassVar[str] = "data"  # kiln 0.1 kept these under data.*
+    # Where kiln 0.1 kept these: saved runs, YAML files and -c still take the old keys.
+    formerly: ClassVar[dict[str, str]] = {"label_names": "data.label_names", "tag_scheme": "data.tag_scheme"}
 
     label_names: list = setting([], "Label names for integer tags in JSONL token data (id -> name).")
     tag_scheme: str = setting(
