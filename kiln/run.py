@@ -260,7 +260,8 @@ def train(
                                                 splits.train, resume)
     meta, features = _prepared(task_obj, config, model, tok, splits, precision, start, init_dir,
                                command or _python_call(task, data, name, profile, init, flags, overrides))
-    description = {"task": task, "name": name, "profile": config.name, "head": None if resume else task_obj.load_note,
+    description = {"task": task, "name": name, "profile": config.name, "notes": task_obj.notes(),
+                   "head": None if resume else task_obj.load_note,
                    "init": f"from {meta['init']}" if meta["init"] else "from scratch"}
     trainer = Trainer(model, task_obj, config, tok, *features, run_dir=run_dir, callbacks=list(callbacks),
                       kiln_meta=meta, description=description)

@@ -124,3 +124,40 @@ def test_a_task_owns_its_settings_section_and_the_old_keys_still_load():
         coerce("data.window", 4)
     # The old form and the new one are the same run: resuming compares them as equal.
     assert changed_settings(saved, old.to_dict()) == []
+
+
+def test_a_run_saved_with_task_settings_under_data_predicts_evaluates_and_resumes(sentiment_dir, tiny_profile,
+                                                                                  tmp_path):
+    """A run directory written before the tasks had their own sections (problem_type under data:)
+    still predicts, evaluates and resumes."""
+    import json
+
+    import kiln
+
+    run = kiln.train("sequence", sentiment_dir, name="old", profile=str(tiny_profile), output_dir=tmp_path,
+                     max_steps=4, eval_every=2, precision="fp32")
+    expected = kiln.load(run.path, precision="fp32").predict(["a good film"])
+
+    def older(config: dict) -> dict:
+        config = {key: value for key, value in config.items() if key not in sections() or key in (
+            "model", "tokenizer", "optim", "schedule", "train", "data", "generate")}
+        config["data"] = {**config["data"], "problem_type": "auto"}
+        return config
+
+    for path in (run.path / "run.json", run.model_dir / "kiln.json",
+                 *(run.path / "checkpoints").glob("*/kiln.json")):
+        meta = json.loads(path.read_text())
+        meta["config"] = older(meta["config"])
+        path.write_text(json.dumps(meta))
+    from kiln.model_files import write_manifest
+
+    for manifest in run.path.glob("**/manifest.json"):  # as the older kiln wrote them, consistently
+        manifest.unlink()
+        write_manifest(manifest.parent)
+    old = kiln.load(run.path, precision="fp32")
+    assert old.config.sequence.problem_type == "auto"
+    assert old.predict(["a good film"]) == expected
+    assert 0.0 <= old.evaluate(sentiment_dir / "dev.tsv")["accuracy"] <= 1.0
+    resumed = kiln.train("sequence", sentiment_dir, name="old", profile=str(tiny_profile), output_dir=tmp_path,
+                         max_steps=6, resume=True, precision="fp32")
+    assert json.loads((resumed.model_dir / "kiln.json").read_text())["step"] in (4, 6)

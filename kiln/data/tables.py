@@ -237,22 +237,33 @@ def _csv_problem(message: str) -> str:
     return message
 
 
-def parse_columns(spec: str) -> dict[str, str | int]:
-    """``"text=3,label=1"`` -> ``{"text": 3, "label": 1}``; names stay strings."""
-    mapping: dict[str, str | int] = {}
+def parse_columns(spec: str) -> dict[str, Any]:
+    """``"text=3,label=1"`` -> ``{"text": 3, "label": 1}``; names stay strings. A role followed by
+    bare columns takes them all, in order: ``"text=0,labels=billing,refund"`` -> ``{"text": 0,
+    "labels": ["billing", "refund"]}`` (one 0/1 column per label)."""
+    mapping: dict[str, Any] = {}
+    role = ""
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        if "=" not in part:
+        if "=" not in part and not role:
             raise KilnError(f"--columns expects role=column pairs, got '{part}'")
-        role, column = (s.strip() for s in part.split("=", 1))
-        mapping[role] = int(column) if column.lstrip("-").isdigit() else column
+        if "=" in part:
+            role, column = (s.strip() for s in part.split("=", 1))
+            mapping[role] = _column_name(column)
+        else:
+            earlier = mapping[role]
+            mapping[role] = [*(earlier if isinstance(earlier, list) else [earlier]), _column_name(part)]
     return mapping
+
+
+def _column_name(text: str) -> str | int:
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def select_columns(
     table: Table,
     roles: Mapping[str, Sequence[str]],
     required: Iterable[str],
-    columns: dict[str, str | int] | None = None,
+    columns: dict[str, Any] | None = None,
     positional: Mapping[int, Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Map each row to ``{role: value}`` plus ``_line``.
@@ -288,7 +299,9 @@ def select_columns(
         for role, key in index.items():
             if key is None:
                 continue
-            if isinstance(row, dict):
+            if isinstance(key, list):
+                record[role] = [row.get(k) if isinstance(row, dict) else row[k] for k in key]
+            elif isinstance(row, dict):
                 if key not in row and role in required:
                     raise KilnError(f"missing key '{key}'", table.path, line)
                 record[role] = row.get(key)
@@ -299,13 +312,15 @@ def select_columns(
 
 
 def _delimited_index(table: Table, roles: Mapping[str, Sequence[str]], required: list[str],
-                     columns: dict[str, str | int], positional: Mapping[int, Sequence[str]] | None) -> dict[str, Any]:
+                     columns: dict[str, Any], positional: Mapping[int, Sequence[str]] | None) -> dict[str, Any]:
     """Each role's column position in a TSV/CSV table (None: the table has none)."""
     index: dict[str, Any] = {}
     width = len(table.header or table.rows[0])
     names = [h.lower() for h in table.header] if table.header else None
     for role, aliases in roles.items():
-        if role in columns and role not in required and _absent(table, columns[role], width):
+        if role in columns and isinstance(columns[role], list):  # several columns make one role's value
+            index[role] = [_column_position(table, column, width) for column in columns[role]]
+        elif role in columns and role not in required and _absent(table, columns[role], width):
             index[role] = None  # e.g. the run's label=NAME when predicting a file without labels
         elif role in columns and role in TARGET_ROLES and _absent(table, columns[role], width):
             raise MissingLabels(f"--columns {role}={columns[role]}: this file has no such column",

@@ -39,3 +39,19 @@ def regression_metrics(labels: Sequence[float], predictions: Sequence[float]) ->
         "spearman": 0.0 if constant else float(spearmanr(y_true, y_pred)[0]),
         "mse": float(np.mean((y_true - y_pred) ** 2)),
     }
+
+
+def multi_label_metrics(gold: np.ndarray, predicted: np.ndarray, labels: Sequence[str]) -> dict:
+    """Micro- and macro-F1 over the labels, subset accuracy (every label of an example right), and each
+    label's F1 as ``f1/LABEL``; ``gold`` and ``predicted`` are ``(examples, labels)`` booleans."""
+    from sklearn.metrics import f1_score
+
+    y_true, y_pred = np.asarray(gold, dtype=bool), np.asarray(predicted, dtype=bool)
+    per_label = f1_score(y_true, y_pred, average=None, zero_division=0)
+    result = {
+        "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "macro_f1": float(np.mean(per_label)) if len(per_label) else 0.0,
+        "subset_accuracy": float(np.mean(np.all(y_true == y_pred, axis=1))) if len(y_true) else 0.0,
+    }
+    result.update({f"f1/{label}": float(f) for label, f in zip(labels, per_label, strict=True)})
+    return result

@@ -304,23 +304,24 @@ def _openapi(app: FastAPI, state: ServeState, settings: ServeSettings) -> Callab
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         if state.predictor is None:
             return schema  # not cached: the task's shapes come with the model
-        _describe_predict(schema, state.info["task"], state.predictor.task.parameters(), settings.max_inputs)
+        _describe_predict(schema, state.predictor.task, settings.max_inputs)
         app.openapi_schema = schema
         return schema
 
     return openapi
 
 
-def _describe_predict(schema: dict, task: str, parameters: dict[str, str], max_inputs: int) -> None:
-    """Put the task's request and response shapes into ``/predict``'s OpenAPI operation."""
+def _describe_predict(schema: dict, loaded: Any, max_inputs: int) -> None:
+    """Put the loaded task's request and response shapes into ``/predict``'s OpenAPI operation."""
     from pydantic import TypeAdapter
 
+    task, parameters = loaded.name, loaded.parameters()
     refs = "#/components/schemas/{model}"
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     request = schemas.request_model(task, parameters, max_inputs).model_json_schema(ref_template=refs)
     components.update(request.pop("$defs", {}))
     components["PredictRequest"] = request
-    answer = TypeAdapter(schemas.response_model(task)).json_schema(ref_template=refs)
+    answer = TypeAdapter(schemas.response_model(loaded)).json_schema(ref_template=refs)
     components.update(answer.pop("$defs", {}))
     operation = schema["paths"]["/predict"]["post"]
     operation["requestBody"] = {"required": True, "content": {

@@ -197,12 +197,13 @@ def request_model(task: str, parameters: dict[str, str], max_inputs: int) -> Any
     )
 
 
-def response_model(task: str) -> Any:
-    """The ``/predict`` answer for ``task``: a list, one prediction per input, as ``kiln predict
+def response_model(task: Any) -> Any:
+    """The ``/predict`` answer for ``task`` (a task name, or a loaded task, whose answer may depend on
+    what it learnt: a multi-label model's): a list, one prediction per input, as ``kiln predict
     --json`` prints (token: a list of entities per input)."""
     import pydantic
 
-    face = task_class(task)
+    face = task_class(task) if isinstance(task, str) else task
     if face.prediction_fields is None:
         return list[Any]
     fields: dict[str, Any] = {key: (kind, ...) for key, kind in face.prediction_fields.items()}

@@ -9,10 +9,11 @@ into metrics and output files.
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TextIO
+from typing import Any, ClassVar, Protocol, TextIO
 
 from kiln.config import Config
 from kiln.data.tables import Table
@@ -135,7 +136,60 @@ def config_labels(hf_config: dict) -> list[str]:
     return [id2label[k] for k in sorted(id2label, key=int)]
 
 
-class Task:
+class TaskProtocol(Protocol):
+    """What every task implements itself, because no default can: ten methods, from reading a file to
+    the JSON of a prediction (and either ``output_columns`` or ``write``). The rest of :class:`Task`
+    are optional groups with defaults a task overrides when it needs to: the model (``build_model``,
+    ``load_model``, ``model_kwargs``, ``training_module``, ``model_files``), splits and labels
+    (``find_splits``, ``holdout``, ``fit``, ``check``, ``calibrate``), the demo's examples
+    (``example_input``), per-call parameters (``parameters``), and the face the rest of kiln reads
+    (class attributes). A task class missing one of the ten cannot be instantiated."""
+
+    @abstractmethod
+    def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
+        """Read a data file; ``labelled=False`` accepts files without targets (predict)."""
+
+    @abstractmethod
+    def parse_input(self, item: Any, line: int) -> Any:
+        """One unlabelled example from a stdin line or a Python value (str, tuple, dict)."""
+
+    @abstractmethod
+    def texts(self, dataset: Dataset) -> Iterator[str]:
+        """Raw text for training a tokenizer."""
+
+    @abstractmethod
+    def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+        """Token features, one or more per example; each has ``input_ids`` and ``example`` (index)."""
+
+    @abstractmethod
+    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
+        """Pad a micro-batch to its longest member (never to a fixed maximum)."""
+
+    @abstractmethod
+    def loss(self, outputs: Any, batch: dict) -> Any:
+        """The loss *summed* over the batch's loss units; the loop divides by the accumulated count."""
+
+    @abstractmethod
+    def loss_units(self, batch: dict) -> int:
+        """How many loss terms a (CPU-side) batch contributes: examples, or unmasked tokens."""
+
+    @abstractmethod
+    def decode(self, outputs: list[Any], features: list[dict], dataset: Dataset) -> list[Any]:
+        """Per-example predictions from per-feature outputs (both in dataset order)."""
+
+    @abstractmethod
+    def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
+        """The task's standard metrics against the dataset's labels."""
+
+    @abstractmethod
+    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
+        """HF-pipeline-style JSON for ``predict --json``."""
+
+
+REQUIRED = tuple(sorted(TaskProtocol.__abstractmethods__))
+
+
+class Task(TaskProtocol):
     """Base class. Subclasses set the class attributes and implement the abstract methods.
 
     Besides the loop's methods, a task declares its face to the rest of kiln, so that no other
@@ -202,10 +256,6 @@ class Task:
         """Evaluate on at most this many validation examples during training (0: all)."""
         return 0
 
-    def read(self, path: str | Path, *, labelled: bool = True, stream: TextIO | None = None) -> Dataset:
-        """Read a data file; ``labelled=False`` accepts files without targets (predict)."""
-        raise NotImplementedError
-
     def holdout(self, train: Dataset) -> tuple[Dataset, Dataset]:
         """Split a training set without a validation file into ``(train, validation)``."""
         from kiln.data import holdout
@@ -223,14 +273,6 @@ class Task:
 
     def check(self, dataset: Dataset) -> None:
         """Reject evaluation data that does not fit the trained state (e.g. unseen labels)."""
-
-    def texts(self, dataset: Dataset) -> Iterator[str]:
-        """Raw text for training a tokenizer."""
-        raise NotImplementedError
-
-    def parse_input(self, item: Any, line: int) -> Any:
-        """One unlabelled example from a stdin line or a Python value (str, tuple, dict)."""
-        raise NotImplementedError
 
     def example_inputs(self, dataset: Dataset, count: int = 5) -> list[Any]:
         """Up to ``count`` distinct request items (:meth:`example_input`) from ``dataset``, spread over
@@ -360,14 +402,6 @@ class Task:
         return None
 
     # -- features and batches ----------------------------------------------------------------
-    def encode(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
-        """Token features, one or more per example; each has ``input_ids`` and ``example`` (index)."""
-        raise NotImplementedError
-
-    def collate(self, features: Sequence[dict], pad_id: int) -> dict:
-        """Pad a micro-batch to its longest member (never to a fixed maximum)."""
-        raise NotImplementedError
-
     def collate_training(self, features: Sequence[dict], pad_id: int, epoch: int) -> dict:
         """:meth:`collate` for a training micro-batch of ``epoch`` (tasks that draw noise per
         batch, like masking, vary it by epoch here)."""
@@ -379,27 +413,25 @@ class Task:
         return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")
                 and (accepted is None or k in accepted)}
 
-    def loss(self, outputs: Any, batch: dict) -> Any:
-        """The loss *summed* over the batch's loss units; the loop divides by the accumulated count."""
-        raise NotImplementedError
-
-    def loss_units(self, batch: dict) -> int:
-        """How many loss terms a (CPU-side) batch contributes: examples, or unmasked tokens."""
-        raise NotImplementedError
-
     def outputs(self, outputs: Any, batch: dict, model: Any = None) -> list[Any]:
         """Per-feature outputs (numpy) kept for decoding, in batch order."""
         logits = outputs.logits.float().cpu().numpy()
         return list(logits)
 
     # -- predictions and metrics -------------------------------------------------------------
-    def decode(self, outputs: list[Any], features: list[dict], dataset: Dataset) -> list[Any]:
-        """Per-example predictions from per-feature outputs (both in dataset order)."""
-        raise NotImplementedError
+    @property
+    def long_inputs(self) -> str:
+        """What training does with an input longer than the model's limit, for kiln describe."""
+        return ""
 
-    def metrics(self, predictions: list[Any], dataset: Dataset) -> dict[str, float]:
-        """The task's standard metrics against the dataset's labels."""
-        raise NotImplementedError
+    def calibrate(self, predictions: list[Any], dataset: Dataset) -> None:
+        """Learn from the validation predictions what decoding uses (multi-label thresholds) into
+        ``self.state``; the loop calls it at each evaluation, before :meth:`metrics`, so the best
+        checkpoint keeps what its own evaluation learnt. Default: nothing."""
+
+    def notes(self) -> list[str]:
+        """Lines the start-of-run summary shows about what :meth:`fit` saw (the label distribution)."""
+        return []
 
     def loss_metrics(self, loss: float) -> dict[str, float]:
         """Metrics derived from the mean validation loss (perplexity for language tasks)."""
@@ -413,10 +445,6 @@ class Task:
     def greater_is_better(self, metric: str) -> bool:
         """Direction of a metric, for best-checkpoint selection and early stopping."""
         return metric not in LOWER_IS_BETTER
-
-    def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
-        """HF-pipeline-style JSON for ``predict --json``."""
-        raise NotImplementedError
 
     def write(self, dataset: Dataset, predictions: list[Any], stream: TextIO) -> None:
         """Write predictions in the input's own format (a column or fields appended)."""

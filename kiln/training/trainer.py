@@ -312,6 +312,8 @@ class Trainer:
         metrics = None
         if self.is_main:
             predictions = self.task.decode(outputs, features, dataset)
+            if dataset is self.eval_dataset:  # validation, not a test split: what decoding learns from it
+                self.task.calibrate(predictions, dataset)
             metrics = self.task.metrics(predictions, dataset)
             metrics["loss"] = loss_sum / max(units, 1)
             metrics.update(self.task.loss_metrics(metrics["loss"]))
@@ -668,7 +670,8 @@ class Trainer:
         value = metrics.get(self.metric)
         if value is None:
             raise KilnError(f"setting 'train.metric': '{self.metric}' is not one of {', '.join(sorted(metrics))}")
-        better = self.task.greater_is_better(self.metric)
+        given = self.config.train.greater_is_better
+        better = self.task.greater_is_better(self.metric) if given is None else given
         best = self.state.best_metric
         # Ties on the metric (common for accuracy on small sets) go to the lower validation loss.
         improved = math.isfinite(value) and (
