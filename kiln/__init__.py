@@ -29,4 +29,11 @@ def load(path: Any, **kwargs: Any) -> Any:
     return _load(path, **kwargs)
 
 
-__all__ = ["Callback", "__version__", "load", "train"]
+def tune(task: str, data: Any, **kwargs: Any) -> Any:
+    """Search hyperparameters over kiln runs; see :func:`kiln.tuning.tune`. Returns the optuna study."""
+    from kiln.tuning import tune as _tune
+
+    return _tune(task, data, **kwargs)
+
+
+__all__ = ["Callback", "__version__", "load", "train", "tune"]

@@ -280,6 +280,7 @@ class Report:
     """Runs read for ``kiln report``."""
 
     runs: list[RunLog]
+    studies: list[Path] = field(default_factory=list)  # kiln tune searches among the paths
 
     def summary_table(self) -> Table:
         """One row per run: what it is, how far it got, how long it took, its size."""
@@ -343,8 +344,10 @@ class Report:
 
     def sections(self, plots: bool = False) -> list[Section]:
         """The report's sections; ``plots`` draws the curves too (for the page and ``--png``)."""
+        from kiln.tuning import study_section
+
         overview = Section("Runs", tables=[self.summary_table(), self.metrics_table()])
-        sections = [overview]
+        sections = [*(study_section(folder, plots) for folder in self.studies), overview]
         if plots:
             sections.append(Section("Curves", plots=self.plots()))
         sections.append(Section("Configuration", tables=self.config_tables()))
@@ -421,9 +424,21 @@ class Report:
 
 
 def report(paths: Sequence[str | Path]) -> Report:
-    """Read the runs at ``paths``; runs with the same directory name are told apart by their parent."""
-    dirs = [Path(p) for p in paths]
-    return Report([load_run(path, name) for path, name in zip(dirs, run_names(dirs), strict=True)])
+    """Read the runs at ``paths``; runs with the same directory name are told apart by their parent. A
+    ``kiln tune`` search stands for its trials' runs, and its study is reported too."""
+    from kiln.tuning import STUDY_FILE
+
+    dirs: list[Path] = []
+    studies = []
+    for path in map(Path, paths):
+        if (path / STUDY_FILE).is_file():
+            studies.append(path)
+            dirs += sorted(p for p in path.iterdir() if (p / RUN_FILE).is_file())
+        else:
+            dirs.append(path)
+    if not dirs:
+        raise KilnError("the search has no trial runs yet", paths[0])
+    return Report([load_run(path, name) for path, name in zip(dirs, run_names(dirs), strict=True)], studies)
 
 
 def run_names(paths: Sequence[Path]) -> list[str]:

@@ -15,7 +15,7 @@ FLOORS = [
      "kiln.estimate", "kiln.deepspeed"],
     ["kiln.training"],
     ["kiln.predictor", "kiln.card", "kiln.export", "kiln.onnx_generate"],
-    ["kiln.run", "kiln.describe", "kiln.report", "kiln.suite", "kiln.serve"],
+    ["kiln.run", "kiln.describe", "kiln.report", "kiln.suite", "kiln.serve", "kiln.tuning"],
     ["kiln.cli", "kiln", "kiln.__main__"],
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}

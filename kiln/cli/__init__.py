@@ -22,6 +22,7 @@ COMMANDS = {
     "profiles": "kiln.cli.profiles",
     "estimate": "kiln.cli.estimate",
     "suite": "kiln.cli.suite",
+    "tune": "kiln.cli.tune",
     "serve": "kiln.cli.serve",
     "describe": "kiln.cli.describe",
     "report": "kiln.cli.report",
