@@ -103,8 +103,10 @@ def load_suite(name: str) -> Suite:
 
 def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: str | None = None,
               init: str | None = None, profile: str | None = None, recipe: str = "sane",
-              budget: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Fine-tune and score every selected task; returns (and writes) ``results.json``'s content."""
+              budget: str | None = None, overrides: list[str] | tuple[str, ...] = (), tune: int = 0) -> dict:
+    """Fine-tune and score every selected task; returns (and writes) ``results.json``'s content.
+    ``tune`` > 0: each small task's settings are first searched with that many ``kiln tune`` trials
+    (within ``budget``, when given), and the task trains with the best."""
     from kiln.files import write_text_atomic
     from kiln.model_files import RUN_FILE
     from kiln.run import train
@@ -141,6 +143,10 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
         began = time.perf_counter()
         if resume:
             run = train(task.task, data / task.folder, name=task.name, output_dir=output_dir, resume=True)
+        elif tune and not task.large:
+            best, tuned = _tuned(task, data, output_dir, init, profile, settings, overrides, tune)
+            run = train(task.task, data / task.folder, name=task.name, init=init, profile=str(best),
+                        output_dir=output_dir, overwrite=True, columns=task.columns or None)
         else:
             run = train(task.task, data / task.folder, name=task.name, init=init, profile=profile,
                              output_dir=output_dir, overwrite=True, columns=task.columns or None,
@@ -148,11 +154,35 @@ def run_suite(suite: Suite, data: str | Path, output_dir: str | Path, *, tasks: 
         results["tasks"][task.name] = {"metrics": run.metrics, "score": 100 * run.metrics[task.report[0]],
                                        "reported": {k: 100 * run.metrics[k] for k in task.report},
                                        "seconds": round(time.perf_counter() - began, 1)}
+        if tune and not task.large and not resume:
+            results["tasks"][task.name]["tuned"] = tuned
         write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")  # a stop keeps what is done
     done = [entry["score"] for entry in results["tasks"].values()]  # every task the table shows
     results["average"] = sum(done) / len(done) if done else None
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
     return results
+
+
+# What --tune searches around a suite recipe (which trains fixed-size batches): rate, epochs, batch
+# size and warmup; the recipe's other settings apply to every trial.
+TUNE_SPACE = {"optim.lr": {"log": [1e-5, 1e-4]}, "train.epochs": {"int": [2, 6]}, "train.batch_size": [8, 16, 32],
+              "schedule.warmup_ratio": {"float": [0.0, 0.2]}}
+
+
+def _tuned(task: SuiteTask, data: Path, output_dir: Path, init: str | None, profile: str | None,
+           settings: dict[str, Any], overrides: list[str] | tuple[str, ...], trials: int) -> tuple[Path, dict]:
+    """Search ``task``'s settings (``OUTPUT_DIR/TASK-search``, resumed when it exists) and return its
+    best.yaml and the best settings."""
+    from kiln.tuning import BEST_FILE, STUDY_FILE, tune
+
+    name = f"{task.name}-search"
+    shared = [*(f"{key}={json.dumps(value)}" for key, value in settings.items() if key != "train.budget"),
+              *(["data.columns=" + task.columns] if task.columns else []), *overrides]
+    log.info(f"{task.name}: searching {trials} trials ({output_dir / name})")
+    study = tune(task.task, data / task.folder, name=name, init=init, profile=profile, output_dir=output_dir,
+                 trials=trials, budget=settings.get("train.budget", ""), space=TUNE_SPACE, metric=task.metric,
+                 resume=(output_dir / name / STUDY_FILE).is_file(), overrides=shared)
+    return output_dir / name / BEST_FILE, study.best_params
 
 
 def _check_tasks(suite: Suite, selected: list, data: Path, recipe: str) -> None:

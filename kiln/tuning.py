@@ -114,10 +114,11 @@ def _dimension(key: str, spec: Any) -> Dimension:
     return Dimension(dotted, kind, (low, high))
 
 
-def load_space(path: str | Path | None, pretrained: bool) -> list[Dimension]:
-    """The space in ``path`` (YAML), or the default one for a scratch or pretrained start."""
-    if path is None:
-        return parse_space(PRETRAINED_SPACE if pretrained else SCRATCH_SPACE)
+def load_space(path: str | Path | dict | None, pretrained: bool) -> list[Dimension]:
+    """The space in ``path`` (YAML; or the space itself, a dict), or the default one for a scratch or
+    pretrained start."""
+    if path is None or isinstance(path, dict):
+        return parse_space(path or (PRETRAINED_SPACE if pretrained else SCRATCH_SPACE))
     from kiln.config import load_yaml
     from kiln.profiles import key_lines
 
@@ -230,7 +231,7 @@ def _shown(value: Any) -> str:
 
 
 def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, init: str | Path | None = None,
-         output_dir: str | Path = "runs", trials: int = 20, budget: str = "", space: str | Path | None = None,
+         output_dir: str | Path = "runs", trials: int = 20, budget: str = "", space: str | Path | dict | None = None,
          metric: str = "", jobs: int = 1, pruner: str = "asha", seed: int = 0, resume: bool = False,
          storage: str | None = None, overrides: Sequence[str] = ()) -> Any:
     """Search ``space`` (default: :data:`SCRATCH_SPACE` or :data:`PRETRAINED_SPACE`) with ``trials``

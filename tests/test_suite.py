@@ -149,3 +149,18 @@ def test_shipped_suites_load():
         for task in suite.tasks.values():
             for recipe in suite.recipes:
                 assert suite.settings(recipe, task)
+
+
+def test_tune_searches_each_small_task_and_trains_it_with_the_best(glue_dir, tiny_profile, tmp_path):
+    pytest.importorskip("optuna")
+    out = tmp_path / "suite"
+    args = ["suite", "glue", str(glue_dir), "--profile", str(tiny_profile), "--tasks", "rte", "--recipe", "fast",
+            "--output-dir", str(out), "-c", "train.max_steps=4", "--tune", "2"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    tuned = results["tasks"]["rte"]["tuned"]
+    assert set(tuned) == {"optim.lr", "train.epochs", "train.batch_size", "schedule.warmup_ratio"}
+    assert len(list((out / "rte-search").glob("trial-*"))) == 2
+    config = json.loads((out / "rte" / "run.json").read_text())["config"]
+    assert config["optim"]["lr"] == pytest.approx(tuned["optim.lr"]) and config["train"]["metric"] == "accuracy"
+    assert config["train"]["batch_size"] == tuned["train.batch_size"] and config["train"]["max_steps"] == 4

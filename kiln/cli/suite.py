@@ -25,6 +25,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", metavar="DURATION", help="wall-clock budget per task, e.g. 10m")
     parser.add_argument("--output-dir", metavar="DIR", help="where the runs and results go "
                                                             "(default: runs/suite-SUITE-RECIPE)")
+    parser.add_argument("--tune", type=int, default=0, metavar="N",
+                        help="first search each small task's lr, epochs, batch size and warmup with N kiln tune "
+                             "trials (within --budget), then train it with the best (needs optuna)")
     parser.add_argument("--json", action="store_true", help="print results.json instead of the table")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting for every task")
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     output = args.output_dir or f"runs/suite-{suite.name}-{args.recipe}"
     results = run_suite(suite, args.data, output, tasks=args.tasks, init=args.init, profile=args.profile,
-                        recipe=args.recipe, budget=args.budget, overrides=args.overrides)
+                        recipe=args.recipe, budget=args.budget, overrides=args.overrides, tune=args.tune)
     text = table(suite, results)
     (Path(output) / "results.md").write_text(text + "\n")
     print(json.dumps(results, indent=2) if args.json else text)
