@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.config import coerce, parse_duration, resolve_key
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RunStopped
 from kiln.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class Search:
     greater: bool
     overrides: tuple[str, ...]
     deadline: float | None
+    resume: str = "kiln tune with --resume"  # how to continue a stopped search (the CLI gives its command)
 
     def objective(self, trial: Any) -> float:
         """Train one trial's run and return its best validation metric."""
@@ -187,6 +188,13 @@ class Search:
         log.info(f"trial {trial.number} ({name}): " + ", ".join(f"{k}={_shown(v)}" for k, v in params.items()))
         try:
             run = self._train(train, name, params, callback, resume=bool(retry))
+        except RunStopped as stop:
+            if stop.exit_code:
+                raise
+            # Ctrl-C or SIGTERM: the trial stopped at a checkpoint; --resume continues it, then the search.
+            trial.set_user_attr("interrupted", True)
+            raise RunStopped(f"the search stopped; {name} has a checkpoint at its last step, and {self.resume} "
+                             "continues it, then the search", exit_code=0) from None
         except (KilnError, RuntimeError, MemoryError, ValueError) as err:
             reason = err.message if isinstance(err, KilnError) else f"{type(err).__name__}: {err}".splitlines()[0]
             trial.set_user_attr("error", reason)
@@ -233,7 +241,7 @@ def _shown(value: Any) -> str:
 def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, init: str | Path | None = None,
          output_dir: str | Path = "runs", trials: int = 20, budget: str = "", space: str | Path | dict | None = None,
          metric: str = "", jobs: int = 1, pruner: str = "asha", seed: int = 0, resume: bool = False,
-         storage: str | None = None, overrides: Sequence[str] = ()) -> Any:
+         storage: str | None = None, overrides: Sequence[str] = (), command: str | None = None) -> Any:
     """Search ``space`` (default: :data:`SCRATCH_SPACE` or :data:`PRETRAINED_SPACE`) with ``trials``
     kiln runs of ``task`` on ``data`` in ``output_dir/name``, and return the optuna study.
 
@@ -265,7 +273,7 @@ def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, 
         _retry_interrupted(optuna, study)
     deadline = time.time() + parse_duration(budget) if budget else None
     search = Search(task, str(data), name, folder, profile, str(init) if init else None, dimensions, metric,
-                    greater, tuple(overrides), deadline)
+                    greater, tuple(overrides), deadline, command or f"kiln.tune({task!r}, ..., resume=True)")
     if jobs > 1:
         _run_workers(search, url, trials, jobs, pruner, seed)
     else:
@@ -278,11 +286,20 @@ def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, 
 def _optimize(optuna: Any, study: Any, search: Search, trials: int) -> None:
     """Run trials until ``trials`` are done (counting every state), the deadline passes, or the space
     proves unusable (its first trials all fail)."""
-    done = optuna.study.MaxTrialsCallback(trials, states=None)
+    def counted(running: bool) -> int:  # every trial but the interrupted ones (they run again) and the queued
+        return sum(1 for t in study.get_trials(deepcopy=False) if not _interrupted(t)
+                   and (t.state.is_finished() or (running and t.state.name == "RUNNING")))
+
+    def done(study: Any, trial: Any) -> None:
+        if counted(running=True) >= trials:  # another process's running trial counts: no overshoot
+            study.stop()
+
+    if counted(running=False) >= trials:
+        return
 
     def stop_when_hopeless(study: Any, trial: Any) -> None:
         states = [t.state for t in study.trials]
-        failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+        failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and not _interrupted(t)]
         if len(failed) >= FAILING_START and optuna.trial.TrialState.COMPLETE not in states \
                 and optuna.trial.TrialState.PRUNED not in states:
             study.stop()
@@ -297,8 +314,9 @@ def _finish(study: Any, search: Search) -> None:
     states = optuna.trial.TrialState
     finished = [t for t in study.trials if t.state == states.COMPLETE]
     pruned = [t for t in study.trials if t.state == states.PRUNED]
-    failed = [t for t in study.trials if t.state == states.FAIL]
-    log.info(f"{len(study.trials)} trials: {len(finished)} finished, {len(pruned)} pruned, {len(failed)} failed")
+    failed = [t for t in study.trials if t.state == states.FAIL and not _interrupted(t)]
+    counted = len(finished) + len(pruned) + len(failed)
+    log.info(f"{counted} trials: {len(finished)} finished, {len(pruned)} pruned, {len(failed)} failed")
     if not finished:
         reasons = [t.user_attrs.get("error") for t in failed if t.user_attrs.get("error")]
         raise KilnError("no trial finished" + (f"; every one failed, the last with: {reasons[-1]}" if reasons
@@ -380,11 +398,24 @@ def _study_exists(optuna: Any, url: str, name: str) -> bool:
 def _retry_interrupted(optuna: Any, study: Any) -> None:
     """Trials left running by a killed search: marked failed, and queued again with the same settings,
     so that they continue from their run's checkpoint."""
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"run": trial.user_attrs.get("run",
-                                                                                  f"trial-{trial.number:03d}")})
-        log.info(f"trial {trial.number} was running when the search stopped: it continues")
+    states = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    # A run another trial owns (finished, queued, or failed for its own reasons) is not taken again.
+    claimed = {t.user_attrs.get("run") for t in trials if t.state != states.RUNNING and not _interrupted(t)}
+    for trial in trials:
+        run = trial.user_attrs.get("run", f"trial-{trial.number:03d}")
+        if (trial.state == states.RUNNING or _interrupted(trial)) and run not in claimed:
+            if trial.state == states.RUNNING:  # killed (SIGKILL): optuna never heard of its end
+                study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+                study._storage.set_trial_state_values(trial._trial_id, states.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"run": run})
+            claimed.add(run)
+            log.info(f"trial {trial.number} ({run}) was running when the search stopped: it continues")
+
+
+def _interrupted(trial: Any) -> bool:
+    """A trial stopped by Ctrl-C or SIGTERM at a checkpoint (recorded as failed, retried on --resume)."""
+    return trial.state.name == "FAIL" and bool(trial.user_attrs.get("interrupted"))
 
 
 def _run_workers(search: Search, url: str, trials: int, jobs: int, pruner: str, seed: int) -> None:

@@ -158,3 +158,41 @@ def test_jobs_run_trials_in_parallel_processes_sharing_the_study(sentiment_dir, 
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3
     runs = {t.user_attrs["run"] for t in study.trials}
     assert len(runs) == 3 and all((tmp_path / "runs" / "s" / run / "model").is_dir() for run in runs)
+
+
+def test_sigterm_stops_the_search_at_a_checkpoint_and_resume_continues_it(sentiment_dir, tiny_profile, tmp_path,
+                                                                         monkeypatch):
+    import os
+    import signal
+
+    from kiln.errors import RunStopped
+    from kiln.tuning import TrialCallback
+
+    options = {**search_options(tiny_profile, tmp_path), "overrides": ["train.max_steps=8", "train.eval_every=2",
+                                                                       "train.precision=fp32"]}
+    kiln.tune("sequence", sentiment_dir, trials=1, pruner="none", **options)
+    original = TrialCallback.on_step_end
+
+    def terminate(self, trainer, logs):  # SIGTERM arrives during the second trial's third step
+        if trainer.state.step == 3 and self.trial.number == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, trainer, logs)
+
+    monkeypatch.setattr(TrialCallback, "on_step_end", terminate)
+    with pytest.raises(RunStopped, match="trial-001 has a checkpoint") as stop:
+        kiln.tune("sequence", sentiment_dir, trials=3, pruner="none", resume=True, **options)
+    assert stop.value.exit_code == 0
+    monkeypatch.setattr(TrialCallback, "on_step_end", original)
+    real_train, calls = kiln.run.train, []
+
+    def train(*args, **kwargs):
+        calls.append((kwargs["name"], kwargs.get("resume", False)))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(kiln.run, "train", train)
+    study = kiln.tune("sequence", sentiment_dir, trials=3, pruner="none", resume=True, **options)
+    states = [(t.state.name, t.user_attrs.get("run")) for t in study.trials]
+    # The interrupted trial, then its continuation from the checkpoint (same run), then a new one.
+    assert states == [("COMPLETE", "trial-000"), ("FAIL", "trial-001"), ("COMPLETE", "trial-001"),
+                      ("COMPLETE", "trial-003")]
+    assert calls == [("trial-001", True), ("trial-003", False)]  # continued from its checkpoint, not redone

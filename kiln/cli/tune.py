@@ -46,9 +46,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) the search; the summary and best.yaml come from kiln.tuning."""
+    import shlex
+    import sys
+
     from kiln.tuning import tune
 
+    argv = sys.argv[1:] if sys.argv[1:2] == ["tune"] else ["tune", args.task, args.data, "-n", args.name]
+    command = shlex.join(["kiln", *argv, *([] if "--resume" in argv else ["--resume"])])
     tune(args.task, args.data, name=args.name, profile=args.profile, init=args.init, output_dir=args.output_dir,
          trials=args.trials, budget=args.budget, space=args.space, metric=args.metric, jobs=args.jobs,
-         pruner=args.pruner, seed=args.seed, resume=args.resume, storage=args.storage, overrides=args.overrides)
+         pruner=args.pruner, seed=args.seed, resume=args.resume, storage=args.storage, overrides=args.overrides,
+         command=command)
     return 0
