@@ -275,26 +275,25 @@ def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, 
     search = Search(task, str(data), name, folder, profile, str(init) if init else None, dimensions, metric,
                     greater, tuple(overrides), deadline, command or f"kiln.tune({task!r}, ..., resume=True)")
     if jobs > 1:
-        _run_workers(search, url, trials, jobs, pruner, seed)
+        _run_workers(search, url, _remaining(study, trials), jobs, pruner, seed)
     else:
-        _optimize(optuna, study, search, trials)
+        _optimize(optuna, study, search, _remaining(study, trials))
     study = optuna.load_study(study_name=name, storage=_storage(optuna, url))
     _finish(study, search)
     return study
 
 
-def _optimize(optuna: Any, study: Any, search: Search, trials: int) -> None:
-    """Run trials until ``trials`` are done (counting every state), the deadline passes, or the space
+def _remaining(study: Any, trials: int) -> int:
+    """How many of ``trials`` are still to run: every finished trial counts, whatever its end, but an
+    interrupted one, which runs again."""
+    return max(trials - sum(1 for t in study.get_trials(deepcopy=False)
+                            if t.state.is_finished() and not _interrupted(t)), 0)
+
+
+def _optimize(optuna: Any, study: Any, search: Search, count: int) -> None:
+    """Run ``count`` trials (queued retries first), unless the deadline passes first or the space
     proves unusable (its first trials all fail)."""
-    def counted(running: bool) -> int:  # every trial but the interrupted ones (they run again) and the queued
-        return sum(1 for t in study.get_trials(deepcopy=False) if not _interrupted(t)
-                   and (t.state.is_finished() or (running and t.state.name == "RUNNING")))
-
-    def done(study: Any, trial: Any) -> None:
-        if counted(running=True) >= trials:  # another process's running trial counts: no overshoot
-            study.stop()
-
-    if counted(running=False) >= trials:
+    if count <= 0:
         return
 
     def stop_when_hopeless(study: Any, trial: Any) -> None:
@@ -305,7 +304,8 @@ def _optimize(optuna: Any, study: Any, search: Search, trials: int) -> None:
             study.stop()
 
     timeout = max(search.deadline - time.time(), 0) if search.deadline else None
-    study.optimize(search.objective, timeout=timeout, catch=(TrialFailed,), callbacks=[done, stop_when_hopeless])
+    study.optimize(search.objective, n_trials=count, timeout=timeout, catch=(TrialFailed,),
+                   callbacks=[stop_when_hopeless])
 
 
 def _finish(study: Any, search: Search) -> None:
@@ -418,18 +418,21 @@ def _interrupted(trial: Any) -> bool:
     return trial.state.name == "FAIL" and bool(trial.user_attrs.get("interrupted"))
 
 
-def _run_workers(search: Search, url: str, trials: int, jobs: int, pruner: str, seed: int) -> None:
-    """``jobs`` processes, each running trials of the shared study with its share of the cores."""
+def _run_workers(search: Search, url: str, count: int, jobs: int, pruner: str, seed: int) -> None:
+    """``jobs`` processes sharing the study, each with its share of the ``count`` trials (a fixed share:
+    counting the study's trials as they end would let processes finishing together overshoot) and of
+    the cores."""
     cores = max(1, (os.cpu_count() or 1) // jobs)
     spec = {"search": {**dataclasses.asdict(search), "folder": str(search.folder),
-                       "space": [dataclasses.asdict(d) for d in search.space]},
-            "url": url, "trials": trials, "pruner": pruner}
+                       "space": [dataclasses.asdict(d) for d in search.space]}, "url": url, "pruner": pruner}
     env = {**os.environ, "OMP_NUM_THREADS": str(cores), "KILN_TUNE_THREADS": str(cores)}
-    workers = [subprocess.Popen([sys.executable, "-m", "kiln.tuning", json.dumps({**spec, "seed": seed + i})],
-                                env=env) for i in range(jobs)]
+    shares = [count // jobs + (1 if i < count % jobs else 0) for i in range(jobs)]
+    workers = [subprocess.Popen([sys.executable, "-m", "kiln.tuning",
+                                 json.dumps({**spec, "trials": share, "seed": seed + i})], env=env)
+               for i, share in enumerate(shares) if share]
     codes = [worker.wait() for worker in workers]
     if any(codes):
-        log.warning(f"{sum(1 for c in codes if c)} of {jobs} trial processes ended with an error")
+        log.warning(f"{sum(1 for c in codes if c)} of {len(workers)} trial processes ended with an error")
 
 
 def _worker(spec: dict) -> None:

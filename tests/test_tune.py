@@ -57,6 +57,9 @@ def test_a_search_runs_trials_as_runs_and_writes_the_best_as_a_profile(sentiment
     assert best.optim.lr == pytest.approx(study.best_params["optim.lr"])
     assert best.train.batch_size == study.best_params["train.batch_size"]
     assert best.train.max_steps == 6 and best.name == "s-best"  # the settings every trial shared, too
+    again = kiln.train("sequence", sentiment_dir, name="again", profile=str(folder / BEST_FILE),
+                       output_dir=tmp_path / "runs")
+    assert again.metrics["accuracy"] == study.best_value  # fp32 on a CPU: the best trial, exactly
 
     # kiln report on the search: its trials, with the study's plots on the page.
     assert main(["report", str(folder), "-o", str(tmp_path / "page.html")]) == 0
