@@ -103,6 +103,22 @@ class Features(list):
         super().__init__()
         self.lengths: list[int] = []
 
+    @classmethod
+    def grouped(cls, encoded: Any, sizes: Sequence[int], prefix: str) -> Features:
+        """One feature per example from its run of consecutive tokenized sequences (``sizes``: how many
+        each example has), as ``{prefix}input_ids`` (and token types) lists; its length is its count of
+        sequences times the longest."""
+        keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
+        features = cls()
+        start = 0
+        for index, size in enumerate(sizes):
+            feature: dict[str, Any] = {f"{prefix}{key}": encoded[key][start:start + size] for key in keys}
+            feature["example"] = index
+            features.append(feature)
+            features.lengths.append(size * max(len(ids) for ids in feature[f"{prefix}input_ids"]))
+            start += size
+        return features
+
 
 @dataclass(frozen=True)
 class Route:

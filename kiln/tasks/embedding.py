@@ -339,21 +339,13 @@ class EmbeddingTask(Task):
         flat = [text for example in dataset.examples for text in example["texts"]]
         encoded = tokenizer(flat, truncation=True, max_length=limit, return_attention_mask=False) if flat \
             else {"input_ids": []}
-        keys = [key for key in ("input_ids", "token_type_ids") if key in encoded]
-        features = Features()
-        start = 0
-        for index, example in enumerate(dataset.examples):
-            n = len(example["texts"])
-            feature: dict[str, Any] = {f"text_{key}": encoded[key][start:start + n] for key in keys}
-            feature["example"] = index
+        features = Features.grouped(encoded, [len(example["texts"]) for example in dataset.examples], "text_")
+        for feature, example in zip(features, dataset.examples, strict=True):
             if example["labelled"] and self.objective == "cosine":
                 low, high = self.state["score_range"]
                 feature["target"] = (example["score"] - low) / (high - low)
             elif example["labelled"]:
                 feature["target"] = None  # in-batch negatives: the target is the anchor's own positive
-            features.append(feature)
-            features.lengths.append(n * max(len(ids) for ids in feature["text_input_ids"]))
-            start += n
         return features
 
     def collate(self, features: Sequence[dict], pad_id: int) -> dict:

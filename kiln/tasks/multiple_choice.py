@@ -181,18 +181,10 @@ class MultipleChoiceTask(Task):
                 seconds.append(f"{example['question']} {choice}".strip())
         encoded = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length,
                             return_attention_mask=False) if firsts else {"input_ids": []}
-        keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
-        features = Features()
-        start = 0
-        for index, example in enumerate(dataset.examples):
-            n = len(example["choices"])
-            feature: dict[str, Any] = {f"choice_{k}": encoded[k][start:start + n] for k in keys}
-            feature["example"] = index
+        features = Features.grouped(encoded, [len(example["choices"]) for example in dataset.examples], "choice_")
+        for feature, example in zip(features, dataset.examples, strict=True):
             if example["label"] is not None:
                 feature["label"] = int(example["label"])
-            features.append(feature)
-            features.lengths.append(n * max(len(ids) for ids in feature["choice_input_ids"]))
-            start += n
         return features
 
     def collate(self, features: Sequence[dict], pad_id: int) -> dict:
