@@ -117,7 +117,8 @@ def hf_worker(spec: dict) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-4, log=True),
                 "num_train_epochs": trial.suggest_int("num_train_epochs", 2, 5),
                 "per_device_train_batch_size": trial.suggest_categorical("per_device_train_batch_size", [8, 16, 32]),
-                "warmup_ratio": trial.suggest_float("warmup_ratio", 0.0, 0.2)}
+                # transformers 5 reads a warmup_steps below 1 as a fraction of the steps (it has no warmup_ratio).
+                "warmup_steps": trial.suggest_float("warmup_steps", 0.0, 0.2)}
 
     def accuracy(prediction) -> dict:
         return {"accuracy": float(np.mean(np.argmax(prediction.predictions, -1) == prediction.label_ids))}
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=DEFAULT_INIT, help="all-MiniLM-L6-v2 (make pretrained)")
     parser.add_argument("--budget", default="20m", help="wall clock of each search")
     parser.add_argument("--limit", type=int, default=None, help="first N rows of train and dev (smoke test)")
+    parser.add_argument("--contenders", default="kiln,hf", help="which searches to run (default: kiln,hf)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,7 +156,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         data = small_copy(args.data, args.limit, Path(scratch))
         results = {name: run_worker(__file__, {"contender": name, "data": str(data), "init": str(args.init),
-                                               "budget": args.budget}) for name in ("kiln", "hf")}
+                                               "budget": args.budget}) for name in args.contenders.split(",")}
     print(f"\nRTE dev accuracy, a {args.budget} search from all-MiniLM-L6-v2")
     for name, result in results.items():
         print(f"  {name:5s} best {result['best']}  finished {result.get('finished', '?')}  "
