@@ -329,12 +329,14 @@ SECTIONS: dict[str, type] = {
 # it), and it is asked the first time the schema is needed, so `kiln --help` imports no task module.
 _PROVIDERS: list[Callable[[], Mapping[str, type]]] = []
 _task_sections: dict[str, type] = {}
+_moved: dict[str, str] = {}  # derived from _task_sections, with it
 
 
 def register_sections(provider: Callable[[], Mapping[str, type]]) -> None:
     """Add a provider of settings sections (name -> dataclass of :func:`setting` fields), asked once."""
     _PROVIDERS.append(provider)
     _task_sections.clear()
+    _moved.clear()
 
 
 def task_sections() -> dict[str, type]:
@@ -342,6 +344,8 @@ def task_sections() -> dict[str, type]:
     if not _task_sections:
         for provider in _PROVIDERS:
             _task_sections.update(provider())
+        _moved.update({old: f"{name}.{field}" for name, owner in _task_sections.items()
+                       for field, old in getattr(owner, "formerly", {}).items()})
     return _task_sections
 
 
@@ -354,8 +358,8 @@ def moved_keys() -> dict[str, str]:
     """Older spellings of settings that moved into a task's section (``data.window`` -> ``qa.window``):
     a section's ``formerly`` maps each moved field to its old key. Saved runs, YAML files and ``-c``
     still take them."""
-    return {old: f"{name}.{field}" for name, owner in task_sections().items()
-            for field, old in getattr(owner, "formerly", {}).items()}
+    task_sections()  # computes them once, with the sections
+    return _moved
 
 
 def iter_settings() -> typing.Iterator[tuple[str, dataclasses.Field]]:

@@ -75,9 +75,6 @@ class RunLog:
 
     def greater_is_better(self, metric: str) -> bool:
         """The direction of ``metric``, as the run's task judged it when picking the best checkpoint."""
-        given = (self.config.get("train") or {}).get("greater_is_better")
-        if given is not None and metric == self.main_metric():
-            return bool(given)
         task = self.task
         if task is not None:
             return bool(task.greater_is_better(metric))

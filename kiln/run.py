@@ -107,12 +107,18 @@ def resolve_config(task: str, profile: str | None, init: str | None, flags: dict
     """Merge profile (default: the task's own; with --init, the fine-tuning recipe for pretrained
     starts, ``_finetune``, or ``_generation``) and overrides."""
     from kiln.profiles import builder_for
+
+    dotted = {resolve_key(k): v for k, v in flags.items() if v is not None}
+    return builder_for(profile_for(task, profile, init), dotted, overrides)
+
+
+def profile_for(task: str, profile: str | None, init: str | None) -> str:
+    """The profile a run starts from: the one given, else the task's own (with --init, its recipe for a
+    pretrained start)."""
     from kiln.tasks import task_class
 
     face = task_class(task)
-    profile = profile or (face.init_profile if init else face.default_profile)
-    dotted = {resolve_key(k): v for k, v in flags.items() if v is not None}
-    return builder_for(profile, dotted, overrides)
+    return profile or (face.init_profile if init else face.default_profile)
 
 
 def give_pad_token(tok: Any, model: Any, start: Path) -> None:

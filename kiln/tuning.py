@@ -170,7 +170,6 @@ class Search:
     init: str | None
     space: list[Dimension]
     metric: str
-    greater: bool
     overrides: tuple[str, ...]
     deadline: float | None
     resume: str = "kiln tune with --resume"  # how to continue a stopped search (the CLI gives its command)
@@ -273,7 +272,7 @@ def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, 
         _retry_interrupted(optuna, study)
     deadline = time.time() + parse_duration(budget) if budget else None
     search = Search(task, str(data), name, folder, profile, str(init) if init else None, dimensions, metric,
-                    greater, tuple(overrides), deadline, command or f"kiln.tune({task!r}, ..., resume=True)")
+                    tuple(overrides), deadline, command or f"kiln.tune({task!r}, ..., resume=True)")
     if jobs > 1:
         _run_workers(search, url, _remaining(study, trials), jobs, pruner, seed)
     else:
@@ -333,10 +332,9 @@ def write_best(search: Search, best: Any) -> Path:
     import yaml
 
     from kiln.files import write_text_atomic
-    from kiln.tasks import task_class
+    from kiln.run import profile_for
 
-    base = search.profile or (task_class(search.task).init_profile if search.init else
-                              task_class(search.task).default_profile)
+    base = profile_for(search.task, search.profile, search.init)
     tree: dict[str, Any] = {"name": f"{search.name}-best", "base": base,
                             "description": f"kiln tune {search.name}: trial {best.number}, "
                                            f"{search.metric} {best.value:.4f}"}
@@ -364,14 +362,14 @@ def _metric(task: str, data: str | Path, profile: str | None, init: str | Path |
     from kiln.run import resolve_config
     from kiln.tasks import get_task
 
-    config = resolve_config(task, profile, str(init) if init else None, {}, overrides).build()
+    config = resolve_config(task, profile, str(init) if init else None, {"train.metric": metric or None},
+                            overrides).build()
     task_obj = get_task(task, config)
-    if not metric:
-        splits = task_obj.find_splits(data)
-        task_obj.fit(task_obj.read(splits["train"]))
-        metric = config.train.metric or task_obj.main_metric
-    return metric, config.train.greater_is_better if config.train.greater_is_better is not None \
-        else task_obj.greater_is_better(metric)
+    metric = config.train.metric
+    if not metric:  # the main metric can depend on the data (regression, imbalance): fit as a run would
+        task_obj.fit(task_obj.read(task_obj.find_splits(data)["train"]))
+        metric = task_obj.main_metric
+    return metric, task_obj.greater_is_better(metric)
 
 
 def _pruner(optuna: Any, name: str) -> Any:
@@ -423,8 +421,7 @@ def _run_workers(search: Search, url: str, count: int, jobs: int, pruner: str, s
     counting the study's trials as they end would let processes finishing together overshoot) and of
     the cores."""
     cores = max(1, (os.cpu_count() or 1) // jobs)
-    spec = {"search": {**dataclasses.asdict(search), "folder": str(search.folder),
-                       "space": [dataclasses.asdict(d) for d in search.space]}, "url": url, "pruner": pruner}
+    spec = {"search": {**dataclasses.asdict(search), "folder": str(search.folder)}, "url": url, "pruner": pruner}
     env = {**os.environ, "OMP_NUM_THREADS": str(cores), "KILN_TUNE_THREADS": str(cores)}
     shares = [count // jobs + (1 if i < count % jobs else 0) for i in range(jobs)]
     workers = [subprocess.Popen([sys.executable, "-m", "kiln.tuning",

@@ -111,7 +111,7 @@ def test_a_pruned_trial_stops_early_and_says_where(sentiment_dir, tiny_profile, 
     folder = tmp_path / "runs" / "s"
     folder.mkdir(parents=True)
     search = Search("sequence", str(sentiment_dir), "s", folder, str(tiny_profile), None,
-                    [Dimension("optim.lr", "log", (1e-3, 1e-2))], "accuracy", True,
+                    [Dimension("optim.lr", "log", (1e-3, 1e-2))], "accuracy",
                     ("train.max_steps=12", "train.eval_every=3", "train.precision=fp32"), None)
     trial = Told()
     with pytest.raises(optuna.TrialPruned):

@@ -27,7 +27,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_setting_flag(parser, "generation.pair", default="default: none")
     parser.add_argument("-c", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a data setting as for kiln train, e.g. -c pretrain.paragraphs=true, "
-                             "-c data.tag_scheme=iob2")
+                             "-c token.tag_scheme=iob2")
     parser.set_defaults(run=run)
 
 

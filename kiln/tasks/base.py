@@ -459,7 +459,11 @@ class Task(TaskProtocol):
         return ["loss", *self.loss_metrics(1.0)]
 
     def greater_is_better(self, metric: str) -> bool:
-        """Direction of a metric, for best-checkpoint selection and early stopping."""
+        """Direction of a metric, for best-checkpoint selection and early stopping: for the metric that
+        picks the checkpoint, ``train.greater_is_better`` when it is set; else from the metric's name."""
+        given = self.config.train.greater_is_better
+        if given is not None and metric == (self.config.train.metric or self.main_metric):
+            return bool(given)
         return metric not in LOWER_IS_BETTER
 
     def write(self, dataset: Dataset, predictions: list[Any], stream: TextIO) -> None:

@@ -612,8 +612,11 @@ class SequenceTask(Task):
         tuned = self.state.get("thresholds")
         return np.asarray(tuned if tuned else [self.settings.threshold] * len(self.labels))
 
-    def _chosen(self, probabilities: np.ndarray) -> list[str]:
-        return [label for label, on in zip(self.labels, probabilities >= self._thresholds(), strict=True) if on]
+    def _chosen(self, predictions: list[Any]) -> list[list[str]]:
+        """Each multi-label prediction's labels at or above their thresholds."""
+        thresholds = self._thresholds()
+        return [[label for label, on in zip(self.labels, p["probabilities"] >= thresholds, strict=True) if on]
+                for p in predictions]
 
     def calibrate(self, predictions: list[Any], dataset: Dataset) -> None:
         """``--tune-thresholds``: each label's F1-best threshold on the validation predictions."""
@@ -647,15 +650,15 @@ class SequenceTask(Task):
 
     def format(self, predictions: list[Any], dataset: Dataset) -> list[Any]:
         if self.multi_label:  # the labels chosen, and every label's score as the HF pipeline's top_k=None
-            return [{"labels": self._chosen(p["probabilities"]),
+            return [{"labels": names,
                      "scores": sorted(({"label": label, "score": float(score)} for label, score in
                                        zip(self.labels, p["probabilities"], strict=True)), key=lambda s: -s["score"])}
-                    for p in predictions]
+                    for p, names in zip(predictions, self._chosen(predictions), strict=True)]
         return [{"label": p["label"], "score": p["score"]} for p in predictions]
 
     def output_columns(self, predictions: list[Any], fmt: str) -> dict[str, list[Any]]:
         if self.multi_label:
-            chosen = [self._chosen(p["probabilities"]) for p in predictions]
+            chosen = self._chosen(predictions)
             if fmt == "jsonl":
                 return {"labels": chosen, "scores": [{label: round(float(s), 6) for label, s in
                                                       zip(self.labels, p["probabilities"], strict=True)}

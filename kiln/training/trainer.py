@@ -670,8 +670,7 @@ class Trainer:
         value = metrics.get(self.metric)
         if value is None:
             raise KilnError(f"setting 'train.metric': '{self.metric}' is not one of {', '.join(sorted(metrics))}")
-        given = self.config.train.greater_is_better
-        better = self.task.greater_is_better(self.metric) if given is None else given
+        better = self.task.greater_is_better(self.metric)
         best = self.state.best_metric
         # Ties on the metric (common for accuracy on small sets) go to the lower validation loss.
         improved = math.isfinite(value) and (
