@@ -259,6 +259,45 @@ class GenerateConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, through peft): the pretrained start stays frozen and only small added
+    matrices and the task's new head train; ``--lora [KEY=VALUE,...]`` sets these."""
+
+    r: int = setting(0, "LoRA rank: train rank-r adapters on a frozen --init start (0: full fine-tuning; "
+                        "the --lora flag alone: 8).", minimum=0, maximum=4096)
+    alpha: float = setting(16.0, "LoRA scaling numerator: the adapters' update is scaled by alpha / r.", above=0)
+    dropout: float = setting(0.05, "Dropout on the adapters' input.", minimum=0, maximum=1)
+    targets: str = setting("", "Modules to adapt, comma-separated names (e.g. query,value); empty: the family's "
+                               "attention projections, as peft chooses.")
+
+
+LORA_RANK = 8  # what --lora alone means
+
+
+def parse_lora(spec: str | None) -> list[str]:
+    """``-c`` overrides for a ``--lora`` value: ``r=8,alpha=16,dropout=0.05,targets=query,value`` (a
+    bare word continues the previous key's list, as targets above); empty: rank 8 on the defaults."""
+    pairs: list[list[str]] = []
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if "=" in part:
+            key, _, value = part.partition("=")
+            pairs.append([key.strip(), value.strip()])
+        elif part and pairs:
+            pairs[-1][1] += "," + part
+        elif part:
+            raise KilnError(f"--lora takes KEY=VALUE pairs (r=8,alpha=16,dropout=0.05,targets=query,value), "
+                            f"not '{part}'")
+    names = [f.name for f in dataclasses.fields(LoraConfig)]
+    unknown = [key for key, _ in pairs if key not in names]
+    if unknown:
+        raise KilnError(f"--lora has no key '{unknown[0]}' (it takes {', '.join(names)})")
+    settings = dict(pairs)
+    settings.setdefault("r", str(LORA_RANK))
+    return [f"lora.{key}={value}" for key, value in settings.items()]
+
+
+@dataclass
 class Config:
     """A profile (architecture + recipe) merged with the user's overrides."""
 
@@ -274,6 +313,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # The tasks' own sections (qa, token, pretrain...) by name, read as attributes: config.qa.window.
     task_settings: dict[str, Any] = field(default_factory=lambda: {
         name: owner() for name, owner in task_sections().items()})
@@ -322,7 +362,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else globals()[f.type]
     for f in dataclasses.fields(Config)
-    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate"}
+    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate", "lora"}
 }
 
 # Providers of the tasks' sections. kiln.tasks registers one when it is imported (kiln/__init__ imports

@@ -22,6 +22,9 @@ KILN_FILE = "kiln.json"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# A LoRA run's checkpoints hold peft's adapter files instead of the full weights (kiln.training.lora).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # What a kiln.json must hold for kiln.load (kiln.json of a checkpoint also has step and metrics).
 KILN_KEYS = ("task", "task_state", "max_length", "config")
 # The JSON files a transformers tokenizer directory may hold; all are read by AutoTokenizer.
@@ -155,7 +158,11 @@ def verify_model_dir(path: Path) -> None:
     is a KilnError naming it."""
     path = Path(path)
     read_json(path / "config.json", required=("model_type",))
-    verify_weights(path)
+    if (path / ADAPTER_CONFIG).is_file():  # a LoRA checkpoint: its frozen start is checked when it loads
+        read_json(path / ADAPTER_CONFIG, required=("r", "target_modules"))
+        verify_safetensors(path / ADAPTER_WEIGHTS)
+    else:
+        verify_weights(path)
     if (path / "generation_config.json").exists():
         read_json(path / "generation_config.json", required=())
     if (path / KILN_FILE).exists():

@@ -20,13 +20,14 @@ from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key, re
 from kiln.errors import ColumnsMismatch, KilnError, MissingLabels
 from kiln.files import read_json, write_text_atomic
 from kiln.metrics import metrics_line
-from kiln.model_files import METRICS_FILE, RUN_FILE
+from kiln.model_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS_FILE, RUN_FILE
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
 from kiln.version import __version__
 
 MODEL_FILES_SKIP = {ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE}
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 log = logging.getLogger(__name__)
 
 
@@ -267,7 +268,7 @@ def train(
     meta, features = _prepared(task_obj, config, model, tok, splits, precision, start, init_dir,
                                command or _python_call(task, data, name, profile, init, flags, overrides))
     description = {"task": task, "name": name, "profile": config.name, "notes": task_obj.notes(),
-                   "head": None if resume else task_obj.load_note,
+                   "lora": _lora_line(model, config), "head": None if resume else task_obj.load_note,
                    "init": f"from {meta['init']}" if meta["init"] else "from scratch"}
     trainer = Trainer(model, task_obj, config, tok, *features, run_dir=run_dir, callbacks=list(callbacks),
                       kiln_meta=meta, description=description)
@@ -277,6 +278,12 @@ def train(
     metrics, is_main = trainer.train(resume=resume), trainer.is_main
     del trainer, model  # the test split loads the exported model: free the training copy first
     return Run(run_dir, metrics, config, _finish(run_dir, splits.test, config, callbacks) if is_main else {})
+
+
+def _lora_line(model: Any, config: Config) -> str | None:
+    from kiln.training import lora
+
+    return lora.describe(model, config.lora) if lora.is_adapted(model) else None
 
 
 @dataclass
@@ -328,6 +335,13 @@ def _new_start(run_dir: Path, output_dir: str | Path, task: str, data: str | Pat
     log.debug("settings not at their defaults: " + ", ".join(
         f"{key}={value!r} ({source})" for key, value, source in builder.described() if source != "default"))
     config = builder.build()
+    if config.lora.r and not init:
+        raise KilnError("--lora adapts a pretrained start: give --init DIR (a model trained from scratch has "
+                        "nothing worth freezing)")
+    if config.lora.r:
+        from kiln.training import lora
+
+        lora.require_peft()
     if is_main_process() and (run_dir.exists() or run_dir.is_symlink()):
         if overwrite:
             replaceable_run(run_dir, output_dir)  # raises for anything kiln must not delete
@@ -380,6 +394,10 @@ def _model_and_tokenizer(task_obj: Any, config: Config, run_dir: Path, saved_met
     from kiln.tokenizers import load_tokenizer, train_tokenizer
 
     last = ckpt.last_checkpoint(run_dir / "checkpoints", belongs=ckpt.same_run(saved_meta)) if resume else None
+    if last is not None and saved_meta.get("lora"):
+        from kiln.training import lora
+
+        return lora.load_adapted(task_obj, last, saved_meta["lora"]), load_tokenizer(last), None
     if last is not None:
         return task_obj.load_model(last), load_tokenizer(last), None
     if init:
@@ -390,6 +408,10 @@ def _model_and_tokenizer(task_obj: Any, config: Config, run_dir: Path, saved_met
         model = task_obj.load_model(init_dir, ignore_mismatched_sizes=True, **task_obj.model_kwargs())
         if task_obj.needs_pad_token and tok.pad_token is None:
             give_pad_token(tok, model, init_dir)
+        if config.lora.r:
+            from kiln.training import lora
+
+            model = lora.adapt(model, config.lora, task_obj.new_keys, init_dir)
         return model, tok, init_dir
     if tokenizer:
         tok = load_tokenizer(tokenizer)
@@ -442,6 +464,10 @@ def _prepared(task_obj: Any, config: Config, model: Any, tok: Any, splits: _Spli
         "command": command,
         "config": config.to_dict(),
     }
+    if config.lora.r:  # the frozen start the adapters belong to, checked when it is loaded again
+        from kiln.training import lora
+
+        meta["lora"] = start.saved_meta.get("lora") or lora.base_identity(Path(str(init)))
     return meta, (train_features, validation_features, validation_ds)
 
 
@@ -520,8 +546,10 @@ def export(run_dir: Path) -> Path:
         for item in source.iterdir():
             if item.is_dir():  # a task's own modules (sentence-transformers' 1_Pooling/)
                 shutil.copytree(item, tmp / item.name)
-            elif item.name not in MODEL_FILES_SKIP:
+            elif item.name not in MODEL_FILES_SKIP | set(ADAPTER_FILES):
                 shutil.copy2(item, tmp / item.name)
+        if (source / ADAPTER_FILES[0]).is_file():
+            _merge_adapters(source, tmp, run_dir / "adapter")
     except OSError as err:  # a full disk: the previous model/ (if any) stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise KilnError(f"could not export the model ({err.strerror or err}); {target} is unchanged; "
@@ -531,3 +559,19 @@ def export(run_dir: Path) -> Path:
     if not config.train.keep_checkpoints:
         shutil.rmtree(checkpoints)
     return target
+
+
+def _merge_adapters(checkpoint: Path, tmp: Path, adapter_dir: Path) -> None:
+    """A LoRA run's export: the start with the checkpoint's adapters merged, as plain transformers
+    weights in ``tmp`` (the model directory being written), and the adapters alone in ``adapter_dir``
+    (peft's layout: ``PeftModel.from_pretrained(start, adapter_dir)``)."""
+    from kiln.training import lora
+
+    meta = read_json(checkpoint / ckpt.KILN_FILE, required=("task", "config", "lora"))
+    task_obj = get_task(meta["task"], config_from_dict(meta["config"]), meta.get("task_state"))
+    merged = lora.merged_model(task_obj, checkpoint, meta["lora"])
+    merged.save_pretrained(tmp, safe_serialization=True)
+    adapter_tmp, commit = ckpt.atomic_dir(adapter_dir)
+    for name in ADAPTER_FILES:
+        shutil.copy2(checkpoint / name, adapter_tmp / name)
+    commit()

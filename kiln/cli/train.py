@@ -73,6 +73,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     for key, f in iter_settings():
         if f.metadata.get("flag"):
             add_setting_flag(exclusive if key in ("train.batch_tokens", "train.batch_size") else group, key)
+    group.add_argument("--lora", nargs="?", const="", default=None, metavar="KEY=VALUE,...", help=lora_help())
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     start.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -208,9 +209,26 @@ def check_before_launch(args: argparse.Namespace, flags: dict) -> None:
                         "each retry); with several, use a smaller --batch-tokens and more --grad-accum")
 
 
+def lora_help() -> str:
+    """``--lora``'s help, from the ``lora`` section's settings."""
+    import dataclasses
+
+    from kiln.config import LORA_RANK, LoraConfig
+
+    keys = "; ".join(f"{f.name}: {f.metadata['doc']}" for f in dataclasses.fields(LoraConfig) if f.name != "r")
+    return (f"train LoRA adapters (peft) on the frozen --init start instead of every weight, e.g. --lora "
+            f"r=16,alpha=32,targets=query,value [lora.*; the flag alone: r={LORA_RANK}]. Keys: r (rank); "
+            f"{keys}").replace("%", "%%")
+
+
 def run(args: argparse.Namespace) -> int:
     """Train, or print the merged configuration."""
     import os
+
+    if args.lora is not None:  # --lora KEY=VALUE,... is -c lora.KEY=VALUE for each; -c still wins
+        from kiln.config import parse_lora
+
+        args.overrides = [*parse_lora(args.lora), *args.overrides]
 
     launching = args.nproc is not None and "WORLD_SIZE" not in os.environ and not args.print_config
     flags = {key: getattr(args, key) for key, f in iter_settings() if f.metadata.get("flag")}

@@ -228,6 +228,7 @@ class Task(TaskProtocol):
     # generative tasks pad with the eos token themselves.
     needs_pad_token: ClassVar[bool] = True
     load_note: str | None = None  # what the last load_model initialised afresh (a new head), for the summary
+    new_keys: tuple[str, ...] = ()  # the weights the last load_model initialised afresh (LoRA trains them whole)
     example_fields: ClassVar[tuple[str, ...]] = ()  # an example's text fields that make a request item
     pipeline_tag: ClassVar[str] = ""  # the Hugging Face pipeline that runs the model
     request_forms: ClassVar[tuple[Form, ...]] = ()  # object forms of an input, besides a string
@@ -366,6 +367,7 @@ class Task(TaskProtocol):
         finally:
             transformers.logging.set_verbosity(verbosity)
         new = sorted({*info.get("missing_keys", ()), *(key for key, *_ in info.get("mismatched_keys", ()))})
+        self.new_keys = tuple(new)
         self.load_note = (f"{self.head_description(model)}, {len(new)} tensors initialised at random "
                           f"({', '.join(new[:4])}{', …' if len(new) > 4 else ''})") if new else None
         return self._accepting(model)

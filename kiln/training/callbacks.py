@@ -100,6 +100,8 @@ class SummaryCallback(Callback):
                          + (f" ({train.fsdp})" if trainer.strategy.name == "fsdp" else ""))
         if d.get("head"):
             lines.insert(2, f"  new       {d['head']}")
+        if d.get("lora"):
+            lines.insert(3, f"  adapters  {d['lora']}")
         lines[-1:-1] = [f"  {note}" for note in d.get("notes") or ()]  # the task's: its labels, weights
         if trainer.run_dir:
             lines.append(f"  run       {trainer.run_dir}")

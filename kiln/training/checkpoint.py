@@ -304,6 +304,12 @@ def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weig
     it writes, to free each tensor once it is on disk.
     """
     unwrapped = getattr(model, "module", model)
+    if hasattr(unwrapped, "peft_config"):  # LoRA: what trains, beside the frozen start kiln.json names
+        from kiln.training import lora
+
+        lora.save_adapter(path, unwrapped, weights)
+        _save_tokenizer_and_files(path, tokenizer, kiln_meta, files)
+        return
     sharded = type(unwrapped)
     # fully_shard swaps in a subclass named FSDP<Model>; save_pretrained writes the class name into
     # config.json's architectures, which transformers could then not load. Save as the model's class.
@@ -312,6 +318,10 @@ def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weig
         unwrapped.save_pretrained(path, state_dict=weights, safe_serialization=True)
     finally:
         unwrapped.__class__ = sharded
+    _save_tokenizer_and_files(path, tokenizer, kiln_meta, files)
+
+
+def _save_tokenizer_and_files(path: Path, tokenizer: Any, kiln_meta: dict, files: dict[str, str] | None) -> None:
     tokenizer.save_pretrained(path)
     for name, text in (files or {}).items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -430,6 +440,11 @@ def load_weights(model: Any, path: Path) -> None:
     from safetensors.torch import load_file
 
     unwrapped = getattr(model, "module", model)
+    if hasattr(unwrapped, "peft_config"):
+        from kiln.training import lora
+
+        lora.load_adapter(unwrapped, path)
+        return
     verify_safetensors(path / WEIGHTS_FILE)
     weights = load_file(str(path / WEIGHTS_FILE))
     missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
