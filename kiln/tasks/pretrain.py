@@ -609,6 +609,7 @@ class CausalLMTask(GenerativePretrainTask):
     pipeline_tag: ClassVar[str] = "text-generation"
     demo: ClassVar[dict[str, str]] = {"input": "text", "label": "Prompt", "render": "generated"}
     default_profile: ClassVar[str] = "gpt2"
+    init_profile: ClassVar[str] = "_causal"
     target_keys: ClassVar[tuple[str, ...]] = ("input_ids",)  # the text is its own target
 
     def collate_blocks(self, features: Sequence[dict], pad_id: int, epoch: int | None = None) -> dict:
