@@ -147,7 +147,8 @@ def _convert(gguf: Path, target: Path, digest: str) -> None:
         except (ValueError, KeyError, OSError) as err:
             raise KilnError(f"transformers cannot read this GGUF file ({str(err).splitlines()[0]})", gguf) from None
         # The weights are plain fp32 now; only transformers' record of the GGUF origin stops it saving them.
-        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        for name, plain in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
+            setattr(model, name, plain)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging, safe_serialization=True)
