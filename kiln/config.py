@@ -276,6 +276,21 @@ class LoraConfig:
 LORA_RANK = 8  # what --lora alone means
 
 
+@dataclass
+class DistillConfig:
+    """Distillation (``kiln distill``): the student learns from a trained teacher's softened outputs
+    as well as from the labels."""
+
+    teacher: str = setting("", "The teacher: a kiln run (or its model directory) of the same task; empty: no "
+                               "distillation.")
+    temperature: float = setting(2.0, "Softens both distributions before they are compared (the soft loss is "
+                                      "scaled by its square, as in Hinton et al.).", flag="--temperature", above=0)
+    alpha: float = setting(0.5, "Weight of the teacher's soft targets; 1 - alpha goes to the labels.",
+                           flag="--alpha", minimum=0, maximum=1)
+    unlabeled: str = setting("", "A file of unlabelled inputs (the task's format, no label) that the teacher "
+                                 "labels for the student: more data where labels are few.", flag="--unlabeled")
+
+
 def parse_lora(spec: str | None) -> list[str]:
     """``-c`` overrides for a ``--lora`` value: ``r=8,alpha=16,dropout=0.05,targets=query,value`` (a
     bare word continues the previous key's list, as targets above); empty: rank 8 on the defaults."""
@@ -316,6 +331,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # The tasks' own sections (qa, token, pretrain...) by name, read as attributes: config.qa.window.
     task_settings: dict[str, Any] = field(default_factory=lambda: {
         name: owner() for name, owner in task_sections().items()})
@@ -364,7 +380,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else globals()[f.type]
     for f in dataclasses.fields(Config)
-    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate", "lora"}
+    if f.name in {"model", "tokenizer", "optim", "schedule", "train", "data", "generate", "lora", "distill"}
 }
 
 # Providers of the tasks' sections. kiln.tasks registers one when it is imported (kiln/__init__ imports

@@ -358,7 +358,11 @@ def _new_start(run_dir: Path, output_dir: str | Path, task: str, data: str | Pat
 
 def _checked_data(task: str, data: str | Path, config: Config, saved_meta: dict, resume: bool) -> tuple[Any, _Splits]:
     """The task (fitted to the training split on a new run) and the splits, every check passed."""
-    task_obj = get_task(task, config, saved_meta.get("task_state"))
+    task_obj: Any = get_task(task, config, saved_meta.get("task_state"))
+    if config.distill.teacher:  # the student learns from the teacher too (kiln distill)
+        from kiln.distill import Distillation
+
+        task_obj = Distillation(task_obj, config.distill)
     if task not in config.tasks:
         raise KilnError(f"profile '{config.name}' does not support task '{task}' "
                         f"(it supports {', '.join(config.tasks)})")
@@ -371,6 +375,8 @@ def _checked_data(task: str, data: str | Path, config: Config, saved_meta: dict,
     try:
         if not resume:
             task_obj.fit(train_ds)
+        if config.distill.teacher:
+            task_obj.prepare(train_ds)
         task_obj.check(validation_ds)
         if test_ds is not None:
             test_ds = _checked_test(task_obj, test_ds)
@@ -468,6 +474,8 @@ def _prepared(task_obj: Any, config: Config, model: Any, tok: Any, splits: _Spli
         "command": command,
         "config": config.to_dict(),
     }
+    if config.distill.teacher:
+        meta["teacher"] = {"path": str(task_obj.teacher_dir), "metrics": task_obj.teacher_metrics}
     if config.lora.r:  # the frozen start the adapters belong to, checked when it is loaded again
         from kiln.training import lora
 

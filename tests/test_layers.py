@@ -14,7 +14,7 @@ FLOORS = [
     ["kiln.tokenizers", "kiln.data", "kiln.models", "kiln.profiles", "kiln.pretrained", "kiln.tasks",
      "kiln.estimate", "kiln.deepspeed"],
     ["kiln.training"],
-    ["kiln.predictor", "kiln.card", "kiln.export", "kiln.onnx_generate"],
+    ["kiln.predictor", "kiln.card", "kiln.export", "kiln.onnx_generate", "kiln.distill"],
     ["kiln.run", "kiln.describe", "kiln.report", "kiln.suite", "kiln.serve", "kiln.tuning"],
     ["kiln.cli", "kiln", "kiln.__main__"],
 ]

@@ -23,6 +23,7 @@ COMMANDS = {
     "estimate": "kiln.cli.estimate",
     "suite": "kiln.cli.suite",
     "tune": "kiln.cli.tune",
+    "distill": "kiln.cli.distill",
     "serve": "kiln.cli.serve",
     "describe": "kiln.cli.describe",
     "report": "kiln.cli.report",

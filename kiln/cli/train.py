@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import typing
 
@@ -58,6 +59,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "train.* and optionally validation.*/dev.*/valid.* and test.*).",
     )
     parser.add_argument("task", metavar="TASK", help=TASKS_HELP)
+    add_training_arguments(parser, sections=("distill",))
+    parser.set_defaults(run=run)
+
+
+def add_training_arguments(parser: typing.Any, sections: tuple[str, ...] = ()) -> None:
+    """DATA and every flag of a training run (``kiln train``, ``kiln distill``); settings of the
+    ``sections`` named are left to -c."""
     parser.add_argument("data", metavar="DATA", help="data file or directory")
     parser.add_argument("-n", "--name", help="run name; the run goes to OUTPUT_DIR/NAME")
     parser.add_argument("--profile", help="profile name or YAML path (default: the task's own: bert-mini "
@@ -71,7 +79,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("training settings (each also settable as -c KEY=VALUE)")
     exclusive = group.add_mutually_exclusive_group()
     for key, f in iter_settings():
-        if f.metadata.get("flag"):
+        if f.metadata.get("flag") and key.split(".")[0] not in sections:
             add_setting_flag(exclusive if key in ("train.batch_tokens", "train.batch_size") else group, key)
     group.add_argument("--lora", nargs="?", const="", default=None, metavar="KEY=VALUE,...", help=lora_help())
     start = parser.add_mutually_exclusive_group()
@@ -91,7 +99,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "processes (kiln starts them through torch.distributed.run; under torchrun these are not needed)")
     for flag, kind, text in LAUNCH_FLAGS:
         launch.add_argument(flag, type=kind, metavar=kind.__name__.upper().replace("STR", "VALUE"), help=text)
-    parser.set_defaults(run=run)
 
 
 # kiln's flag, its type, its help; torchrun's own flag is the same name with underscores.
@@ -231,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         args.overrides = [*parse_lora(args.lora), *args.overrides]
 
     launching = args.nproc is not None and "WORLD_SIZE" not in os.environ and not args.print_config
-    flags = {key: getattr(args, key) for key, f in iter_settings() if f.metadata.get("flag")}
+    flags = {key: getattr(args, key) for key, f in iter_settings() if f.metadata.get("flag") and hasattr(args, key)}
     if args.deepspeed:  # before any process starts or anything is written; each worker maps it again
         from kiln.deepspeed import launch_world_size, merge_deepspeed
 
@@ -265,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
     log.info(f"model saved to {run_.model_dir}")
     if shown:
         log.info(f"validation: {shown}")
+    teacher = json.loads((run_.path / "run.json").read_text()).get("teacher") if run_.path.is_dir() else None
+    if teacher and teacher.get("metrics"):  # kiln distill: the student's score beside its teacher's
+        log.info(f"teacher:    {metrics_line(teacher['metrics'])} ({teacher['path']})")
     if run_.test_metrics:
         log.info("test: " + metrics_line(run_.test_metrics))
     return 0
