@@ -11,7 +11,7 @@ from typing import Any, TextIO
 from kiln.config import coerce, config_from_dict, parse_override
 from kiln.errors import KilnError
 from kiln.files import read_json
-from kiln.model_files import KILN_FILE, KILN_KEYS, model_dir_of, verify_model_dir
+from kiln.model_files import ADAPTER_CONFIG, KILN_FILE, KILN_KEYS, model_dir_of, verify_model_dir
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset, Task
 
@@ -66,6 +66,10 @@ class Predictor:
             self.device, self.precision = resolve_device("cpu"), "fp32"
             self.model = self.module = self.task.adopt(onnx_model(self.path))
             self.task.forward_args = set(self.model.input_names)
+        elif (self.path / ADAPTER_CONFIG).is_file():  # a LoRA run's checkpoint: its start, adapters merged
+            from kiln.training.lora import merged_model
+
+            self.model = merged_model(self.task, self.path, self.meta["lora"]).to(self.device).eval()
         else:
             self.model = self.task.load_model(self.path).to(self.device).eval()
             if compiling.wanted(compile, self.device, long_run=True):

@@ -108,6 +108,9 @@ def test_the_export_is_plain_transformers_with_the_adapters_merged(trained, star
     with torch.no_grad():
         unmerged = adapted(**batch).logits.softmax(-1)
     torch.testing.assert_close(unmerged, merged, rtol=0, atol=1e-5)
+    # A LoRA checkpoint predicts too (kiln merges its adapters into the start as it loads it).
+    best = kiln.load(trained / "checkpoints" / "best", device="cpu", precision="fp32").predict(texts)
+    assert [p["score"] for p in best] == pytest.approx([p["score"] for p in ours], abs=1e-6)
 
 
 class StopAt(Callback):
