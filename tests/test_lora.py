@@ -182,7 +182,11 @@ def test_the_head_is_the_task_s_own_modules_never_a_language_model_s_output_laye
     assert head_modules(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50)), ()) == []
     t5 = T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)
     assert head_modules(T5ForConditionalGeneration(t5), ()) == []
-    assert head_modules(BertForMaskedLM(bert), ("cls.extra.weight",)) == ["cls.extra"]
+    # An MLM head new to a bare encoder: its transform trains whole, its decoder (the tied embeddings) not.
+    new = ("cls.predictions.decoder.weight", "cls.predictions.transform.dense.weight",
+           "cls.predictions.transform.dense.bias", "cls.predictions.transform.LayerNorm.weight")
+    assert head_modules(BertForMaskedLM(bert), new) == ["cls.predictions.transform.LayerNorm",
+                                                        "cls.predictions.transform.dense"]
 
 
 def test_ddp_and_fsdp_train_lora_like_one_process_accumulating_two(start, tmp_path):
@@ -205,3 +209,35 @@ def test_ddp_and_fsdp_train_lora_like_one_process_accumulating_two(start, tmp_pa
         for key in expected:  # the order of float sums differs (all-reduce against accumulation)
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
         assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("task", ["token", "embedding", "mlm"])
+def test_lora_trains_other_tasks_and_exports_plain_weights(task, start, tmp_path, pair_dir):
+    from test_token import sentences, write_conll
+
+    if task == "token":
+        data = tmp_path / "conll"
+        data.mkdir()
+        write_conll(data / "train.txt", sentences(60, 1))
+        write_conll(data / "valid.txt", sentences(20, 2))
+    elif task == "embedding":
+        data = pair_dir
+    else:
+        data = tmp_path / "corpus"
+        data.mkdir()
+        rows = [text for text, _ in sentiment_rows(80, 3)]
+        (data / "train.txt").write_text("\n".join(rows[:60]) + "\n")
+        (data / "valid.txt").write_text("\n".join(rows[60:]) + "\n")
+    extra = {"pretrain.seq_len": 32} if task == "mlm" else {}
+    run = kiln.train(task, data, name=task, init=str(start["start"]), output_dir=tmp_path / "runs",
+                     **{"lora.r": 2, "train.max_steps": 2, "train.precision": "fp32", "train.batch_tokens": 256,
+                        **extra})
+    adapter = load_file(str(run.path / "adapter" / "adapter_model.safetensors"))
+    whole = sorted({key.rsplit(".", 1)[0] for key in adapter if "lora_" not in key})
+    # token: its new classifier trains whole; embedding has no head; mlm: the new head's transform, not
+    # its decoder (the tied, pretrained word embeddings)
+    expected = {"token": ["classifier"], "embedding": [],
+                "mlm": ["cls.predictions.transform.LayerNorm", "cls.predictions.transform.dense"]}[task]
+    assert whole == [f"base_model.model.{name}" for name in expected], whole
+    assert not any("lora" in key for key in load_file(str(run.model_dir / "model.safetensors")))
+    assert run.load(device="cpu").predict(["the film is lovely ."])

@@ -61,14 +61,21 @@ def head_modules(model: Any, new_keys: Sequence[str]) -> list[str]:
     the vocabulary (often the input embeddings themselves)."""
     base = getattr(model, "base_model", model)
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    modules = dict(model.named_modules())
+
+    def holds_output(name: str) -> bool:  # the output layer, or a module around it (tied or pretrained)
+        return name not in modules or any(m is output for m in modules[name].modules())
+
     body = {id(p) for p in base.parameters()}
     heads = set()
     if base is not model:
         for name, child in model.named_children():
             own = [p for p in child.parameters() if id(p) not in body]
-            if child is not base and own and not any(m is output for m in child.modules()):
+            if child is not base and own and not holds_output(name):
                 heads.add(name)
-    return sorted(heads | {key.rsplit(".", 1)[0] for key in new_keys if "." in key})
+    heads |= {key.rsplit(".", 1)[0] for key in new_keys if "." in key and not holds_output(key.rsplit(".", 1)[0])}
+    # A module inside another that trains whole trains with it.
+    return sorted(h for h in heads if not any(h.startswith(other + ".") for other in heads))
 
 
 def adapt(model: Any, settings: LoraConfig, new_keys: Sequence[str], base: Path) -> Any:
