@@ -11,7 +11,7 @@ RUNS ?= runs
 # leaves it to kiln (KILN_PRECISION is what `auto` and the inference default then mean).
 PRECISION ?=
 
-.PHONY: quickstart test test-browser test-all pretrained lint bench clean
+.PHONY: quickstart test test-browser test-all test-docs docs pretrained lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,9 +49,17 @@ pretrained: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	KILN_PRECISION=$(PRECISION) $(PY) -m pytest -m "not browser"
 
+# The documentation site (docs/, mkdocs.yml) in site/: --strict fails on a broken link or page.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# Every runnable example of the documentation (the `docs` tier).
+test-docs: $(VENV)/.installed
+	$(PY) -m pytest -m docs
+
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/finetune_vs_hf.py
 
 clean:
-	rm -rf $(RUNS) .pytest_cache .ruff_cache
+	rm -rf $(RUNS) site .pytest_cache .ruff_cache

@@ -20,7 +20,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--batch-size", type=int, help="sequences per batch")
     group.add_argument("--batch-tokens", type=int, help="tokens per batch (default: the profile's)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="the training precision to size activations for (default: fp32)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS,
                         help="default: the profile's")
     parser.add_argument("--grad-checkpoint", action="store_true",
