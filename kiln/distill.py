@@ -71,6 +71,8 @@ class Distillation:
         self._unlabeled: Dataset | None = None
 
     def __getattr__(self, name: str) -> Any:  # everything else is the student task's own
+        if name == "task":  # not set yet (a copy being made): no task to ask
+            raise AttributeError(name)
         return getattr(self.task, name)
 
     # -- before training ---------------------------------------------------------------------
