@@ -176,7 +176,9 @@ def _tuned(task: SuiteTask, data: Path, output_dir: Path, init: str | None, prof
     from kiln.tuning import BEST_FILE, STUDY_FILE, tune
 
     name = f"{task.name}-search"
-    shared = [*(f"{key}={json.dumps(value)}" for key, value in settings.items() if key != "train.budget"),
+    # The recipe's other settings apply to every trial; those the space searches come from the trial.
+    shared = [*(f"{key}={json.dumps(value)}" for key, value in settings.items()
+                if key != "train.budget" and key not in TUNE_SPACE),
               *(["data.columns=" + task.columns] if task.columns else []), *overrides]
     log.info(f"{task.name}: searching {trials} trials ({output_dir / name})")
     study = tune(task.task, data / task.folder, name=name, init=init, profile=profile, output_dir=output_dir,

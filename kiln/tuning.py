@@ -254,6 +254,10 @@ def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, 
     if trials < 1 or jobs < 1:
         raise KilnError("--trials and --jobs must be at least 1")
     dimensions = load_space(space, pretrained=init is not None)
+    fixed = _overrides(overrides)
+    both = [d.key for d in dimensions if resolve_key(d.key) in fixed]
+    if both:  # a trial's settings come from the space; a -c that also sets one would silently win
+        raise KilnError(f"-c {both[0]}=… fixes a setting the space searches: drop one of the two")
     folder = Path(output_dir) / name
     url = storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
     exists = (folder / STUDY_FILE).is_file() if storage is None else _study_exists(optuna, url, name)

@@ -161,6 +161,12 @@ def test_tune_searches_each_small_task_and_trains_it_with_the_best(glue_dir, tin
     tuned = results["tasks"]["rte"]["tuned"]
     assert set(tuned) == {"optim.lr", "train.epochs", "train.batch_size", "schedule.warmup_ratio"}
     assert len(list((out / "rte-search").glob("trial-*"))) == 2
+    for trial in (out / "rte-search").glob("trial-*"):  # each trained with its own draw, not the recipe's
+        drawn = json.loads((trial / "tune.json").read_text())["params"]
+        trained = json.loads((trial / "run.json").read_text())["config"]
+        assert trained["optim"]["lr"] == pytest.approx(drawn["optim.lr"])
+        assert trained["train"]["batch_size"] == drawn["train.batch_size"]
+        assert trained["schedule"]["warmup_ratio"] == pytest.approx(drawn["schedule.warmup_ratio"])
     config = json.loads((out / "rte" / "run.json").read_text())["config"]
     assert config["optim"]["lr"] == pytest.approx(tuned["optim.lr"]) and config["train"]["metric"] == "accuracy"
     assert config["train"]["batch_size"] == tuned["train.batch_size"] and config["train"]["max_steps"] == 4

@@ -199,3 +199,11 @@ def test_sigterm_stops_the_search_at_a_checkpoint_and_resume_continues_it(sentim
     assert states == [("COMPLETE", "trial-000"), ("FAIL", "trial-001"), ("COMPLETE", "trial-001"),
                       ("COMPLETE", "trial-003")]
     assert calls == [("trial-001", True), ("trial-003", False)]  # continued from its checkpoint, not redone
+
+
+def test_a_setting_fixed_with_c_and_searched_by_the_space_is_refused(sentiment_dir, tmp_path):
+    with pytest.raises(KilnError, match=r"-c optim.lr=… fixes a setting the space searches"):
+        kiln.tune("sequence", sentiment_dir, name="both", output_dir=tmp_path, trials=1,
+                  space={"optim.lr": {"log": [1e-4, 1e-3]}}, overrides=["optim.lr=1e-3"])
+    assert not (tmp_path / "both").exists()
+
