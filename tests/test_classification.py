@@ -245,3 +245,15 @@ def test_metric_picks_and_exports_the_best_checkpoint(sentiment_dir, tiny_profil
     exported = json.loads((run.model_dir / "kiln.json").read_text())
     assert exported["step"] == best["step"] and exported["metrics"]["mcc"] == pytest.approx(best["eval_mcc"])
     assert math.isfinite(run.metrics["mcc"])
+
+
+def test_a_pair_file_read_as_one_text_points_to_the_sentence_pair_task(tmp_path):
+    from kiln.config import Config
+    from kiln.tasks import get_task
+
+    path = tmp_path / "train.tsv"
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man eats.\tSomeone eats.\tentailment\n")
+    with pytest.raises(KilnError, match="the columns sentence1, sentence2 hold pairs of texts: train them with the "
+                                        "sentence-pair task"):
+        get_task("sequence", Config()).read(path)
+    assert len(get_task("sentence-pair", Config()).read(path).examples) == 1

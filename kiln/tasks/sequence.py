@@ -248,8 +248,11 @@ class SequenceTask(Task):
         order = [*text_roles, "label"]
         positional = {len(text_roles): text_roles, len(order): order}
         columns = self._columns()
-        records = select_columns(table, self._roles(), required=order if labelled else text_roles,
-                                 columns=columns, positional=positional)
+        try:
+            records = select_columns(table, self._roles(), required=order if labelled else text_roles,
+                                     columns=columns, positional=positional)
+        except KilnError as err:
+            raise self._pair_hint(table, err) from None
         label_columns = self._label_columns(table, columns)
         multi = self._reads_multi_label([record.get("label") for record in records], label_columns)
         if multi and any(isinstance(record.get("label"), list) for record in records):
@@ -525,6 +528,20 @@ class SequenceTask(Task):
                 feature["label"] = target
             features.append(feature)
         return features
+
+    def _pair_hint(self, table: Any, err: KilnError) -> KilnError:
+        """``err``, or, when a one-text task meets a file whose first row names two texts (GLUE's
+        sentence1/sentence2), the task that reads it."""
+        row = table.header or (table.rows[0] if table.rows else [])
+        first = [str(cell).lower() for cell in (row.keys() if isinstance(row, dict) else row) if isinstance(cell, str)]
+        # Names only a pair has (not "sentence" or "question", which one-text files use too).
+        pair = {a for aliases in SentencePairTask.text_roles.values() for a in aliases} - {"sentence", "question"}
+        named = [cell for cell in first if cell in pair]
+        if len(self.text_roles) > 1 or len(named) < 2:
+            return err
+        return KilnError(f"the columns {', '.join(named)} hold pairs of texts: train them with the sentence-pair "
+                         "task (kiln train sentence-pair ...), or map one text with --columns text=NAME",
+                         err.path, err.line)
 
     def _window(self, dataset: Dataset, tokenizer: Any, max_length: int) -> tuple[int, int]:
         """``long=window``'s window and stride, checked: the stride inside the window, and a pair's first
