@@ -248,7 +248,6 @@ def test_metric_picks_and_exports_the_best_checkpoint(sentiment_dir, tiny_profil
 
 
 def test_a_pair_file_read_as_one_text_points_to_the_sentence_pair_task(tmp_path):
-    from kiln.config import Config
     from kiln.tasks import get_task
 
     path = tmp_path / "train.tsv"
