@@ -141,6 +141,7 @@ def test_init_finds_a_gguf_file_and_reuses_its_conversion(sentiment_dir, tiny_pr
         resolve_init(folder)
 
 
+@pytest.mark.slow  # a minute: de-quantizing, loading and generating with 135M parameters
 @pytest.mark.pretrained
 def test_smollm2_from_its_gguf_file_trains_with_lora_and_generates(tmp_path, monkeypatch):
     """The real SmolLM2-135M-Instruct: its package's GGUF file as --init (converted into the cache),
