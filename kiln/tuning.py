@@ -254,10 +254,12 @@ def tune(task: str, data: str | Path, *, name: str, profile: str | None = None, 
     if trials < 1 or jobs < 1:
         raise KilnError("--trials and --jobs must be at least 1")
     dimensions = load_space(space, pretrained=init is not None)
-    fixed = _overrides(overrides)
-    both = [d.key for d in dimensions if resolve_key(d.key) in fixed]
-    if both:  # a trial's settings come from the space; a -c that also sets one would silently win
-        raise KilnError(f"-c {both[0]}=… fixes a setting the space searches: drop one of the two")
+    fixed = _overrides(overrides)  # a setting given with -c is fixed: the space does not search it
+    for dimension in [d for d in dimensions if resolve_key(d.key) in fixed]:
+        log.info(f"{dimension.key} is fixed by -c at {fixed[resolve_key(dimension.key)]}: not searched")
+    dimensions = [d for d in dimensions if resolve_key(d.key) not in fixed]
+    if not dimensions:
+        raise KilnError("-c fixes every setting the space searches: nothing is left to search")
     folder = Path(output_dir) / name
     url = storage or f"sqlite:///{(folder / STUDY_FILE).resolve()}"
     exists = (folder / STUDY_FILE).is_file() if storage is None else _study_exists(optuna, url, name)

@@ -201,9 +201,14 @@ def test_sigterm_stops_the_search_at_a_checkpoint_and_resume_continues_it(sentim
     assert calls == [("trial-001", True), ("trial-003", False)]  # continued from its checkpoint, not redone
 
 
-def test_a_setting_fixed_with_c_and_searched_by_the_space_is_refused(sentiment_dir, tmp_path):
-    with pytest.raises(KilnError, match=r"-c optim.lr=… fixes a setting the space searches"):
-        kiln.tune("sequence", sentiment_dir, name="both", output_dir=tmp_path, trials=1,
-                  space={"optim.lr": {"log": [1e-4, 1e-3]}}, overrides=["optim.lr=1e-3"])
-    assert not (tmp_path / "both").exists()
-
+def test_a_setting_fixed_with_c_is_not_searched(sentiment_dir, tiny_profile, tmp_path):
+    space = {"optim.lr": {"log": [1e-4, 1e-3]}, "train.epochs": {"int": [2, 4]}}
+    with pytest.raises(KilnError, match="-c fixes every setting the space searches"):
+        kiln.tune("sequence", sentiment_dir, name="none", output_dir=tmp_path, trials=1, space=space,
+                  overrides=["optim.lr=1e-3", "epochs=1"])
+    study = kiln.tune("sequence", sentiment_dir, name="fixed", profile=str(tiny_profile), output_dir=tmp_path,
+                      trials=1, space=space, overrides=["train.epochs=1"])
+    assert set(study.trials[0].params) == {"optim.lr"}
+    config = json.loads((tmp_path / "fixed" / "trial-000" / "run.json").read_text())["config"]
+    assert config["train"]["epochs"] == 1
+    assert config["optim"]["lr"] == pytest.approx(study.trials[0].params["optim.lr"])
