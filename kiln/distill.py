@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class Distillation:
             raise KilnError(f"the teacher is a {self.teacher_state['problem_type']} model; distillation takes "
                             "single-label classification and tagging teachers", self.teacher_dir)
         self.teacher_metrics: dict[str, float] = {}
+        self._teacher: Any = None  # its Predictor, loaded once when first needed (cached targets need none)
         self._train: Dataset | None = None
         self._unlabeled: Dataset | None = None
 
@@ -126,7 +127,7 @@ class Distillation:
             if not self.teacher_metrics and dataset.examples and self._labelled(dataset):
                 self.teacher_metrics = self._teacher_scores(dataset)
             return features
-        with_targets = self._attach(features, teacher_targets(self.teacher_dir, dataset))
+        with_targets = self._attach(features, teacher_targets(self.teacher_dir, dataset, self._predictor))
         if self._unlabeled is not None:
             extra = self.task.encode(self._unlabeled, tokenizer, max_length)
             for feature in extra:  # no label: only the teacher's targets train on it
@@ -134,7 +135,7 @@ class Distillation:
                     feature["labels"] = [-100] * len(feature["input_ids"])
                 else:
                     feature["label"] = -100
-            with_targets += self._attach(extra, teacher_targets(self.teacher_dir, self._unlabeled))
+            with_targets += self._attach(extra, teacher_targets(self.teacher_dir, self._unlabeled, self._predictor))
         return with_targets
 
     def _labelled(self, dataset: Dataset) -> bool:
@@ -142,9 +143,14 @@ class Distillation:
         return all(example.get(key) is not None for example in dataset.examples)
 
     def _teacher_scores(self, dataset: Dataset) -> dict[str, float]:
-        from kiln.predictor import Predictor
+        return self._predictor().evaluate(dataset)
 
-        return Predictor(self.teacher_dir, precision="auto").evaluate(dataset)
+    def _predictor(self) -> Any:
+        if self._teacher is None:
+            from kiln.predictor import Predictor
+
+            self._teacher = Predictor(self.teacher_dir, precision="auto")
+        return self._teacher
 
     def _attach(self, features: list[dict], targets: list[Any]) -> list[dict]:
         """Each feature's ``teacher`` rows: its example's logits, or (tagging) ``[position, logits]``
@@ -199,9 +205,10 @@ class Distillation:
         return self.task.loss_units(batch)
 
 
-def teacher_targets(teacher_dir: Path, dataset: Dataset) -> list[Any]:
+def teacher_targets(teacher_dir: Path, dataset: Dataset, predictor: Callable[[], Any] | None = None) -> list[Any]:
     """The teacher's logits for each example of ``dataset`` (tagging: a ``(words, classes)`` array,
-    NaN for a word it saw no sub-token of), from the cache or computed once and cached."""
+    NaN for a word it saw no sub-token of), from the cache or computed once and cached. ``predictor``
+    gives the teacher's loaded :class:`~kiln.predictor.Predictor` (default: load it here)."""
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
@@ -213,7 +220,7 @@ def teacher_targets(teacher_dir: Path, dataset: Dataset) -> list[Any]:
         logits, offsets = stored["logits"], stored["offsets"]
     else:
         log.info(f"  teacher   scoring {len(dataset):,} examples of {dataset.path} once (cached in {path.parent})")
-        rows = _teacher_rows(teacher_dir, dataset)
+        rows = _teacher_rows(predictor() if predictor else _load(teacher_dir), dataset)
         offsets = np.cumsum([0, *(len(r) if r.ndim == 2 else 1 for r in rows)]).astype(np.int64)
         logits = np.concatenate([r.reshape(-1, r.shape[-1]) for r in rows]).astype(np.float32)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,15 +249,19 @@ def _cache_key(teacher_dir: Path, dataset: Dataset) -> str:
     return digest.hexdigest()[:32]
 
 
-def _teacher_rows(teacher_dir: Path, dataset: Dataset) -> list[Any]:
+def _load(teacher_dir: Path) -> Any:
+    from kiln.predictor import Predictor
+
+    return Predictor(teacher_dir, precision="auto")
+
+
+def _teacher_rows(predictor: Any, dataset: Dataset) -> list[Any]:
     """Run the teacher over ``dataset``: one logits row per example (windows of a long text averaged),
     or one per word (its first sub-token's)."""
     import numpy as np
 
-    from kiln.predictor import Predictor
     from kiln.training.inference import run_inference
 
-    predictor = Predictor(teacher_dir, precision="auto")
     task = predictor.task
     features = task.encode(dataset, predictor.tokenizer, predictor.max_length)
     outputs, _, _ = run_inference(predictor.model, task, features, device=predictor.device,

@@ -25,6 +25,7 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 # A LoRA run's checkpoints hold peft's adapter files instead of the full weights (kiln.training.lora).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 # What a kiln.json must hold for kiln.load (kiln.json of a checkpoint also has step and metrics).
 KILN_KEYS = ("task", "task_state", "max_length", "config")
 # The JSON files a transformers tokenizer directory may hold; all are read by AutoTokenizer.
@@ -151,6 +152,14 @@ def verify_tokenizer_files(path: Path) -> None:
             read_json(path / name, required=("model",) if name == "tokenizer.json" else ())
 
 
+def verify_adapter(path: Path) -> None:
+    """Check a LoRA checkpoint's peft adapter files (a damaged one is a KilnError naming it)."""
+    config = read_json(path / ADAPTER_CONFIG, required=("r", "target_modules"))
+    if config.get("peft_type") != "LORA":
+        raise KilnError(f"not a LoRA adapter (peft_type {config.get('peft_type')!r}); {DAMAGED}", path / ADAPTER_CONFIG)
+    verify_safetensors(path / ADAPTER_WEIGHTS)
+
+
 @once_per_version
 def verify_model_dir(path: Path) -> None:
     """Check an HF model directory before transformers loads it: ``config.json``, the weights, and
@@ -159,8 +168,7 @@ def verify_model_dir(path: Path) -> None:
     path = Path(path)
     read_json(path / "config.json", required=("model_type",))
     if (path / ADAPTER_CONFIG).is_file():  # a LoRA checkpoint: its frozen start is checked when it loads
-        read_json(path / ADAPTER_CONFIG, required=("r", "target_modules"))
-        verify_safetensors(path / ADAPTER_WEIGHTS)
+        verify_adapter(path)
     else:
         verify_weights(path)
     if (path / "generation_config.json").exists():

@@ -20,14 +20,13 @@ from kiln.config import Config, ConfigBuilder, config_from_dict, resolve_key, re
 from kiln.errors import ColumnsMismatch, KilnError, MissingLabels
 from kiln.files import read_json, write_text_atomic
 from kiln.metrics import metrics_line
-from kiln.model_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS_FILE, RUN_FILE
+from kiln.model_files import ADAPTER_FILES, METRICS_FILE, RUN_FILE
 from kiln.tasks import get_task
 from kiln.tasks.base import Dataset
 from kiln.training import checkpoint as ckpt
 from kiln.version import __version__
 
 MODEL_FILES_SKIP = {ckpt.OPTIMIZER_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE}
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 log = logging.getLogger(__name__)
 
 
@@ -407,7 +406,7 @@ def _model_and_tokenizer(task_obj: Any, config: Config, run_dir: Path, saved_met
     if last is not None and saved_meta.get("lora"):
         from kiln.training import lora
 
-        return lora.load_adapted(task_obj, last, saved_meta["lora"]), load_tokenizer(last), None
+        return lora.adapted_start(task_obj, last, saved_meta["lora"]), load_tokenizer(last), None
     if last is not None:
         return task_obj.load_model(last), load_tokenizer(last), None
     if init:

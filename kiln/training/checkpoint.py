@@ -304,9 +304,9 @@ def save_model_dir(path: Path, model: Any, tokenizer: Any, kiln_meta: dict, weig
     it writes, to free each tensor once it is on disk.
     """
     unwrapped = getattr(model, "module", model)
-    if hasattr(unwrapped, "peft_config"):  # LoRA: what trains, beside the frozen start kiln.json names
-        from kiln.training import lora
+    from kiln.training import lora
 
+    if lora.is_adapted(unwrapped):  # LoRA: what trains, beside the frozen start kiln.json names
         lora.save_adapter(path, unwrapped, weights)
         _save_tokenizer_and_files(path, tokenizer, kiln_meta, files)
         return
@@ -440,9 +440,9 @@ def load_weights(model: Any, path: Path) -> None:
     from safetensors.torch import load_file
 
     unwrapped = getattr(model, "module", model)
-    if hasattr(unwrapped, "peft_config"):
-        from kiln.training import lora
+    from kiln.training import lora
 
+    if lora.is_adapted(unwrapped):
         lora.load_adapter(unwrapped, path)
         return
     verify_safetensors(path / WEIGHTS_FILE)

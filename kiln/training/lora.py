@@ -17,8 +17,8 @@ from typing import Any
 
 from kiln.config import LoraConfig
 from kiln.errors import KilnError
-from kiln.files import DAMAGED, read_json
-from kiln.model_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from kiln.files import read_json
+from kiln.model_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter
 
 INSTALL = "--lora needs peft: pip install 'kiln-nlp[peft]' (or pip install peft)"
 # Families peft has no default targets for (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING):
@@ -82,11 +82,11 @@ def adapt(model: Any, settings: LoraConfig, new_keys: Sequence[str], base: Path)
     """``model`` with LoRA adapters on its ``targets`` and its new modules trainable; the rest frozen."""
     peft = require_peft()
     targets = targets_for(model, settings)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present and not any(n.endswith(t) for n, _ in model.named_modules())]
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n.endswith(t) for n in names)]
     if missing:
-        raise KilnError(f"lora.targets: the model has no module named '{missing[0]}' (e.g. "
-                        f"{', '.join(sorted(n for n in present if n)[:6])})")
+        present = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+        raise KilnError(f"lora.targets: the model has no module named '{missing[0]}' (e.g. {', '.join(present[:6])})")
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=targets, modules_to_save=head_modules(model, new_keys) or None, bias="none")
     adapted = peft.get_peft_model(model, config)
@@ -144,23 +144,12 @@ def save_adapter(path: Path, model: Any, weights: dict | None = None) -> None:
     model = getattr(model, "module", model)
     state = get_peft_model_state_dict(model, state_dict=weights)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / ADAPTER_WEIGHTS))
-    config = model.peft_config["default"].to_dict()
-    config["target_modules"] = sorted(config["target_modules"]) if config.get("target_modules") else None
+    config = model.peft_config["default"].to_dict()  # its sets (target_modules) are written sorted
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=sorted) + "\n")
     base = model.get_base_model()
     base.config.save_pretrained(path)
     if getattr(base, "generation_config", None) is not None and base.can_generate():
         base.generation_config.save_pretrained(path)
-
-
-def verify_adapter(path: Path) -> None:
-    """Check a LoRA checkpoint's adapter files (a damaged one is a KilnError naming it)."""
-    from kiln.model_files import verify_safetensors
-
-    config = read_json(path / ADAPTER_CONFIG, required=("r", "target_modules"))
-    if config.get("peft_type") != "LORA":
-        raise KilnError(f"not a LoRA adapter (peft_type {config.get('peft_type')!r}); {DAMAGED}", path / ADAPTER_CONFIG)
-    verify_safetensors(path / ADAPTER_WEIGHTS)
 
 
 def load_adapter(model: Any, path: Path) -> None:
@@ -185,9 +174,9 @@ def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def load_adapted(task: Any, checkpoint: Path, identity: dict) -> Any:
-    """The adapted model of a LoRA checkpoint (adapters not merged): the recorded start, checked, with
-    the checkpoint's config (labels, pad token) and its adapter weights."""
+def adapted_start(task: Any, checkpoint: Path, identity: dict) -> Any:
+    """The recorded start of a LoRA checkpoint, checked, with the checkpoint's config (labels, pad
+    token) and fresh adapters: :func:`load_adapter` puts the checkpoint's in."""
     from transformers import AutoConfig
 
     from kiln.config import config_from_dict
@@ -197,11 +186,11 @@ def load_adapted(task: Any, checkpoint: Path, identity: dict) -> Any:
     hf_config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
     model = task.load_model(base, config=hf_config, ignore_mismatched_sizes=True)
     settings = config_from_dict(read_json(checkpoint / KILN_FILE, required=("config",))["config"]).lora
-    adapted = adapt(model, settings, task.new_keys, base)
-    load_adapter(adapted, checkpoint)
-    return adapted
+    return adapt(model, settings, task.new_keys, base)
 
 
 def merged_model(task: Any, checkpoint: Path, identity: dict) -> Any:
     """The plain transformers model of a LoRA checkpoint: its adapters merged into the start."""
-    return load_adapted(task, checkpoint, identity).merge_and_unload()
+    adapted = adapted_start(task, checkpoint, identity)
+    load_adapter(adapted, checkpoint)
+    return adapted.merge_and_unload()
