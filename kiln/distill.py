@@ -147,9 +147,7 @@ class Distillation:
 
     def _predictor(self) -> Any:
         if self._teacher is None:
-            from kiln.predictor import Predictor
-
-            self._teacher = Predictor(self.teacher_dir, precision="auto")
+            self._teacher = _load(self.teacher_dir)
         return self._teacher
 
     def _attach(self, features: list[dict], targets: list[Any]) -> list[dict]:
@@ -250,6 +248,7 @@ def _cache_key(teacher_dir: Path, dataset: Dataset) -> str:
 
 
 def _load(teacher_dir: Path) -> Any:
+    """The teacher's :class:`~kiln.predictor.Predictor`, in the precision the hardware does best."""
     from kiln.predictor import Predictor
 
     return Predictor(teacher_dir, precision="auto")
