@@ -289,6 +289,13 @@ class DistillConfig:
                            flag="--alpha", minimum=0, maximum=1)
     unlabeled: str = setting("", "A file of unlabelled inputs (the task's format, no label) that the teacher "
                                  "labels for the student: more data where labels are few.", flag="--unlabeled")
+    augment: int = setting(4, "Perturbed copies of each training input (words masked, n-grams sampled, as in Tang "
+                              "et al. 2019) that the teacher labels for the student: more inputs to learn the "
+                              "teacher from.", flag="--augment", minimum=0)
+    student_init: str = setting(
+        "teacher", "How a student without --init starts: 'teacher', from evenly spaced layers, heads and dimensions "
+                   "of the teacher (same model family, no larger than it; else random, and the summary says why), "
+                   "or 'random'.", flag="--student-init", choices=("teacher", "random"))
 
 
 def parse_lora(spec: str | None) -> list[str]:

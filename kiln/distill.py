@@ -70,6 +70,9 @@ class Distillation:
         self._teacher: Any = None  # its Predictor, loaded once when first needed (cached targets need none)
         self._train: Dataset | None = None
         self._unlabeled: Dataset | None = None
+        self._plan: Any = None  # which of the teacher's weights a new student starts from
+        self._augmented = 0  # perturbed training inputs made for the teacher to label
+        self._start_note = ""  # how the student started, for the summary (a resumed run: nothing new)
 
     def __getattr__(self, name: str) -> Any:  # everything else is the student task's own
         if name == "task":  # not set yet (a copy being made): no task to ask
@@ -109,12 +112,53 @@ class Distillation:
         if isinstance(seen, dict) and "counts" in seen:
             seen["counts"] = [seen["counts"][own.index(label)] if label in own else 0 for label in theirs]
 
+    # -- the student's start ---------------------------------------------------------------
+    def student_architecture(self, model_type: str, arch: dict) -> dict:
+        """The student's architecture settings, with the teacher's head size when it starts from the
+        teacher (``distill.student_init``); why it cannot is kept for the summary."""
+        from kiln.files import read_json
+        from kiln.weight_selection import plan, student_architecture
+
+        self._plan = None
+        if self.settings.student_init != "teacher":
+            self._start_note = "random weights (distill.student_init=random)"
+            return arch
+        self._plan, why = plan({**arch, "model_type": model_type}, read_json(self.teacher_dir / "config.json"))
+        if self._plan is None:
+            self._start_note = f"random weights: {why}"
+            return arch
+        return student_architecture(arch, self._plan)
+
+    @property
+    def starts_from_teacher(self) -> bool:
+        """Whether the new student starts from a subset of the teacher's weights."""
+        return self._plan is not None
+
+    def start_student(self, model: Any, tokenizer: Any) -> None:
+        """Copy the planned subset of the teacher's weights into the new student ``model``."""
+        if self._plan is None:
+            return
+        from safetensors.torch import load_file
+
+        from kiln.weight_selection import select
+
+        weights: dict[str, Any] = {}
+        for path in sorted(self.teacher_dir.glob("*.safetensors")):
+            weights.update(load_file(str(path)))
+        left = select(model, weights, self._plan, tokenizer, self._teacher_tokenizer())
+        self._start_note = self._plan.describe() + (f" ({len(left)} tensors random: {', '.join(left[:3])})"
+                                                    if left else "")
+
     def notes(self) -> list[str]:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in self.teacher_metrics.items() if k not in ("n", "loss"))
         line = f"teacher   {self.teacher_dir}" + (f": {shown} on validation" if shown else "")
-        extra = f"unlabeled {len(self._unlabeled):,} inputs labelled by the teacher ({self.settings.unlabeled})" \
-            if self._unlabeled is not None else None
-        return [*self.task.notes(), line, *([extra] if extra else []),
+        extra = [f"unlabeled {len(self._unlabeled):,} inputs labelled by the teacher ({self.settings.unlabeled})"] \
+            if self._unlabeled is not None else []
+        if self._augmented:
+            extra.append(f"augment   {self._augmented:,} perturbed copies of the training inputs "
+                         f"({self.settings.augment} per input), labelled by the teacher")
+        start = [f"student   starts from {self._start_note}"] if self._start_note else []
+        return [*self.task.notes(), line, *extra, *start,
                 f"distill   alpha {self.settings.alpha:g} on the teacher's targets at temperature "
                 f"{self.settings.temperature:g}"]
 
@@ -128,15 +172,29 @@ class Distillation:
                 self.teacher_metrics = self._teacher_scores(dataset)
             return features
         with_targets = self._attach(features, teacher_targets(self.teacher_dir, dataset, self._predictor))
+        if self.settings.augment:
+            mask = self._teacher_tokenizer().mask_token or "[MASK]"
+            copies = augmented(dataset, self.settings.augment, mask)
+            self._augmented = len(copies)
+            with_targets += self._teacher_only(copies, tokenizer, max_length)
         if self._unlabeled is not None:
-            extra = self.task.encode(self._unlabeled, tokenizer, max_length)
-            for feature in extra:  # no label: only the teacher's targets train on it
-                if self.task.name == "token":
-                    feature["labels"] = [-100] * len(feature["input_ids"])
-                else:
-                    feature["label"] = -100
-            with_targets += self._attach(extra, teacher_targets(self.teacher_dir, self._unlabeled, self._predictor))
+            with_targets += self._teacher_only(self._unlabeled, tokenizer, max_length)
         return with_targets
+
+    def _teacher_only(self, dataset: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+        """Features of inputs without labels: only the teacher's targets train on them."""
+        features = self.task.encode(dataset, tokenizer, max_length)
+        for feature in features:
+            if self.task.name == "token":
+                feature["labels"] = [-100] * len(feature["input_ids"])
+            else:
+                feature["label"] = -100
+        return self._attach(features, teacher_targets(self.teacher_dir, dataset, self._predictor))
+
+    def _teacher_tokenizer(self) -> Any:
+        from kiln.tokenizers import load_tokenizer
+
+        return load_tokenizer(self.teacher_dir)
 
     def _labelled(self, dataset: Dataset) -> bool:
         key = "tags" if self.task.name == "token" else "label"
@@ -201,6 +259,43 @@ class Distillation:
         if "teacher" in batch:
             return len(batch["teacher"])
         return self.task.loss_units(batch)
+
+
+def augmented(dataset: Dataset, copies: int, mask: str, p_mask: float = 0.1, p_ngram: float = 0.25,
+              seed: int = 0) -> Dataset:
+    """Up to ``copies`` perturbed versions of each example, without labels, as Tang et al. (2019) make
+    them for distillation: each word is replaced by ``mask`` with probability ``p_mask``, then with
+    probability ``p_ngram`` only a random n-gram (n from 1 to 5) of each text is kept. Copies equal
+    to an input (or to one another) are dropped; the same ``seed`` gives the same copies, so the
+    teacher's targets for them are cached."""
+    import random
+
+    rng = random.Random(seed)
+
+    def perturb(words: Sequence[str]) -> list[str]:
+        out = [mask if rng.random() < p_mask else word for word in words]
+        if len(out) > 1 and rng.random() < p_ngram:
+            n = min(rng.randint(1, 5), len(out))
+            start = rng.randrange(len(out) - n + 1)
+            out = out[start:start + n]
+        return out
+
+    def key(example: dict) -> str:
+        return json.dumps(example.get("words") or example.get("texts"), ensure_ascii=False)
+
+    seen = {key(example) for example in dataset.examples}
+    made = []
+    for example in dataset.examples:
+        for _ in range(copies):
+            if "words" in example:
+                copy = {**example, "words": perturb(example["words"]), "tags": None}
+            else:
+                copy = {**example, "texts": tuple(" ".join(perturb(text.split())) for text in example["texts"]),
+                        "label": None}
+            if key(copy) not in seen:
+                seen.add(key(copy))
+                made.append(copy)
+    return Dataset(dataset.path, made)
 
 
 def teacher_targets(teacher_dir: Path, dataset: Dataset, predictor: Callable[[], Any] | None = None) -> list[Any]:

@@ -272,7 +272,9 @@ def train(
                                command or _python_call(task, data, name, profile, init, flags, overrides))
     description = {"task": task, "name": name, "profile": config.name, "notes": task_obj.notes(),
                    "lora": _lora_line(model, config), "head": None if resume else task_obj.load_note,
-                   "init": f"from {meta['init']}" if meta["init"] else "from scratch"}
+                   "init": f"from {meta['init']}" if meta["init"] else
+                   "from the teacher's weights" if config.distill.teacher and task_obj.starts_from_teacher else
+                   "from scratch"}
     trainer = Trainer(model, task_obj, config, tok, *features, run_dir=run_dir, callbacks=list(callbacks),
                       kiln_meta=meta, description=description)
     if is_main_process():  # only now: every check above has passed
@@ -433,8 +435,12 @@ def _model_and_tokenizer(task_obj: Any, config: Config, run_dir: Path, saved_met
     special.update({k: getattr(tok, k) for k in ("cls_token_id", "sep_token_id")  # ModernBERT has them
                     if k in config.model.config and getattr(tok, k, None) is not None})
     arch = {**config.model.config, "vocab_size": len(tok), **special}
+    if config.distill.teacher:  # a student may start from a subset of the teacher's weights
+        arch = task_obj.student_architecture(config.model.type, arch)
     with architecture_errors(config.name):
         model = task_obj.build_model(hf_config(config.model.type, arch, **task_obj.model_kwargs()))
+    if config.distill.teacher:
+        task_obj.start_student(model, tok)
     return model, tok, None
 
 

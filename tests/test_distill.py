@@ -71,7 +71,8 @@ def test_alpha_0_is_plain_training_and_alpha_1_ignores_the_labels(world, tmp_pat
     common = dict(profile=str(world["profile"]), output_dir=tmp_path, **SETTINGS)
     plain = kiln.train("sequence", world["data"], name="plain", **common)
     hard = kiln.train("sequence", world["data"], name="hard", **common,
-                      **{"distill.teacher": str(world["runs"] / "teacher"), "distill.alpha": 0.0})
+                      **{"distill.teacher": str(world["runs"] / "teacher"), "distill.alpha": 0.0,
+                         "distill.student_init": "random", "distill.augment": 0})
     for key, value in weights(plain).items():
         assert torch.equal(value, weights(hard)[key]), key
     # alpha 1: the labels of the training split change nothing (the teacher's targets are all it learns).
@@ -94,7 +95,8 @@ def test_the_teacher_scores_once_and_the_student_is_an_ordinary_run(world, tmp_p
     teacher_eval = kiln.load(world["runs"] / "teacher", precision="auto").evaluate(
         kiln.load(world["runs"] / "teacher").read(world["data"] / "dev.tsv", labelled=True))
     assert meta["teacher"]["metrics"]["accuracy"] == pytest.approx(teacher_eval["accuracy"])
-    assert "teacher" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "student   starts from the teacher's layers 0,1, 32 of its 32 dimensions, 2 of its heads" in err
     # A second student reads the cached targets: the teacher does not run again.
     monkeypatch.setattr(distill, "_teacher_rows", lambda *a: pytest.fail("the teacher ran again"))
     assert main([*args[:4], "student-2", *args[5:]]) == 0
@@ -105,7 +107,7 @@ def test_the_teacher_scores_once_and_the_student_is_an_ordinary_run(world, tmp_p
 def test_a_tagger_learns_from_a_teacher_with_another_tokenizer(world, tmp_path):
     run = kiln.train("token", world["conll"], name="student", profile=str(world["profile"]), output_dir=tmp_path,
                      **{**SETTINGS, "tokenizer.vocab_size": 50, "tokenizer.pin_vocab": True,
-                        "distill.teacher": str(world["runs"] / "tagger")})
+                        "distill.teacher": str(world["runs"] / "tagger"), "distill.augment": 0})
     teacher_vocab = json.loads((world["runs"] / "tagger" / "model" / "tokenizer.json").read_text())["model"]["vocab"]
     student_vocab = json.loads((run.model_dir / "tokenizer.json").read_text())["model"]["vocab"]
     assert len(student_vocab) != len(teacher_vocab)
@@ -140,6 +142,37 @@ def test_unlabeled_inputs_train_and_a_bad_line_is_refused_before_anything_is_wri
     err = capsys.readouterr().err
     assert f"{broken}:2" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "broken").exists()
+
+
+def test_augmented_copies_mask_words_and_sample_ngrams_the_same_way_each_time():
+    from kiln.tasks.base import Dataset
+
+    texts = ["a b c d e f g h", "i j k l"]
+    data = Dataset("x.tsv", [{"texts": (t,), "label": "pos", "line": n} for n, t in enumerate(texts, 2)])
+    made = distill.augmented(data, 20, "[MASK]", p_mask=0.3, p_ngram=0.5)
+    assert made.examples == distill.augmented(data, 20, "[MASK]", p_mask=0.3, p_ngram=0.5).examples
+    seen = [ex["texts"][0] for ex in made.examples]
+    assert len(seen) == len(set(seen)) and not set(seen) & set(texts)  # each new, once
+    assert all(ex["label"] is None for ex in made.examples)
+    for example in made.examples:  # each copy: a run of one input's words, some masked
+        words = example["texts"][0].split()
+        source = texts[example["line"] - 2].split()
+        assert any(all(w in ("[MASK]", source[i + k]) for k, w in enumerate(words))
+                   for i in range(len(source) - len(words) + 1)), words
+    assert any("[MASK]" in t for t in seen) and any(len(t.split()) <= 5 for t in seen)
+    tagged = Dataset("x.txt", [{"words": ["Paris", "is", "nice"], "tags": ["B-LOC", "O", "O"], "line": 1}])
+    copies = distill.augmented(tagged, 10, "[MASK]", p_mask=0.5, p_ngram=0.0).examples
+    assert copies and all(len(ex["words"]) == 3 and ex["tags"] is None for ex in copies)
+
+
+def test_augmented_inputs_train_on_the_teachers_targets(world, tmp_path, capsys):
+    args = ["distill", str(world["runs"] / "tagger"), str(world["conll"]), "--profile", str(world["profile"]),
+            "--output-dir", str(tmp_path), "--max-steps", "2", "-n", "more", "--augment", "2"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "perturbed copies of the training inputs (2 per input), labelled by the teacher" in err
+    assert main([*args[:-4], "-n", "random", "--student-init", "random"]) == 0
+    assert "student   starts from random weights (distill.student_init=random)" in capsys.readouterr().err
 
 
 def test_refusals_are_one_line(world, tmp_path, capsys):
