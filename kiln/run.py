@@ -272,9 +272,7 @@ def train(
                                command or _python_call(task, data, name, profile, init, flags, overrides))
     description = {"task": task, "name": name, "profile": config.name, "notes": task_obj.notes(),
                    "lora": _lora_line(model, config), "head": None if resume else task_obj.load_note,
-                   "init": f"from {meta['init']}" if meta["init"] else
-                   "from the teacher's weights" if config.distill.teacher and task_obj.starts_from_teacher else
-                   "from scratch"}
+                   "init": _start_line(meta, config, task_obj)}
     trainer = Trainer(model, task_obj, config, tok, *features, run_dir=run_dir, callbacks=list(callbacks),
                       kiln_meta=meta, description=description)
     if is_main_process():  # only now: every check above has passed
@@ -330,6 +328,15 @@ def _resumed_start(run_dir: Path, task: str, data: str | Path, profile: str | No
         log.info(f"  resuming with {key} {old!r} -> {new!r}"
                  + (" (the schedule follows the new length from here)" if key in LENGTH_SETTINGS else ""))
     return _Start(config, saved_meta["task"], saved_meta["data"], saved_meta.get("init"), saved_meta, changes)
+
+
+def _start_line(meta: dict, config: Config, task_obj: Any) -> str:
+    """Where the model's weights came from, for the summary."""
+    if meta["init"]:
+        return f"from {meta['init']}"
+    if config.distill.teacher and task_obj.starts_from_teacher:
+        return "from the teacher's weights"
+    return "from scratch"
 
 
 def _new_start(run_dir: Path, output_dir: str | Path, task: str, data: str | Path, profile: str | None,

@@ -12,7 +12,7 @@ FLOORS = [
     ["kiln.errors", "kiln.version", "kiln.files", "kiln.log"],
     ["kiln.model_files", "kiln.config", "kiln.metrics", "kiln.outputs", "kiln.html"],
     ["kiln.tokenizers", "kiln.data", "kiln.models", "kiln.profiles", "kiln.pretrained", "kiln.tasks",
-     "kiln.estimate", "kiln.deepspeed"],
+     "kiln.estimate", "kiln.deepspeed", "kiln.weight_selection"],
     ["kiln.training"],
     ["kiln.predictor", "kiln.card", "kiln.export", "kiln.onnx_generate", "kiln.distill"],
     ["kiln.run", "kiln.describe", "kiln.report", "kiln.suite", "kiln.serve", "kiln.tuning"],
