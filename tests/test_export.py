@@ -202,7 +202,8 @@ def decode_alike(run_dir, export_dir, inputs, beams=3):
     assert on_export.predict(inputs[:6], {"num_beams": beams}) == on_run.predict(inputs[:6], {"num_beams": beams})
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "t5"])
+# The decoder-only export in the default run; the seq2seq one (encoder and decoder graphs, 26 s) is slow.
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("t5", marks=pytest.mark.slow)])
 def test_generation_export_decodes_as_pytorch(kind, copy_dir, tmp_path):  # noqa: F811
     """Decoder-only and seq2seq: the graphs step with past keys and values, and generate() on them
     gives the PyTorch model's output on 20 inputs (greedy and beams), fp32."""

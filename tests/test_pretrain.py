@@ -564,6 +564,7 @@ def test_clm_and_span_learn_and_export(task, text, auto, corpus, tmp_path):
 
 
 @pytest.mark.data
+@pytest.mark.slow  # MLM on tiny corpora is in the default run; this is the same on the real one
 def test_wikitext2_mlm_smoke(tmp_path):
     run = kiln.train("mlm", SHARED_DATA / "wikitext-2", name="w", profile="crammed-bert-tiny", max_steps=3,
                      output_dir=tmp_path, **{"train.batch_size": 8, "train.grad_accum": 1})

@@ -87,7 +87,7 @@ def test_compile_watch_counts_shapes_and_their_extra_seconds(monkeypatch):
     assert watch.summary().startswith("compiled 2 shapes in 48s")
 
 
-def test_compiled_training_exports_what_transformers_reproduces_and_starts_warm(tiny_profile, sentiment_dir,
+def test_compiled_training_exports_what_transformers_reproduces(tiny_profile, sentiment_dir,
                                                                                  tmp_path, caplog):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -105,6 +105,11 @@ def test_compiled_training_exports_what_transformers_reproduces_and_starts_warm(
     compiled = kiln.load(run.path, compile="on")  # predict/serve --compile on
     assert compiled.module is not None
     torch.testing.assert_close(torch.tensor([p["score"] for p in compiled.predict(texts)]), probs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # two compiled runs (about 40 s); compiled training itself is in the default run
+def test_a_second_compiled_run_starts_warm(tiny_profile, sentiment_dir, tmp_path, caplog):
+    train(tiny_profile, sentiment_dir, "compiled", tmp_path, compile="on")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="kiln"):
         train(tiny_profile, sentiment_dir, "compiled-again", tmp_path, compile="on")

@@ -16,8 +16,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "distill", help="train a small, fast student from a trained teacher",
         description="Train a student (--profile, default the task's own, bert-mini for the encoder tasks; or "
                     "--init) on DATA from the teacher's softened outputs and the labels. TEACHER is a kiln run of "
-                    "sequence, sentence-pair or token; the student learns its task and labels. The teacher scores "
-                    "each example once, cached for later runs.",
+                    "sequence, sentence-pair or token; the student learns its task and labels. A student of the "
+                    "teacher's family starts from a subset of its weights (--student-init), and the teacher also "
+                    "labels perturbed copies of the training inputs (--augment). The teacher scores each input "
+                    "once, cached for later runs.",
     )
     parser.add_argument("teacher", metavar="TEACHER", help="the teacher: a kiln run or its model directory")
     add_training_arguments(parser)
