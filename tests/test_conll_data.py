@@ -9,7 +9,8 @@ from seqeval.metrics import f1_score, precision_score, recall_score
 import kiln
 from kiln.cli import main
 
-pytestmark = pytest.mark.data
+# Slow: seqeval parity runs on synthetic tags in the default run (test_token); this is the real corpus.
+pytestmark = [pytest.mark.data, pytest.mark.slow]
 CONLL = SHARED_DATA / "conll2003"
 
 
