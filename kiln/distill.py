@@ -15,6 +15,7 @@ Inputs of ``distill.unlabeled`` have no label: the teacher's targets are all the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -145,7 +146,7 @@ class Distillation:
         weights: dict[str, Any] = {}
         for path in sorted(self.teacher_dir.glob("*.safetensors")):
             weights.update(load_file(str(path)))
-        left = select(model, weights, self._plan, tokenizer, self._teacher_tokenizer())
+        left = select(model, weights, self._plan, tokenizer, self._teacher_tokenizer)
         self._start_note = self._plan.describe() + (f" ({len(left)} tensors random: {', '.join(left[:3])})"
                                                     if left else "")
 
@@ -173,7 +174,7 @@ class Distillation:
             return features
         with_targets = self._attach(features, teacher_targets(self.teacher_dir, dataset, self._predictor))
         if self.settings.augment:
-            mask = self._teacher_tokenizer().mask_token or "[MASK]"
+            mask = self._teacher_tokenizer.mask_token or "[MASK]"
             copies = augmented(dataset, self.settings.augment, mask)
             self._augmented = len(copies)
             with_targets += self._teacher_only(copies, tokenizer, max_length)
@@ -191,10 +192,12 @@ class Distillation:
                 feature["label"] = -100
         return self._attach(features, teacher_targets(self.teacher_dir, dataset, self._predictor))
 
+    @functools.cached_property
     def _teacher_tokenizer(self) -> Any:
+        """The teacher's tokenizer (its Predictor's when that is loaded), read once."""
         from kiln.tokenizers import load_tokenizer
 
-        return load_tokenizer(self.teacher_dir)
+        return self._teacher.tokenizer if self._teacher is not None else load_tokenizer(self.teacher_dir)
 
     def _labelled(self, dataset: Dataset) -> bool:
         key = "tags" if self.task.name == "token" else "label"
@@ -281,7 +284,7 @@ def augmented(dataset: Dataset, copies: int, mask: str, p_mask: float = 0.1, p_n
         return out
 
     def key(example: dict) -> str:
-        return json.dumps(example.get("words") or example.get("texts"), ensure_ascii=False)
+        return json.dumps(_inputs(example), ensure_ascii=False)
 
     seen = {key(example) for example in dataset.examples}
     made = []
@@ -337,9 +340,14 @@ def _cache_key(teacher_dir: Path, dataset: Dataset) -> str:
     digest = hashlib.sha256()
     weights = sorted(teacher_dir.glob("*.safetensors"))
     digest.update("".join(sha256(w) for w in weights).encode())
-    inputs = [example.get("words") or example.get("texts") for example in dataset.examples]
+    inputs = [_inputs(example) for example in dataset.examples]
     digest.update(json.dumps(inputs, ensure_ascii=False).encode())
     return digest.hexdigest()[:32]
+
+
+def _inputs(example: dict) -> Any:
+    """What the teacher reads of an example: its words (tagging) or its texts."""
+    return example.get("words") or example.get("texts")
 
 
 def _load(teacher_dir: Path) -> Any:

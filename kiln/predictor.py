@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # predicted bert-mini and MiniLM on SST-2 1.2x as fast as 16,384 (2-core Xeon, fp32).
 CPU_BATCH_TOKENS = 4096
 
+
 class Predictor:
     """A kiln-saved model (run directory or model directory) with its task and tokenizer.
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "electra")
+ALL = "all"  # an axis the student and teacher share whole
 _LAYER = re.compile(r"\.layer\.(\d+)\.")
 _HEADS_OUT = re.compile(r"attention\.self\.(query|key|value)\.(weight|bias)$")  # rows are heads' dimensions
-ALL = "all"  # an axis the student and teacher share whole
 _HEADS_IN = re.compile(r"attention\.output\.dense\.weight$")  # columns are heads' dimensions
 
 
